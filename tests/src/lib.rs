@@ -2,6 +2,8 @@
 //! benchmarks: the cloud's metadata service, the Kubernetes API server, an S3-protocol server, a
 //! fault-injecting proxy, and a trainer process. Nothing here ships in the product.
 
+pub mod trainer;
+
 use std::path::PathBuf;
 
 /// Path of a workspace binary (`nerve-agent`, `nerve-sidecar`, ...) built by the same cargo

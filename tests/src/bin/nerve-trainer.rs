@@ -1,0 +1,235 @@
+//! A stand-in for a training job: advances a step counter, keeps a deterministic training state
+//! of a chosen size, writes periodic checkpoints, and on SIGUSR1 writes a checkpoint in Hugging
+//! Face `checkpoint-N/` layout. Started on a directory that holds checkpoints, it resumes from
+//! the newest one at the same step with the same state (or fails if the state is not exact).
+//!
+//! Every event is one JSON object on its own stdout line, e.g.
+//! `{"event":"checkpoint","reason":"signal","step":42,"path":"/d/checkpoint-42","bytes":1024,"digest":"…","seconds":0.1}`.
+//! Events: `started`, `resumed`, `signal`, `checkpoint`, `done-marker`, `exit`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use nerve_tests::trainer::{self, StateShape, WriteOptions};
+use serde_json::json;
+
+#[derive(Debug, Parser)]
+#[command(name = "nerve-trainer", about = "Test trainer: checkpoints on SIGUSR1, resumes exactly")]
+struct Args {
+    /// Checkpoint directory: checkpoints go to `<dir>/checkpoint-N/`; resumes from the newest.
+    #[arg(long)]
+    dir: PathBuf,
+    /// Bytes of training state (model shards plus optimizer), e.g. `64MiB`, `2GiB`.
+    #[arg(long, default_value = "16MiB", value_parser = parse_size)]
+    size: u64,
+    /// Number of model shards (`model-0000i-of-0000n.safetensors`), together half of `--size`.
+    #[arg(long, default_value_t = 4)]
+    shards: u32,
+    /// Model shards that never change (a frozen base), so consecutive checkpoints share them.
+    #[arg(long, default_value_t = 0)]
+    frozen_shards: u32,
+    /// Seed of the training state.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Time one training step takes.
+    #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
+    step_time: Duration,
+    /// Write a periodic checkpoint this often (off when not given).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    period: Option<Duration>,
+    /// Checkpoints kept in the directory; older ones are deleted after a new one is written.
+    #[arg(long, default_value_t = 1)]
+    save_total_limit: usize,
+    /// File written after the checkpoint taken on the signal is complete (relative to --dir).
+    #[arg(long)]
+    done_marker: Option<PathBuf>,
+    /// Exit 0 after the checkpoint taken on the signal.
+    #[arg(long)]
+    exit_after_checkpoint: bool,
+    /// Do not install a SIGUSR1 handler (the default action, termination, stays in place).
+    #[arg(long)]
+    no_handler: bool,
+    /// On the signal, start the checkpoint, keep a file open for writing and never finish.
+    #[arg(long)]
+    hang_on_checkpoint: bool,
+    /// Pause after every MiB written, to make checkpoints slow.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    write_pause: Option<Duration>,
+    /// Take one checkpoint at the current step right after starting (the first periodic one).
+    #[arg(long)]
+    checkpoint_at_start: bool,
+    /// Load and verify the newest checkpoint, print `resumed`, and exit.
+    #[arg(long)]
+    verify: bool,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size; use e.g. 4096, 64MiB or 2GiB"))?;
+    let factor = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        other => return Err(format!("unknown unit `{other}`; use B, KiB, MiB or GiB")),
+    };
+    number
+        .checked_mul(factor)
+        .ok_or_else(|| format!("`{s}` is too large"))
+}
+
+fn emit(event: serde_json::Value) {
+    let mut out = std::io::stdout().lock();
+    // A closed stdout must not stop training.
+    let _ = writeln!(out, "{event}");
+    let _ = out.flush();
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("nerve-trainer: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(train(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nerve-trainer: {e:#}");
+            emit(json!({"event": "error", "message": format!("{e:#}")}));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn train(args: Args) -> anyhow::Result<()> {
+    let shape = StateShape {
+        seed: args.seed,
+        size: args.size,
+        shards: args.shards,
+        frozen_shards: args.frozen_shards,
+    };
+    let mut step = 0u64;
+    let mut resumed_digest = None;
+    if let Some((_, path)) = trainer::list_checkpoints(&args.dir)?.pop() {
+        let state = tokio::task::spawn_blocking(move || trainer::load_checkpoint(&path)).await??;
+        step = state.global_step;
+        emit(json!({"event": "resumed", "step": step, "digest": state.digest,
+            "shape": state.shape, "pid": std::process::id()}));
+        resumed_digest = Some(state.digest);
+        if state.shape != shape && !args.verify {
+            anyhow::bail!(
+                "the checkpoint's state shape {:?} differs from the flags' {:?}",
+                state.shape,
+                shape
+            );
+        }
+    }
+    if args.verify {
+        if resumed_digest.is_none() {
+            anyhow::bail!("no checkpoint under {}", args.dir.display());
+        }
+        return Ok(());
+    }
+
+    // Installing the handler is what sets the SIGUSR1 bit in SigCgt of /proc/PID/status.
+    let mut usr1 = if args.no_handler {
+        None
+    } else {
+        Some(tokio::signal::unix::signal(
+            tokio::signal::unix::SignalKind::user_defined1(),
+        )?)
+    };
+    emit(json!({"event": "started", "step": step, "pid": std::process::id(),
+        "handler": usr1.is_some(), "dir": args.dir}));
+
+    let options = WriteOptions {
+        chunk_pause: args.write_pause,
+        hang: false,
+    };
+    if args.checkpoint_at_start {
+        save(&args, &shape, step, "periodic", options).await?;
+    }
+    let mut steps = tokio::time::interval(args.step_time);
+    steps.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_periodic = args.period.map(|p| tokio::time::Instant::now() + p);
+    loop {
+        let periodic = async {
+            match next_periodic {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        let signalled = async {
+            match usr1.as_mut() {
+                Some(signal) => signal.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = steps.tick() => step += 1,
+            _ = periodic => {
+                save(&args, &shape, step, "periodic", options).await?;
+                next_periodic = args.period.map(|p| tokio::time::Instant::now() + p);
+            }
+            _ = signalled => {
+                emit(json!({"event": "signal", "signal": "SIGUSR1", "step": step}));
+                let options = WriteOptions { hang: args.hang_on_checkpoint, ..options };
+                save(&args, &shape, step, "signal", options).await?;
+                if let Some(marker) = &args.done_marker {
+                    let marker = args.dir.join(marker);
+                    std::fs::write(&marker, json!({"step": step}).to_string())?;
+                    emit(json!({"event": "done-marker", "path": marker, "step": step}));
+                }
+                if args.exit_after_checkpoint {
+                    emit(json!({"event": "exit", "step": step}));
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+async fn save(
+    args: &Args,
+    shape: &StateShape,
+    step: u64,
+    reason: &str,
+    options: WriteOptions,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let dir = args.dir.clone();
+    let shape = *shape;
+    let written =
+        tokio::task::spawn_blocking(move || trainer::write_checkpoint(&dir, &shape, step, options))
+            .await??;
+    emit(json!({"event": "checkpoint", "reason": reason, "step": step,
+        "path": written.path, "bytes": written.bytes, "digest": written.digest,
+        "seconds": started.elapsed().as_secs_f64()}));
+    rotate(&args.dir, args.save_total_limit, &written.path)?;
+    Ok(())
+}
+
+/// Deletes the oldest checkpoints beyond `limit`, never the one just written.
+fn rotate(dir: &Path, limit: usize, keep: &Path) -> std::io::Result<()> {
+    let checkpoints = trainer::list_checkpoints(dir)?;
+    let excess = checkpoints.len().saturating_sub(limit.max(1));
+    for (_, path) in checkpoints.into_iter().take(excess) {
+        if path != keep {
+            std::fs::remove_dir_all(path)?;
+        }
+    }
+    Ok(())
+}
