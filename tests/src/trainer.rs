@@ -98,11 +98,9 @@ fn mix(mut z: u64) -> u64 {
 
 /// Fills `buf` with the bytes at `offset` (a multiple of 8) of the stream named `key`.
 fn fill(key: u64, offset: u64, buf: &mut [u8]) {
-    let mut word = offset / 8;
-    for chunk in buf.chunks_mut(8) {
+    for (word, chunk) in (offset / 8..).zip(buf.chunks_mut(8)) {
         let bytes = mix(key ^ word.wrapping_mul(0xd6e8_feb8_6659_fd93)).to_le_bytes();
         chunk.copy_from_slice(&bytes[..chunk.len()]);
-        word += 1;
     }
 }
 
@@ -207,7 +205,10 @@ pub fn write_checkpoint(
     }
     let digest = digest.finish();
     let config = serde_json::json!({"model_type": "nerve-test", "shards": shape.shards});
-    fs::write(path.join("config.json"), serde_json::to_vec_pretty(&config)?)?;
+    fs::write(
+        path.join("config.json"),
+        serde_json::to_vec_pretty(&config)?,
+    )?;
     let state = TrainerState {
         global_step: step,
         shape: *shape,
@@ -343,7 +344,10 @@ mod tests {
         let state = load_checkpoint(&written.path).unwrap();
         assert_eq!(state.global_step, 12);
         assert_eq!(state.digest, written.digest);
-        assert_eq!(list_checkpoints(dir.path()).unwrap(), vec![(12, written.path)]);
+        assert_eq!(
+            list_checkpoints(dir.path()).unwrap(),
+            vec![(12, written.path)]
+        );
     }
 
     #[test]

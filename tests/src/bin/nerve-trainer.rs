@@ -17,7 +17,10 @@ use nerve_tests::trainer::{self, StateShape, WriteOptions};
 use serde_json::json;
 
 #[derive(Debug, Parser)]
-#[command(name = "nerve-trainer", about = "Test trainer: checkpoints on SIGUSR1, resumes exactly")]
+#[command(
+    name = "nerve-trainer",
+    about = "Test trainer: checkpoints on SIGUSR1, resumes exactly"
+)]
 struct Args {
     /// Checkpoint directory: checkpoints go to `<dir>/checkpoint-N/`; resumes from the newest.
     #[arg(long)]
@@ -126,8 +129,10 @@ async fn train(args: Args) -> anyhow::Result<()> {
     if let Some((_, path)) = trainer::list_checkpoints(&args.dir)?.pop() {
         let state = tokio::task::spawn_blocking(move || trainer::load_checkpoint(&path)).await??;
         step = state.global_step;
-        emit(json!({"event": "resumed", "step": step, "digest": state.digest,
-            "shape": state.shape, "pid": std::process::id()}));
+        emit(
+            json!({"event": "resumed", "step": step, "digest": state.digest,
+            "shape": state.shape, "pid": std::process::id()}),
+        );
         resumed_digest = Some(state.digest);
         if state.shape != shape && !args.verify {
             anyhow::bail!(
@@ -152,8 +157,10 @@ async fn train(args: Args) -> anyhow::Result<()> {
             tokio::signal::unix::SignalKind::user_defined1(),
         )?)
     };
-    emit(json!({"event": "started", "step": step, "pid": std::process::id(),
-        "handler": usr1.is_some(), "dir": args.dir}));
+    emit(
+        json!({"event": "started", "step": step, "pid": std::process::id(),
+        "handler": usr1.is_some(), "dir": args.dir}),
+    );
 
     let options = WriteOptions {
         chunk_pause: args.write_pause,
@@ -215,9 +222,11 @@ async fn save(
     let written =
         tokio::task::spawn_blocking(move || trainer::write_checkpoint(&dir, &shape, step, options))
             .await??;
-    emit(json!({"event": "checkpoint", "reason": reason, "step": step,
+    emit(
+        json!({"event": "checkpoint", "reason": reason, "step": step,
         "path": written.path, "bytes": written.bytes, "digest": written.digest,
-        "seconds": started.elapsed().as_secs_f64()}));
+        "seconds": started.elapsed().as_secs_f64()}),
+    );
     rotate(&args.dir, args.save_total_limit, &written.path)?;
     Ok(())
 }
