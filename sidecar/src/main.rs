@@ -1,1 +1,92 @@
-fn main() {}
+//! nerve-sidecar: parse flags, set up logging, run the subcommand.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use nerve_sidecar::cli::{Cli, Command, EXIT_CONFIG, LogFormat};
+use tokio_util::sync::CancellationToken;
+
+/// Where Kubernetes looks for a container's last words (`kubectl describe pod`).
+const TERMINATION_LOG: &str = "/dev/termination-log";
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            let code = if err.use_stderr() { EXIT_CONFIG } else { 0 };
+            let _ = err.print();
+            return ExitCode::from(code);
+        }
+    };
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => return fail(&anyhow::Error::new(err).context("starting the async runtime")),
+    };
+    let result = runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(cancel_on_signal(shutdown.clone()));
+        match cli.command {
+            Command::Upload(args) => nerve_sidecar::upload::command(args, shutdown).await,
+            Command::Restore(args) => nerve_sidecar::restore::command(args, shutdown).await,
+            Command::List(args) => nerve_sidecar::list::command(args).await,
+            Command::Prune(args) => nerve_sidecar::prune::command(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => fail(&err),
+    }
+}
+
+/// Kubernetes sends SIGTERM on pod deletion; Ctrl-C on a terminal. The first cancels the work
+/// (which then cleans up after itself); a second one exits at once.
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::warn!("cannot listen for SIGTERM/SIGINT; signals will kill the process outright");
+        return;
+    };
+    for round in 0..2 {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        if round == 0 {
+            tracing::warn!("signal received, stopping (send again to exit at once)");
+            shutdown.cancel();
+        }
+    }
+    std::process::exit(130);
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn fail(err: &anyhow::Error) -> ExitCode {
+    let message = format!("{err:#}");
+    tracing::error!("{message}");
+    if std::path::Path::new(TERMINATION_LOG).exists() {
+        let _ = std::fs::write(TERMINATION_LOG, &message);
+    }
+    if err.downcast_ref::<nerve_sidecar::ConfigError>().is_some() {
+        ExitCode::from(EXIT_CONFIG)
+    } else {
+        ExitCode::FAILURE
+    }
+}

@@ -1,0 +1,384 @@
+//! The object store a job's checkpoints live in: one S3 client (built once, reused by every
+//! transfer), the bucket/prefix/job addressing of DESIGN.md "Checkpoints in S3", and typed S3
+//! errors that name the bucket, key and operation and say what to check.
+//!
+//! Endpoint, region and credentials come from the standard AWS SDK chain (`AWS_ENDPOINT_URL`,
+//! `AWS_REGION`, IRSA, EKS Pod Identity, instance profile). TLS is rustls with ring.
+
+use std::fmt;
+use std::time::Duration;
+
+use aws_config::BehaviorVersion;
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
+use aws_smithy_types::retry::RetryConfig;
+use aws_smithy_types::timeout::TimeoutConfig;
+
+use crate::cli::{ChecksumMode, StoreArgs};
+use crate::generation::Generation;
+
+/// Attempts per request (first try plus retries) inside the SDK before an error reaches us.
+///
+/// Throttling (503 SlowDown) and resets come in bursts; 8 attempts with the SDK's jittered
+/// exponential backoff (capped at 20 s) ride out about a minute of trouble, well inside a
+/// two-minute notice.
+pub const REQUEST_ATTEMPTS: u32 = 8;
+/// First retry delay; the SDK doubles it with full jitter on each attempt.
+const RETRY_INITIAL_BACKOFF: Duration = Duration::from_millis(100);
+/// Cap on one retry delay, so a burst of throttling does not eat the notice window.
+const RETRY_MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// A TCP connect that takes longer than this is to a dead endpoint; fail and retry elsewhere.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `s3://bucket/prefix` as given by `--dest`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Destination {
+    pub bucket: String,
+    /// Without leading or trailing slashes; may be empty.
+    pub prefix: String,
+}
+
+impl Destination {
+    /// Parses `s3://bucket` or `s3://bucket/some/prefix`.
+    pub fn parse(value: &str) -> Result<Destination, String> {
+        let rest = value.strip_prefix("s3://").ok_or_else(|| {
+            format!("`{value}` is not an S3 URL; write s3://bucket or s3://bucket/prefix")
+        })?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let bucket_ok = (3..=63).contains(&bucket.len())
+            && bucket
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+        if !bucket_ok {
+            return Err(format!(
+                "`{bucket}` is not a bucket name: 3-63 lowercase letters, digits, `-` or `.`"
+            ));
+        }
+        let prefix = prefix.trim_matches('/');
+        if prefix.split('/').any(|part| part == ".." || part == ".") {
+            return Err(format!(
+                "prefix `{prefix}` must not contain `.` or `..` segments"
+            ));
+        }
+        Ok(Destination {
+            bucket: bucket.to_owned(),
+            prefix: prefix.to_owned(),
+        })
+    }
+}
+
+impl fmt::Display for Destination {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.prefix.is_empty() {
+            write!(f, "s3://{}", self.bucket)
+        } else {
+            write!(f, "s3://{}/{}", self.bucket, self.prefix)
+        }
+    }
+}
+
+/// A job's checkpoint store: the S3 client plus where the job's generations live.
+///
+/// Cheap to clone (the client is reference counted); build one per process and share it.
+#[derive(Debug, Clone)]
+pub struct Store {
+    client: aws_sdk_s3::Client,
+    bucket: String,
+    /// `<prefix>/<job>/gen/`, always ending in `/`.
+    generations_prefix: String,
+    checksum: ChecksumMode,
+}
+
+impl Store {
+    /// Builds the S3 client from the SDK's environment chain and the flags.
+    pub async fn connect(args: &StoreArgs) -> Store {
+        let http_client = aws_smithy_http_client::Builder::new()
+            .tls_provider(Provider::Rustls(CryptoMode::Ring))
+            .build_https();
+        let shared = aws_config::defaults(BehaviorVersion::latest())
+            .http_client(http_client)
+            // The SDK's default sends aws-chunked bodies with trailing checksums, which several
+            // S3-compatible stores reject; we compute CRC32C ourselves and send it as a header.
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            // Restore verifies every file against the manifest's CRC32C itself.
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+            .retry_config(
+                RetryConfig::standard()
+                    .with_max_attempts(REQUEST_ATTEMPTS)
+                    .with_initial_backoff(RETRY_INITIAL_BACKOFF)
+                    .with_max_backoff(RETRY_MAX_BACKOFF),
+            )
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(CONNECT_TIMEOUT)
+                    .build(),
+            )
+            .load()
+            .await;
+        let config = aws_sdk_s3::config::Builder::from(&shared)
+            .force_path_style(args.path_style)
+            .build();
+        Store::with_client(aws_sdk_s3::Client::from_conf(config), args)
+    }
+
+    /// A store over an already configured client (tests, or a caller with its own config).
+    pub fn with_client(client: aws_sdk_s3::Client, args: &StoreArgs) -> Store {
+        let mut generations_prefix = String::new();
+        if !args.dest.prefix.is_empty() {
+            generations_prefix.push_str(&args.dest.prefix);
+            generations_prefix.push('/');
+        }
+        generations_prefix.push_str(&args.job);
+        generations_prefix.push_str("/gen/");
+        Store {
+            client,
+            bucket: args.dest.bucket.clone(),
+            generations_prefix,
+            checksum: args.checksum,
+        }
+    }
+
+    pub fn client(&self) -> &aws_sdk_s3::Client {
+        &self.client
+    }
+
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    pub fn checksum_mode(&self) -> ChecksumMode {
+        self.checksum
+    }
+
+    /// `<prefix>/<job>/gen/`: every key of the job starts with this.
+    pub fn generations_prefix(&self) -> &str {
+        &self.generations_prefix
+    }
+
+    /// `<prefix>/<job>/gen/<generation>/`: the objects uploaded by one generation.
+    pub fn objects_prefix(&self, generation: &Generation) -> String {
+        format!("{}{}/", self.generations_prefix, generation)
+    }
+
+    /// Key of a file's contents uploaded in `generation`.
+    pub fn object_key(&self, generation: &Generation, relative_path: &str) -> String {
+        format!(
+            "{}{}/{}",
+            self.generations_prefix, generation, relative_path
+        )
+    }
+
+    /// `<prefix>/<job>/gen/<generation>.manifest.json`: the commit record.
+    pub fn manifest_key(&self, generation: &Generation) -> String {
+        format!(
+            "{}{}{}",
+            self.generations_prefix,
+            generation,
+            crate::manifest::MANIFEST_SUFFIX
+        )
+    }
+
+    /// The generation a key under [`Self::generations_prefix`] belongs to, if any.
+    pub fn generation_of_key(&self, key: &str) -> Option<Generation> {
+        let rest = key.strip_prefix(&self.generations_prefix)?;
+        let end = rest.find(['/', '.']).unwrap_or(rest.len());
+        Generation::parse(&rest[..end]).ok()
+    }
+
+    /// Wraps an SDK error with the operation, bucket and key.
+    pub fn error<E>(
+        &self,
+        operation: Operation,
+        key: &str,
+        err: SdkError<E, HttpResponse>,
+    ) -> S3Error
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        S3Error::from_sdk(operation, &self.bucket, key, err)
+    }
+}
+
+/// The S3 calls the sidecar makes, named as S3 names them (for errors and spans).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    PutObject,
+    CreateMultipartUpload,
+    UploadPart,
+    CompleteMultipartUpload,
+    AbortMultipartUpload,
+    GetObject,
+    HeadObject,
+    ListObjectsV2,
+    DeleteObjects,
+}
+
+impl fmt::Display for Operation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// What kind of failure an S3 call ended in, which decides what the user should check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum S3ErrorKind {
+    /// The object or upload does not exist.
+    NotFound,
+    /// The bucket does not exist (or is in another region).
+    NoSuchBucket,
+    /// Credentials missing, wrong, or lacking permission.
+    Denied,
+    /// Throttled, 5xx, timeout or a broken connection: retrying may help.
+    Transient,
+    /// The store rejected the data's checksum.
+    BadDigest,
+    /// Anything else the store said no to.
+    Rejected,
+}
+
+/// A failed S3 call, naming the operation, the bucket, the key and what to check.
+#[derive(Debug, thiserror::Error)]
+#[error("{operation} s3://{bucket}/{key} failed{status}; check {hint}", status = self.status_text(), hint = self.hint())]
+pub struct S3Error {
+    pub operation: Operation,
+    pub bucket: String,
+    pub key: String,
+    pub kind: S3ErrorKind,
+    /// HTTP status when the store answered.
+    pub status: Option<u16>,
+    /// S3 error code (`NoSuchKey`, `SlowDown`, ...) when the store sent one.
+    pub code: Option<String>,
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl S3Error {
+    pub fn from_sdk<E>(
+        operation: Operation,
+        bucket: &str,
+        key: &str,
+        err: SdkError<E, HttpResponse>,
+    ) -> S3Error
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        let status = match &err {
+            SdkError::ServiceError(e) => Some(e.raw().status().as_u16()),
+            SdkError::ResponseError(e) => Some(e.raw().status().as_u16()),
+            _ => None,
+        };
+        let code = err.code().map(str::to_owned);
+        let kind = classify(&err, status, code.as_deref());
+        S3Error {
+            operation,
+            bucket: bucket.to_owned(),
+            key: key.to_owned(),
+            kind,
+            status,
+            code,
+            source: Box::new(err),
+        }
+    }
+
+    /// Retrying the whole request (or part) later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self.kind, S3ErrorKind::Transient | S3ErrorKind::BadDigest)
+    }
+
+    pub fn is_not_found(&self) -> bool {
+        self.kind == S3ErrorKind::NotFound
+    }
+
+    fn status_text(&self) -> String {
+        match (&self.status, &self.code) {
+            (Some(status), Some(code)) => format!(" ({status} {code})"),
+            (Some(status), None) => format!(" (HTTP {status})"),
+            (None, _) => String::new(),
+        }
+    }
+
+    /// What the operator should look at.
+    pub fn hint(&self) -> &'static str {
+        match self.kind {
+            S3ErrorKind::NotFound => {
+                "that the generation was not pruned and that --dest and --job name the job"
+            }
+            S3ErrorKind::NoSuchBucket => {
+                "the bucket name in --dest, AWS_REGION, and AWS_ENDPOINT_URL for non-AWS stores"
+            }
+            S3ErrorKind::Denied => {
+                "credentials (AWS_ACCESS_KEY_ID/AWS_PROFILE, IRSA or Pod Identity role) and that \
+                 the role may read, write, list and delete under this prefix"
+            }
+            S3ErrorKind::Transient => {
+                "the endpoint (AWS_ENDPOINT_URL), the network path to it, and the store's health"
+            }
+            S3ErrorKind::BadDigest => {
+                "the network path (data was corrupted in flight) or try --checksum none if the \
+                 store mis-handles checksum headers"
+            }
+            S3ErrorKind::Rejected => {
+                "the endpoint, --path-style for S3-compatible stores, and --checksum none if the \
+                 store rejects checksum headers"
+            }
+        }
+    }
+}
+
+fn classify<E, R>(err: &SdkError<E, R>, status: Option<u16>, code: Option<&str>) -> S3ErrorKind {
+    match err {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) => {
+            return S3ErrorKind::Transient;
+        }
+        SdkError::ConstructionFailure(_) => return S3ErrorKind::Denied,
+        _ => {}
+    }
+    match code {
+        Some("NoSuchKey" | "NoSuchUpload" | "NotFound") => return S3ErrorKind::NotFound,
+        Some("NoSuchBucket") => return S3ErrorKind::NoSuchBucket,
+        Some(
+            "AccessDenied"
+            | "InvalidAccessKeyId"
+            | "SignatureDoesNotMatch"
+            | "ExpiredToken"
+            | "InvalidToken",
+        ) => return S3ErrorKind::Denied,
+        Some("BadDigest" | "InvalidDigest" | "XAmzContentChecksumMismatch") => {
+            return S3ErrorKind::BadDigest;
+        }
+        Some("SlowDown" | "RequestTimeout" | "InternalError" | "ServiceUnavailable") => {
+            return S3ErrorKind::Transient;
+        }
+        _ => {}
+    }
+    match status {
+        Some(404) => S3ErrorKind::NotFound,
+        Some(401 | 403) => S3ErrorKind::Denied,
+        Some(301 | 307) => S3ErrorKind::NoSuchBucket,
+        Some(408 | 429) => S3ErrorKind::Transient,
+        Some(s) if s >= 500 => S3ErrorKind::Transient,
+        Some(_) => S3ErrorKind::Rejected,
+        // No answer at all (a body that broke mid-way, an I/O error): worth another try.
+        None => S3ErrorKind::Transient,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_destinations_with_and_without_prefix() {
+        let d = Destination::parse("s3://my-bucket/a/b/").expect("valid");
+        assert_eq!(d.bucket, "my-bucket");
+        assert_eq!(d.prefix, "a/b");
+        assert_eq!(d.to_string(), "s3://my-bucket/a/b");
+        let d = Destination::parse("s3://my-bucket").expect("valid");
+        assert_eq!(d.prefix, "");
+        assert!(Destination::parse("my-bucket/a").is_err());
+        assert!(Destination::parse("s3://My_Bucket").is_err());
+        assert!(Destination::parse("s3://bucket/a/../b").is_err());
+    }
+}
