@@ -1,0 +1,367 @@
+//! The `nerve.io/*` pod annotations that say what to checkpoint and where, checked all at once.
+
+use std::fmt;
+
+use nix::sys::signal::Signal;
+use serde_json::{Map, Value};
+
+use crate::store::Destination;
+
+/// `s3://bucket/prefix` the checkpoints go to (required).
+pub const ANNOTATION_DEST: &str = "nerve.io/dest";
+/// Stable name of the training job across pods (required unless the pod belongs to a Job).
+pub const ANNOTATION_JOB: &str = "nerve.io/job";
+/// Absolute path of the checkpoint directory in the trainer container (required).
+pub const ANNOTATION_DIR: &str = "nerve.io/checkpoint-dir";
+/// Signal that asks the trainer to checkpoint (default SIGUSR1).
+pub const ANNOTATION_SIGNAL: &str = "nerve.io/signal";
+/// Regex on the trainer's command line, to pick the process to signal.
+pub const ANNOTATION_TARGET: &str = "nerve.io/target";
+/// Name of the trainer container (default: the first container).
+pub const ANNOTATION_CONTAINER: &str = "nerve.io/container";
+
+/// Labels the Job controller puts on its pods; their value is the Job's name.
+const JOB_NAME_LABELS: [&str; 2] = ["batch.kubernetes.io/job-name", "job-name"];
+
+/// The signal the sidecar sends when the pod does not say (DESIGN.md).
+const DEFAULT_SIGNAL: &str = "SIGUSR1";
+
+/// What a pod asked for, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointRequest {
+    pub dest: String,
+    pub job: String,
+    pub dir: String,
+    /// Canonical name, e.g. `SIGUSR1`.
+    pub signal: String,
+    pub target: Option<String>,
+    pub container: Option<String>,
+}
+
+/// One annotation that is missing or wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AnnotationError {
+    Missing {
+        key: &'static str,
+        fix: &'static str,
+    },
+    Invalid {
+        key: &'static str,
+        problem: String,
+    },
+}
+
+impl fmt::Display for AnnotationError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AnnotationError::Missing { key, fix } => {
+                write!(f, "annotation {key} is missing; {fix}")
+            }
+            AnnotationError::Invalid { key, problem } => write!(f, "annotation {key}: {problem}"),
+        }
+    }
+}
+
+impl std::error::Error for AnnotationError {}
+
+/// Reads and checks the annotations in a pod's (or pod template's) `metadata`, reporting every
+/// problem at once. `owner_name` is the job name of last resort (the workload's name).
+pub fn read_annotations(
+    metadata: Option<&Map<String, Value>>,
+    owner_name: Option<&str>,
+) -> Result<CheckpointRequest, Vec<AnnotationError>> {
+    let annotations = metadata
+        .and_then(|m| m.get("annotations"))
+        .and_then(Value::as_object);
+    let labels = metadata
+        .and_then(|m| m.get("labels"))
+        .and_then(Value::as_object);
+    let mut errors = Vec::new();
+    let get = |key: &'static str, errors: &mut Vec<AnnotationError>| -> Option<String> {
+        match annotations.and_then(|a| a.get(key)) {
+            None => None,
+            Some(Value::String(s)) if s.trim().is_empty() => {
+                errors.push(AnnotationError::Invalid {
+                    key,
+                    problem: "is empty".to_owned(),
+                });
+                None
+            }
+            Some(Value::String(s)) => Some(s.trim().to_owned()),
+            Some(other) => {
+                errors.push(AnnotationError::Invalid {
+                    key,
+                    problem: format!("must be a string, got {other}"),
+                });
+                None
+            }
+        }
+    };
+
+    let dest = get(ANNOTATION_DEST, &mut errors);
+    let job = get(ANNOTATION_JOB, &mut errors);
+    let dir = get(ANNOTATION_DIR, &mut errors);
+    let signal = get(ANNOTATION_SIGNAL, &mut errors);
+    let target = get(ANNOTATION_TARGET, &mut errors);
+    let container = get(ANNOTATION_CONTAINER, &mut errors);
+
+    let dest = match dest {
+        None if !has_error(&errors, ANNOTATION_DEST) => {
+            errors.push(AnnotationError::Missing {
+                key: ANNOTATION_DEST,
+                fix: "set it to s3://bucket/prefix",
+            });
+            None
+        }
+        None => None,
+        Some(dest) => match Destination::parse(&dest) {
+            Ok(_) => Some(dest),
+            Err(problem) => {
+                errors.push(AnnotationError::Invalid {
+                    key: ANNOTATION_DEST,
+                    problem,
+                });
+                None
+            }
+        },
+    };
+
+    let job_from_owner = || {
+        JOB_NAME_LABELS
+            .iter()
+            .find_map(|l| labels.and_then(|m| m.get(*l)).and_then(Value::as_str))
+            .or(owner_name)
+            .map(str::to_owned)
+    };
+    let job = match job.or_else(|| {
+        (!has_error(&errors, ANNOTATION_JOB))
+            .then(job_from_owner)
+            .flatten()
+    }) {
+        None if !has_error(&errors, ANNOTATION_JOB) => {
+            errors.push(AnnotationError::Missing {
+                key: ANNOTATION_JOB,
+                fix: "set it to the training job's stable name (the same in every pod that \
+                      resumes it)",
+            });
+            None
+        }
+        None => None,
+        Some(job) => match crate::cli::parse_job(&job) {
+            Ok(job) => Some(job),
+            Err(problem) => {
+                errors.push(AnnotationError::Invalid {
+                    key: ANNOTATION_JOB,
+                    problem,
+                });
+                None
+            }
+        },
+    };
+
+    let dir = match dir {
+        None if !has_error(&errors, ANNOTATION_DIR) => {
+            errors.push(AnnotationError::Missing {
+                key: ANNOTATION_DIR,
+                fix: "set it to the absolute path the trainer writes checkpoints to",
+            });
+            None
+        }
+        None => None,
+        Some(dir) => match check_dir(&dir) {
+            Ok(dir) => Some(dir),
+            Err(problem) => {
+                errors.push(AnnotationError::Invalid {
+                    key: ANNOTATION_DIR,
+                    problem,
+                });
+                None
+            }
+        },
+    };
+
+    let signal = match signal {
+        None => Some(DEFAULT_SIGNAL.to_owned()),
+        Some(signal) => match parse_signal(&signal) {
+            Ok(signal) => Some(signal),
+            Err(problem) => {
+                errors.push(AnnotationError::Invalid {
+                    key: ANNOTATION_SIGNAL,
+                    problem,
+                });
+                None
+            }
+        },
+    };
+
+    if let Some(target) = &target
+        && let Err(e) = regex::Regex::new(target)
+    {
+        errors.push(AnnotationError::Invalid {
+            key: ANNOTATION_TARGET,
+            problem: format!("`{target}` is not a regular expression ({e})"),
+        });
+    }
+
+    if let Some(container) = &container
+        && !is_dns_label(container)
+    {
+        errors.push(AnnotationError::Invalid {
+            key: ANNOTATION_CONTAINER,
+            problem: format!("`{container}` is not a container name"),
+        });
+    }
+
+    match (dest, job, dir, signal) {
+        (Some(dest), Some(job), Some(dir), Some(signal)) if errors.is_empty() => {
+            Ok(CheckpointRequest {
+                dest,
+                job,
+                dir,
+                signal,
+                target,
+                container,
+            })
+        }
+        _ => Err(errors),
+    }
+}
+
+fn has_error(errors: &[AnnotationError], key: &str) -> bool {
+    errors.iter().any(|e| match e {
+        AnnotationError::Missing { key: k, .. } | AnnotationError::Invalid { key: k, .. } => {
+            *k == key
+        }
+    })
+}
+
+/// An absolute, normalised directory other than `/`, with a trailing slash removed.
+fn check_dir(dir: &str) -> Result<String, String> {
+    let trimmed = dir.trim_end_matches('/');
+    if !dir.starts_with('/') {
+        return Err(format!("`{dir}` is not an absolute path"));
+    }
+    if trimmed.is_empty() {
+        return Err("`/` cannot be the checkpoint directory; use a directory below it".to_owned());
+    }
+    if trimmed
+        .split('/')
+        .skip(1)
+        .any(|c| c.is_empty() || c == "." || c == "..")
+    {
+        return Err(format!(
+            "`{dir}` must be a plain path without `.`, `..` or `//`"
+        ));
+    }
+    Ok(trimmed.to_owned())
+}
+
+/// `SIGUSR1`, `USR1` or `usr1` → `SIGUSR1`. Signals no process can handle are refused: the
+/// sidecar only signals processes that installed a handler.
+fn parse_signal(value: &str) -> Result<String, String> {
+    let upper = value.to_ascii_uppercase();
+    let name = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    match name.parse::<Signal>() {
+        Ok(Signal::SIGKILL | Signal::SIGSTOP) => Err(format!(
+            "{name} cannot be caught, so the trainer cannot checkpoint on it; use SIGUSR1"
+        )),
+        Ok(signal) => Ok(signal.as_str().to_owned()),
+        Err(_) => Err(format!("`{value}` is not a signal name like SIGUSR1")),
+    }
+}
+
+/// RFC 1123 label, the rule for container names.
+fn is_dns_label(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn metadata(value: Value) -> Map<String, Value> {
+        value.as_object().cloned().expect("object")
+    }
+
+    #[test]
+    fn reads_every_annotation_and_normalises_the_signal() {
+        let m = metadata(json!({"annotations": {
+            "nerve.io/dest": "s3://bucket/ckpt", "nerve.io/job": "llama-7b",
+            "nerve.io/checkpoint-dir": "/ckpt/", "nerve.io/signal": "usr2",
+            "nerve.io/target": "python.*train", "nerve.io/container": "trainer"}}));
+        let request = read_annotations(Some(&m), None).expect("valid");
+        assert_eq!(
+            request,
+            CheckpointRequest {
+                dest: "s3://bucket/ckpt".into(),
+                job: "llama-7b".into(),
+                dir: "/ckpt".into(),
+                signal: "SIGUSR2".into(),
+                target: Some("python.*train".into()),
+                container: Some("trainer".into()),
+            }
+        );
+    }
+
+    #[test]
+    fn reports_every_missing_annotation_at_once() {
+        let errors = read_annotations(None, None).expect_err("nothing set");
+        let keys: Vec<_> = errors
+            .iter()
+            .map(|e| match e {
+                AnnotationError::Missing { key, .. } => *key,
+                AnnotationError::Invalid { key, .. } => *key,
+            })
+            .collect();
+        assert_eq!(keys, [ANNOTATION_DEST, ANNOTATION_JOB, ANNOTATION_DIR]);
+    }
+
+    #[test]
+    fn takes_the_job_name_from_the_job_controllers_label() {
+        let m = metadata(json!({
+            "labels": {"batch.kubernetes.io/job-name": "train-1"},
+            "annotations": {"nerve.io/dest": "s3://bucket", "nerve.io/checkpoint-dir": "/c"}}));
+        let request = read_annotations(Some(&m), Some("owner")).expect("valid");
+        assert_eq!(request.job, "train-1");
+        let m = metadata(json!({
+            "annotations": {"nerve.io/dest": "s3://bucket", "nerve.io/checkpoint-dir": "/c"}}));
+        let request = read_annotations(Some(&m), Some("owner")).expect("valid");
+        assert_eq!(request.job, "owner");
+    }
+
+    #[test]
+    fn refuses_bad_values_with_the_reason() {
+        let m = metadata(json!({"annotations": {
+            "nerve.io/dest": "gs://bucket", "nerve.io/job": "a/b",
+            "nerve.io/checkpoint-dir": "ckpt/../x", "nerve.io/signal": "SIGKILL",
+            "nerve.io/target": "(", "nerve.io/container": "Trainer_1"}}));
+        let errors = read_annotations(Some(&m), None).expect_err("all bad");
+        let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert_eq!(text.len(), 6, "{text:?}");
+        assert!(text[0].contains("nerve.io/dest") && text[0].contains("s3://"));
+        assert!(text[1].contains("nerve.io/job"));
+        assert!(text[2].contains("not an absolute path"));
+        assert!(text[3].contains("cannot be caught"));
+        assert!(text[4].contains("regular expression"));
+        assert!(text[5].contains("not a container name"));
+    }
+
+    #[test]
+    fn refuses_dot_segments_and_the_root_as_checkpoint_dir() {
+        assert!(check_dir("/ckpt/../etc").is_err());
+        assert!(check_dir("/").is_err());
+        assert!(check_dir("/a//b").is_err());
+        assert_eq!(check_dir("/a/b/").as_deref(), Ok("/a/b"));
+    }
+}

@@ -1,0 +1,431 @@
+//! The injected spec, checked field by field for the pod shapes operators actually write.
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::*;
+
+fn settings() -> InjectSettings {
+    InjectSettings {
+        image: "registry.example/nerve:test".to_owned(),
+        ..InjectSettings::default()
+    }
+}
+
+fn annotations() -> Value {
+    json!({"nerve.io/dest": "s3://ckpt-bucket/runs", "nerve.io/job": "llama",
+           "nerve.io/checkpoint-dir": "/ckpt"})
+}
+
+fn pod(spec: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": "train-0", "labels": {"nerve.io/checkpoint": "enabled"},
+                        "annotations": annotations()},
+           "spec": spec})
+}
+
+fn init(pod: &Value, name: &str) -> Value {
+    pod["spec"]["initContainers"]
+        .as_array()
+        .expect("initContainers")
+        .iter()
+        .find(|c| c["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no init container {name}"))
+}
+
+fn env_names(container: &Value) -> Vec<String> {
+    container["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .map(|e| e["name"].as_str().expect("name").to_owned())
+        .collect()
+}
+
+#[test]
+fn injects_restore_then_native_sidecar_with_an_empty_dir_when_the_trainer_has_no_volume() {
+    let mut p = pod(json!({"containers": [{"name": "trainer", "image": "t:1"}]}));
+    let injection = inject_pod_template(&mut p, None, &settings());
+    assert_eq!(injection.outcome, Outcome::Injected);
+    assert!(injection.warnings.is_empty(), "{:?}", injection.warnings);
+
+    let spec = &p["spec"];
+    let names: Vec<&str> = spec["initContainers"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|c| c["name"].as_str().expect("name"))
+        .collect();
+    assert_eq!(names, ["nerve-restore", "nerve-sidecar"]);
+    assert_eq!(spec["shareProcessNamespace"], true);
+    assert_eq!(spec["terminationGracePeriodSeconds"], 300);
+    assert_eq!(
+        spec["volumes"],
+        json!([{"name": "nerve-checkpoint", "emptyDir": {}}])
+    );
+    let mount = json!({"name": "nerve-checkpoint", "mountPath": "/ckpt"});
+    assert_eq!(spec["containers"][0]["volumeMounts"], json!([mount]));
+
+    let restore = init(&p, "nerve-restore");
+    assert_eq!(restore["args"], json!(["restore"]));
+    assert!(
+        restore.get("restartPolicy").is_none(),
+        "restore runs to completion"
+    );
+    assert_eq!(restore["image"], "registry.example/nerve:test");
+    assert_eq!(restore["volumeMounts"], json!([mount]));
+
+    let sidecar = init(&p, "nerve-sidecar");
+    assert_eq!(sidecar["restartPolicy"], "Always");
+    assert_eq!(sidecar["args"], json!(["run", "--signal", "SIGUSR1"]));
+    assert_eq!(sidecar["volumeMounts"], json!([mount]));
+    assert_eq!(
+        env_names(&sidecar),
+        [
+            "NODE_NAME",
+            "HOST_IP",
+            "POD_NAME",
+            "POD_NAMESPACE",
+            "NERVE_CHECKPOINT_DIR",
+            "NERVE_DEST",
+            "NERVE_JOB",
+            "NERVE_AGENT_URL"
+        ]
+    );
+    let env = sidecar["env"].as_array().expect("env");
+    assert_eq!(
+        env[0]["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName",
+        "NODE_NAME comes from the downward API"
+    );
+    assert_eq!(
+        env[1]["valueFrom"]["fieldRef"]["fieldPath"],
+        "status.hostIP"
+    );
+    assert_eq!(env[4]["value"], "/ckpt");
+    assert_eq!(env[5]["value"], "s3://ckpt-bucket/runs");
+    assert_eq!(env[6]["value"], "llama");
+    assert_eq!(env[7]["value"], "http://$(HOST_IP):9739");
+}
+
+#[test]
+fn shares_the_trainers_own_volume_when_it_holds_the_checkpoint_dir() {
+    let mut p = pod(json!({
+        "containers": [{"name": "trainer", "image": "t:1",
+            "volumeMounts": [{"name": "cache", "mountPath": "/cache"},
+                             {"name": "data", "mountPath": "/", "readOnly": true},
+                             {"name": "scratch", "mountPath": "/ckpt", "subPath": "run-1"}]}],
+        "volumes": [{"name": "scratch", "persistentVolumeClaim": {"claimName": "scratch"}},
+                    {"name": "cache", "emptyDir": {}}, {"name": "data", "emptyDir": {}}]}));
+    let before_volumes = p["spec"]["volumes"].clone();
+    let before_mounts = p["spec"]["containers"][0]["volumeMounts"].clone();
+    assert_eq!(
+        inject_pod_template(&mut p, None, &settings()).outcome,
+        Outcome::Injected
+    );
+    assert_eq!(p["spec"]["volumes"], before_volumes, "no volume added");
+    assert_eq!(
+        p["spec"]["containers"][0]["volumeMounts"], before_mounts,
+        "trainer mounts untouched"
+    );
+    let shared = json!([{"name": "scratch", "mountPath": "/ckpt", "subPath": "run-1"}]);
+    assert_eq!(init(&p, "nerve-sidecar")["volumeMounts"], shared);
+    assert_eq!(init(&p, "nerve-restore")["volumeMounts"], shared);
+}
+
+#[test]
+fn shares_the_volume_mounted_above_the_checkpoint_dir() {
+    let mut p = pod(json!({
+        "containers": [{"name": "trainer", "image": "t:1",
+            "volumeMounts": [{"name": "work", "mountPath": "/"}]}],
+        "volumes": [{"name": "work", "emptyDir": {}}]}));
+    assert_eq!(
+        inject_pod_template(&mut p, None, &settings()).outcome,
+        Outcome::Injected
+    );
+    assert_eq!(
+        init(&p, "nerve-sidecar")["volumeMounts"],
+        json!([{"name": "work", "mountPath": "/"}])
+    );
+}
+
+#[test]
+fn appends_after_existing_init_containers_and_keeps_them() {
+    let existing = json!([{"name": "fetch-data", "image": "busybox"},
+                          {"name": "istio-proxy", "image": "proxy", "restartPolicy": "Always"}]);
+    let mut p = pod(json!({"initContainers": existing,
+                           "containers": [{"name": "trainer", "image": "t:1"}]}));
+    assert_eq!(
+        inject_pod_template(&mut p, None, &settings()).outcome,
+        Outcome::Injected
+    );
+    let init = p["spec"]["initContainers"].as_array().expect("list");
+    assert_eq!(init.len(), 4);
+    assert_eq!(init[0], existing[0]);
+    assert_eq!(init[1], existing[1]);
+    assert_eq!(init[2]["name"], "nerve-restore");
+    assert_eq!(init[3]["name"], "nerve-sidecar");
+}
+
+#[test]
+fn injecting_twice_equals_injecting_once() {
+    let mut once = pod(json!({"containers": [{"name": "trainer", "image": "t:1"}]}));
+    inject_pod_template(&mut once, None, &settings());
+    let mut twice = once.clone();
+    let injection = inject_pod_template(&mut twice, None, &settings());
+    assert_eq!(injection.outcome, Outcome::AlreadyInjected);
+    assert!(injection.warnings.is_empty());
+    assert_eq!(twice, once);
+}
+
+#[test]
+fn leaves_a_pod_with_bad_or_missing_annotations_unchanged_and_says_what_is_wrong() {
+    let mut p = pod(json!({"containers": [{"name": "trainer", "image": "t:1"}]}));
+    p["metadata"]["annotations"] = json!({"nerve.io/dest": "bucket/prefix",
+                                          "nerve.io/checkpoint-dir": "/ckpt"});
+    let before = p.clone();
+    let injection = inject_pod_template(&mut p, None, &settings());
+    assert_eq!(injection.outcome, Outcome::NotInjected);
+    assert_eq!(p, before);
+    assert_eq!(injection.warnings.len(), 2, "{:?}", injection.warnings);
+    assert!(injection.warnings[0].contains("nerve.io/dest"));
+    assert!(injection.warnings[0].contains("s3://"));
+    assert!(injection.warnings[1].contains("nerve.io/job is missing"));
+}
+
+#[test]
+fn leaves_the_pod_unchanged_when_the_named_container_does_not_exist() {
+    let mut p = pod(json!({"containers": [{"name": "trainer", "image": "t:1"}]}));
+    p["metadata"]["annotations"]["nerve.io/container"] = json!("learner");
+    let before = p.clone();
+    let injection = inject_pod_template(&mut p, None, &settings());
+    assert_eq!(injection.outcome, Outcome::NotInjected);
+    assert_eq!(p, before);
+    assert!(injection.warnings[0].contains("`learner`"));
+    assert!(injection.warnings[0].contains("trainer"));
+}
+
+#[test]
+fn leaves_an_unexpected_pod_shape_unchanged_with_a_warning() {
+    for spec in [
+        json!({"containers": "trainer"}),
+        json!({"containers": []}),
+        json!({"containers": [{"image": "no-name"}]}),
+        json!({"containers": [{"name": "t", "volumeMounts": {"a": 1}}]}),
+    ] {
+        let mut p = pod(spec);
+        let before = p.clone();
+        let injection = inject_pod_template(&mut p, None, &settings());
+        assert_eq!(injection.outcome, Outcome::NotInjected, "{before}");
+        assert_eq!(p, before);
+        assert_eq!(injection.warnings.len(), 1);
+    }
+}
+
+#[test]
+fn runs_as_the_trainers_user_without_added_capabilities_when_the_user_is_known() {
+    let mut p = pod(json!({
+        "securityContext": {"runAsUser": 1000, "runAsGroup": 3000, "fsGroup": 2000},
+        "containers": [{"name": "trainer", "image": "t:1",
+                        "securityContext": {"runAsUser": 1001}}]}));
+    inject_pod_template(&mut p, None, &settings());
+    for name in ["nerve-restore", "nerve-sidecar"] {
+        let context = &init(&p, name)["securityContext"];
+        assert_eq!(context["runAsUser"], 1001, "the container's own user wins");
+        assert_eq!(context["runAsGroup"], 3000);
+        assert_eq!(context["runAsNonRoot"], true);
+        assert_eq!(context["capabilities"], json!({"drop": ["ALL"]}));
+        assert_eq!(context["readOnlyRootFilesystem"], true);
+        assert_eq!(context["allowPrivilegeEscalation"], false);
+    }
+}
+
+#[test]
+fn adds_only_cap_kill_to_the_sidecar_when_the_trainers_user_is_unknown() {
+    let mut p = pod(json!({"containers": [{"name": "trainer", "image": "t:1"}]}));
+    inject_pod_template(&mut p, None, &settings());
+    let context = &init(&p, "nerve-sidecar")["securityContext"];
+    assert_eq!(context["runAsUser"], 0);
+    assert_eq!(
+        context["capabilities"],
+        json!({"drop": ["ALL"], "add": ["KILL"]})
+    );
+}
+
+#[test]
+fn refuses_a_non_root_trainer_whose_user_it_cannot_match() {
+    let mut p = pod(json!({"securityContext": {"runAsNonRoot": true},
+                           "containers": [{"name": "trainer", "image": "t:1"}]}));
+    let before = p.clone();
+    let injection = inject_pod_template(&mut p, None, &settings());
+    assert_eq!(injection.outcome, Outcome::NotInjected);
+    assert_eq!(p, before);
+    assert!(injection.warnings[0].contains("runAsUser"));
+}
+
+#[test]
+fn keeps_a_longer_grace_period_and_host_pid() {
+    let mut p = pod(
+        json!({"terminationGracePeriodSeconds": 900, "hostPID": true,
+                           "containers": [{"name": "trainer", "image": "t:1"}]}),
+    );
+    inject_pod_template(&mut p, None, &settings());
+    assert_eq!(p["spec"]["terminationGracePeriodSeconds"], 900);
+    assert!(
+        p["spec"].get("shareProcessNamespace").is_none(),
+        "the API server refuses hostPID together with shareProcessNamespace"
+    );
+}
+
+#[test]
+fn picks_the_named_trainer_and_passes_signal_target_and_aws_settings() {
+    let mut p = pod(json!({"containers": [
+        {"name": "logger", "image": "l:1"},
+        {"name": "trainer", "image": "t:1", "env": [
+            {"name": "AWS_REGION", "value": "eu-west-1"},
+            {"name": "AWS_ENDPOINT_URL", "value": "http://minio:9000"},
+            {"name": "HF_TOKEN", "value": "secret"}]}]}));
+    p["metadata"]["annotations"]["nerve.io/container"] = json!("trainer");
+    p["metadata"]["annotations"]["nerve.io/signal"] = json!("SIGUSR2");
+    p["metadata"]["annotations"]["nerve.io/target"] = json!("python .*train\\.py");
+    let injection = inject_pod_template(&mut p, None, &settings());
+    assert_eq!(injection.outcome, Outcome::Injected);
+    assert!(injection.warnings.is_empty());
+    assert!(p["spec"]["containers"][0].get("volumeMounts").is_none());
+    assert_eq!(
+        p["spec"]["containers"][1]["volumeMounts"][0]["mountPath"],
+        "/ckpt"
+    );
+    let sidecar = init(&p, "nerve-sidecar");
+    assert_eq!(
+        sidecar["args"],
+        json!([
+            "run",
+            "--signal",
+            "SIGUSR2",
+            "--target",
+            "python .*train\\.py"
+        ])
+    );
+    let names = env_names(&sidecar);
+    assert!(names.contains(&"AWS_REGION".to_owned()));
+    assert!(names.contains(&"AWS_ENDPOINT_URL".to_owned()));
+    assert!(!names.contains(&"HF_TOKEN".to_owned()));
+}
+
+#[test]
+fn warns_when_it_guesses_the_trainer_among_several_containers() {
+    let mut p =
+        pod(json!({"containers": [{"name": "a", "image": "a"}, {"name": "b", "image": "b"}]}));
+    let injection = inject_pod_template(&mut p, None, &settings());
+    assert_eq!(injection.outcome, Outcome::Injected);
+    assert!(injection.warnings[0].contains("`a`"));
+}
+
+const MANIFESTS: &str = r#"
+apiVersion: batch/v1
+kind: Job
+metadata:
+  name: llama-finetune
+spec:
+  template:
+    metadata:
+      labels:
+        nerve.io/checkpoint: enabled
+      annotations:
+        nerve.io/dest: s3://ckpt-bucket/runs
+        nerve.io/checkpoint-dir: /ckpt
+    spec:
+      restartPolicy: Never
+      containers:
+        - name: trainer
+          image: trainer:1
+---
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: settings
+data:
+  lr: "0.001"
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: tensorboard
+spec:
+  template:
+    spec:
+      containers:
+        - name: tb
+          image: tb:1
+---
+apiVersion: apps/v1
+kind: StatefulSet
+metadata:
+  name: forgot-label
+spec:
+  template:
+    metadata:
+      annotations:
+        nerve.io/dest: s3://ckpt-bucket/runs
+    spec:
+      containers:
+        - name: trainer
+          image: trainer:1
+---
+"#;
+
+#[test]
+fn injects_opted_in_templates_of_a_multi_document_stream_and_keeps_the_rest() {
+    let report = inject_manifest(MANIFESTS, &settings()).expect("valid YAML");
+    assert_eq!(report.injected, 1);
+    assert_eq!(report.warnings.len(), 1, "{:?}", report.warnings);
+    assert!(report.warnings[0].starts_with("StatefulSet/forgot-label:"));
+    assert!(report.warnings[0].contains("nerve.io/checkpoint: enabled"));
+
+    let documents: Vec<Value> = serde_norway::Deserializer::from_str(&report.output)
+        .map(|d| Value::deserialize(d).expect("document"))
+        .collect();
+    assert_eq!(documents.len(), 4);
+    let job = &documents[0];
+    let sidecar = &job["spec"]["template"]["spec"]["initContainers"][1];
+    assert_eq!(sidecar["name"], "nerve-sidecar");
+    let job_env = sidecar["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .find(|e| e["name"] == "NERVE_JOB")
+        .expect("NERVE_JOB")
+        .clone();
+    assert_eq!(job_env["value"], "llama-finetune", "job name from the Job");
+    assert_eq!(documents[1]["data"]["lr"], "0.001");
+    assert!(
+        documents[2]["spec"]["template"]["spec"]
+            .get("initContainers")
+            .is_none()
+    );
+
+    let again = inject_manifest(&report.output, &settings()).expect("valid YAML");
+    assert_eq!(again.output, report.output, "idempotent");
+    assert_eq!(again.injected, 0);
+}
+
+#[test]
+fn injects_the_pod_template_of_a_cron_job_and_a_list() {
+    let input = json!({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": "nightly"},
+         "spec": {"jobTemplate": {"spec": {"template": {
+            "metadata": {"labels": {"nerve.io/checkpoint": "enabled"},
+                         "annotations": annotations()},
+            "spec": {"containers": [{"name": "trainer", "image": "t:1"}]}}}}}},
+        pod(json!({"containers": [{"name": "trainer", "image": "t:1"}]}))]});
+    let report = inject_manifest(&input.to_string(), &settings()).expect("JSON is YAML");
+    assert_eq!(report.injected, 2, "{:?}", report.warnings);
+}
+
+#[test]
+fn reports_the_document_that_is_not_yaml() {
+    let error =
+        inject_manifest("kind: Pod\n---\nkind: [unclosed\n", &settings()).expect_err("bad YAML");
+    assert!(error.to_string().contains("document 2"), "{error}");
+}
