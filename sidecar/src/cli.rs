@@ -56,6 +56,10 @@ pub enum Command {
     List(ListArgs),
     /// Delete generations beyond the newest N and objects nothing references.
     Prune(PruneArgs),
+    /// Add the checkpoint sidecar to the pod templates in manifests (printed on stdout).
+    Inject(crate::inject::InjectArgs),
+    /// Serve sidecar injection as a Kubernetes mutating admission webhook over HTTPS.
+    Webhook(crate::inject::WebhookArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

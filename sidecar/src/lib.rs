@@ -10,6 +10,7 @@
 
 pub mod cli;
 pub mod generation;
+pub mod inject;
 pub mod list;
 pub mod manifest;
 pub mod metrics;

@@ -34,6 +34,8 @@ fn main() -> ExitCode {
             Command::Restore(args) => nerve_sidecar::restore::command(args, shutdown).await,
             Command::List(args) => nerve_sidecar::list::command(args).await,
             Command::Prune(args) => nerve_sidecar::prune::command(args).await,
+            Command::Inject(args) => nerve_sidecar::inject::inject_command(&args),
+            Command::Webhook(args) => nerve_sidecar::inject::serve_webhook(args, shutdown).await,
         }
     });
     match result {
