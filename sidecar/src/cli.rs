@@ -50,6 +50,7 @@ pub struct Cli {
 pub enum Command {
     /// Upload the checkpoint directory once as a new generation and commit it.
     Upload(UploadArgs),
+    Run(Box<crate::run::RunArgs>),
     /// Put the latest committed generation (or --generation) into the directory.
     Restore(RestoreArgs),
     /// List committed generations of a job, oldest first.
@@ -173,7 +174,8 @@ pub enum ChecksumMode {
     None,
 }
 
-pub(crate) fn parse_job(value: &str) -> Result<String, String> {
+/// Checks a job name: it becomes one path segment of every key.
+pub fn parse_job(value: &str) -> Result<String, String> {
     let valid = !value.is_empty()
         && value.len() <= 128
         && value

@@ -26,7 +26,11 @@ pub use manifest::{Manifest, ManifestFile};
 pub use prune::prune_generations;
 pub use restore::{RestoreError, RestoreOutcome, restore_generation};
 pub use store::{S3Error, Store};
-pub use upload::{ManifestContext, UploadError, UploadOptions, UploadSummary, upload_generation};
+pub use progress::Progress;
+pub use upload::{
+    ManifestContext, UploadError, UploadOptions, UploadSummary, upload_generation,
+    upload_generation_with_progress,
+};
 
 /// A setting that is wrong in a way parsing could not see (a missing directory, say): the
 /// process exits 64, like a bad flag.

@@ -9,7 +9,9 @@ use std::collections::HashSet;
 
 use serde::{Deserialize, Serialize};
 
+use crate::cli::ChecksumMode;
 use crate::generation::Generation;
+use crate::store::{Operation, S3Error, Store, with_retries};
 
 /// `<generation>.manifest.json` beside the generation's object folder.
 pub const MANIFEST_SUFFIX: &str = ".manifest.json";
@@ -158,6 +160,145 @@ pub fn check_relative_path(path: &str) -> Result<(), ManifestError> {
         }),
         None => Ok(()),
     }
+}
+
+/// Why a stored manifest could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestReadError {
+    #[error("fetching the manifest")]
+    Fetch(#[source] S3Error),
+    #[error("reading the manifest body of s3://{bucket}/{key}")]
+    Body {
+        bucket: String,
+        key: String,
+        #[source]
+        source: aws_sdk_s3::primitives::ByteStreamError,
+    },
+    #[error(
+        "manifest s3://{bucket}/{key} is larger than {MAX_MANIFEST_BYTES} bytes; not a Nerve manifest"
+    )]
+    TooLarge { bucket: String, key: String },
+    #[error("manifest s3://{bucket}/{key} is not valid manifest JSON")]
+    Parse {
+        bucket: String,
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("manifest s3://{bucket}/{key} is unsafe")]
+    Invalid {
+        bucket: String,
+        key: String,
+        #[source]
+        source: ManifestError,
+    },
+}
+
+impl ManifestReadError {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ManifestReadError::Fetch(e) => e.is_retryable(),
+            ManifestReadError::Body { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// Downloads, parses and validates the manifest of `generation`.
+pub async fn fetch_manifest(
+    store: &Store,
+    generation: &Generation,
+) -> Result<Manifest, ManifestReadError> {
+    let key = store.manifest_key(generation);
+    let bucket = store.bucket().to_owned();
+    with_retries(
+        "fetching the manifest",
+        ManifestReadError::is_retryable,
+        |_| async {
+            let response = store
+                .client()
+                .get_object()
+                .bucket(&bucket)
+                .key(&key)
+                .send()
+                .await
+                .map_err(|e| {
+                    ManifestReadError::Fetch(store.error(Operation::GetObject, &key, e))
+                })?;
+            let length = response
+                .content_length()
+                .and_then(|l| u64::try_from(l).ok());
+            if length.is_some_and(|l| l > MAX_MANIFEST_BYTES) {
+                return Err(ManifestReadError::TooLarge {
+                    bucket: bucket.clone(),
+                    key: key.clone(),
+                });
+            }
+            let body = response
+                .body
+                .collect()
+                .await
+                .map_err(|source| ManifestReadError::Body {
+                    bucket: bucket.clone(),
+                    key: key.clone(),
+                    source,
+                })?;
+            let manifest: Manifest =
+                serde_json::from_slice(&body.into_bytes()).map_err(|source| {
+                    ManifestReadError::Parse {
+                        bucket: bucket.clone(),
+                        key: key.clone(),
+                        source,
+                    }
+                })?;
+            manifest
+                .validate(generation, store.generations_prefix())
+                .map_err(|source| ManifestReadError::Invalid {
+                    bucket: bucket.clone(),
+                    key: key.clone(),
+                    source,
+                })?;
+            Ok(manifest)
+        },
+    )
+    .await
+}
+
+/// Writes the manifest of `generation`: the commit point of an upload.
+pub async fn put_manifest(
+    store: &Store,
+    generation: &Generation,
+    manifest: &Manifest,
+) -> Result<(), S3Error> {
+    let key = store.manifest_key(generation);
+    let body = serde_json::to_vec_pretty(manifest).unwrap_or_default();
+    let crc = crc32c::crc32c(&body);
+    with_retries("writing the manifest", S3Error::is_retryable, |_| {
+        let mut request = store
+            .client()
+            .put_object()
+            .bucket(store.bucket())
+            .key(&key)
+            .content_type("application/json")
+            .body(aws_sdk_s3::primitives::ByteStream::from(body.clone()));
+        if store.checksum_mode() == ChecksumMode::Crc32c {
+            request = request.checksum_crc32_c(crc32c_base64(crc));
+        }
+        async {
+            request
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| store.error(Operation::PutObject, &key, e))
+        }
+    })
+    .await
+}
+
+/// The `x-amz-checksum-crc32c` header value: base64 of the big-endian CRC.
+pub fn crc32c_base64(crc: u32) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(crc.to_be_bytes())
 }
 
 pub fn format_crc32c(crc: u32) -> String {

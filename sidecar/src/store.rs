@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use aws_config::BehaviorVersion;
 use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::config::retry::{RetryPartition, TokenBucket};
 use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
@@ -31,6 +32,12 @@ const RETRY_INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 const RETRY_MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// A TCP connect that takes longer than this is to a dead endpoint; fail and retry elsewhere.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Whole-request retries on top of the SDK's own (which cannot retry a body that broke after
+/// the response started, or a BadDigest): three rounds of [`REQUEST_ATTEMPTS`] each.
+pub const TRANSFER_ATTEMPTS: u32 = 3;
+/// First delay between our own retry rounds; doubled each round with full jitter.
+const TRANSFER_BACKOFF: Duration = Duration::from_millis(500);
 
 /// `s3://bucket/prefix` as given by `--dest`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,6 +126,13 @@ impl Store {
             .await;
         let config = aws_sdk_s3::config::Builder::from(&shared)
             .force_path_style(args.path_style)
+            // The default retry quota runs dry when many parts fail at once (exactly when a
+            // store is throttling a big upload); attempts stay bounded by REQUEST_ATTEMPTS.
+            .retry_partition(
+                RetryPartition::custom("nerve-sidecar")
+                    .token_bucket(TokenBucket::unlimited())
+                    .build(),
+            )
             .build();
         Store::with_client(aws_sdk_s3::Client::from_conf(config), args)
     }
@@ -185,6 +199,32 @@ impl Store {
         let rest = key.strip_prefix(&self.generations_prefix)?;
         let end = rest.find(['/', '.']).unwrap_or(rest.len());
         Generation::parse(&rest[..end]).ok()
+    }
+
+    /// Keys and sizes of every object under `prefix`, in key order (all pages).
+    pub async fn list_objects(&self, prefix: &str) -> Result<Vec<(String, u64)>, S3Error> {
+        let mut objects = Vec::new();
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(prefix)
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| self.error(Operation::ListObjectsV2, prefix, e))?;
+            for object in page.contents() {
+                if let Some(key) = object.key() {
+                    let size = object
+                        .size()
+                        .and_then(|s| u64::try_from(s).ok())
+                        .unwrap_or(0);
+                    objects.push((key.to_owned(), size));
+                }
+            }
+        }
+        objects.sort();
+        Ok(objects)
     }
 
     /// Wraps an SDK error with the operation, bucket and key.
@@ -323,6 +363,37 @@ impl S3Error {
                 "the endpoint, --path-style for S3-compatible stores, and --checksum none if the \
                  store rejects checksum headers"
             }
+        }
+    }
+}
+
+/// Runs `attempt` up to [`TRANSFER_ATTEMPTS`] times while it fails with an error `retryable`
+/// accepts, sleeping a jittered, doubling delay in between. `attempt` gets the attempt number.
+pub async fn with_retries<T, E, Fut>(
+    what: &str,
+    retryable: impl Fn(&E) -> bool,
+    mut attempt: impl FnMut(u32) -> Fut,
+) -> Result<T, E>
+where
+    Fut: std::future::Future<Output = Result<T, E>>,
+    E: std::fmt::Display,
+{
+    let mut round = 1;
+    loop {
+        match attempt(round).await {
+            Ok(value) => return Ok(value),
+            Err(err) if round < TRANSFER_ATTEMPTS && retryable(&err) => {
+                let cap = TRANSFER_BACKOFF.saturating_mul(1 << round.min(8));
+                let delay = cap.mul_f64(rand::random::<f64>());
+                tracing::warn!(
+                    attempt = round,
+                    "{what} failed, retrying in {delay:?}: {err}"
+                );
+                ::metrics::counter!(crate::metrics::RETRIES).increment(1);
+                tokio::time::sleep(delay).await;
+                round += 1;
+            }
+            Err(err) => return Err(err),
         }
     }
 }

@@ -1,0 +1,466 @@
+//! Sending one file: a single PutObject for small files, a multipart upload for large ones.
+//!
+//! Bytes are streamed from disk at their offsets (`ByteStream::read_from().offset().length()`),
+//! so memory does not depend on file or part size. Each part's CRC32C is computed by reading
+//! the range first and sent as `x-amz-checksum-crc32c`, so the store verifies what arrived; the
+//! part CRCs combine into the whole-file CRC the manifest records. Reading twice is also what
+//! catches a file rewritten mid-upload: the store refuses a part whose bytes no longer match.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use aws_sdk_s3::primitives::{ByteStream, Length};
+use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
+use futures::{StreamExt, TryStreamExt};
+use tokio::sync::Semaphore;
+
+use super::UploadError;
+use super::scan::LocalFile;
+use crate::cli::{ChecksumMode, MAX_PART_SIZE, MIN_PART_SIZE};
+use crate::manifest::crc32c_base64;
+use crate::progress::Progress;
+use crate::store::{Operation, S3Error, Store, with_retries};
+
+/// S3's limit on parts per multipart upload.
+pub const MAX_PARTS: u64 = 10_000;
+/// Read size when checksumming and when streaming a part to the socket: big enough that the
+/// syscalls and blocking-pool hops cost little, small enough that 16 requests in flight hold
+/// only a few MiB.
+pub const READ_BUFFER: usize = 256 * 1024;
+
+/// How a file is cut into parts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartPlan {
+    pub file_size: u64,
+    pub part_size: u64,
+    /// 1 for a file sent with a single PutObject.
+    pub parts: u64,
+}
+
+impl PartPlan {
+    /// Files up to `requested` bytes go in one request; larger ones in parts of `requested`
+    /// bytes, grown (in whole MiB) so no file needs more than [`MAX_PARTS`].
+    pub fn for_file(file_size: u64, requested: u64) -> Option<PartPlan> {
+        let requested = requested.clamp(MIN_PART_SIZE, MAX_PART_SIZE);
+        if file_size <= requested {
+            return Some(PartPlan {
+                file_size,
+                part_size: requested,
+                parts: 1,
+            });
+        }
+        const MIB: u64 = 1024 * 1024;
+        let needed = file_size.div_ceil(MAX_PARTS).div_ceil(MIB) * MIB;
+        let part_size = requested.max(needed);
+        if part_size > MAX_PART_SIZE {
+            return None;
+        }
+        Some(PartPlan {
+            file_size,
+            part_size,
+            parts: file_size.div_ceil(part_size),
+        })
+    }
+
+    pub fn is_multipart(&self) -> bool {
+        self.parts > 1
+    }
+
+    /// Offset and length of part `index` (0-based).
+    pub fn range(&self, index: u64) -> (u64, u64) {
+        let offset = index * self.part_size;
+        (offset, self.part_size.min(self.file_size - offset))
+    }
+}
+
+/// CRC32C of `len` bytes of `path` from `offset` (blocking).
+pub fn checksum_range(path: &Path, offset: u64, len: u64) -> std::io::Result<u32> {
+    use std::io::{Seek, SeekFrom};
+    let mut file = std::fs::File::open(path)?;
+    file.seek(SeekFrom::Start(offset))?;
+    let mut reader = file.take(len);
+    let mut buf = vec![0u8; READ_BUFFER];
+    let mut crc = 0;
+    let mut seen = 0u64;
+    loop {
+        let n = reader.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        crc = crc32c::crc32c_append(crc, &buf[..n]);
+        seen += n as u64;
+    }
+    if seen != len {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("expected {len} bytes at offset {offset}, the file ended after {seen}"),
+        ));
+    }
+    Ok(crc)
+}
+
+/// CRC32C of every part of a file in one sequential read (blocking).
+pub fn checksum_parts(path: &Path, plan: &PartPlan) -> std::io::Result<Vec<u32>> {
+    (0..plan.parts)
+        .map(|index| {
+            let (offset, len) = plan.range(index);
+            checksum_range(path, offset, len)
+        })
+        .collect()
+}
+
+/// Whole-file CRC32C from the part CRCs in order.
+pub fn combine_part_crcs(plan: &PartPlan, crcs: &[u32]) -> u32 {
+    crcs.iter().enumerate().fold(0, |acc, (index, &crc)| {
+        let (_, len) = plan.range(index as u64);
+        if index == 0 {
+            crc
+        } else {
+            crc32c::crc32c_combine(acc, crc, usize::try_from(len).unwrap_or(usize::MAX))
+        }
+    })
+}
+
+/// Multipart uploads created and not yet completed, so a failed run can abort them.
+#[derive(Debug, Clone, Default)]
+pub struct OpenUploads(Arc<Mutex<HashMap<String, String>>>);
+
+impl OpenUploads {
+    fn insert(&self, key: &str, upload_id: &str) {
+        self.lock().insert(key.to_owned(), upload_id.to_owned());
+    }
+
+    fn remove(&self, key: &str) {
+        self.lock().remove(key);
+    }
+
+    pub fn take_all(&self) -> Vec<(String, String)> {
+        self.lock().drain().collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// What every file of one upload shares.
+pub struct Transfer<'a> {
+    pub store: &'a Store,
+    /// One permit per request in flight, across all files and parts.
+    pub requests: Arc<Semaphore>,
+    pub concurrency: usize,
+    pub progress: Progress,
+    pub open_uploads: OpenUploads,
+}
+
+/// Sends `file` to `key`; returns the whole-file CRC32C. `known_crcs` are part CRCs computed
+/// earlier (by the unchanged-file check), to avoid a third read.
+pub async fn send_file(
+    transfer: &Transfer<'_>,
+    file: &LocalFile,
+    key: &str,
+    plan: PartPlan,
+    known_crcs: Option<Vec<u32>>,
+) -> Result<u32, UploadError> {
+    if plan.is_multipart() {
+        send_multipart(transfer, file, key, plan, known_crcs).await
+    } else {
+        let known = known_crcs.and_then(|c| c.first().copied());
+        send_single(transfer, file, key, known).await
+    }
+}
+
+fn is_retryable(err: &UploadError) -> bool {
+    err.is_retryable()
+}
+
+async fn part_checksum(path: &Path, offset: u64, len: u64) -> Result<u32, UploadError> {
+    let owned: PathBuf = path.to_path_buf();
+    tokio::task::spawn_blocking(move || checksum_range(&owned, offset, len))
+        .await
+        .map_err(|e| UploadError::ReadFile {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(e),
+        })?
+        .map_err(|source| UploadError::ReadFile {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+async fn body(path: &Path, offset: u64, len: u64) -> Result<ByteStream, UploadError> {
+    ByteStream::read_from()
+        .path(path)
+        .offset(offset)
+        .length(Length::Exact(len))
+        .buffer_size(READ_BUFFER)
+        .build()
+        .await
+        .map_err(|e| UploadError::ReadFile {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(e),
+        })
+}
+
+#[tracing::instrument(skip_all, fields(key = %key, size = file.stamp.size), err(Display))]
+async fn send_single(
+    transfer: &Transfer<'_>,
+    file: &LocalFile,
+    key: &str,
+    known_crc: Option<u32>,
+) -> Result<u32, UploadError> {
+    let store = transfer.store;
+    let len = file.stamp.size;
+    let _permit = transfer
+        .requests
+        .acquire()
+        .await
+        .map_err(|_| UploadError::Cancelled)?;
+    let crc = with_retries("uploading an object", is_retryable, |attempt| async move {
+        let crc = match known_crc {
+            Some(crc) if attempt == 1 => crc,
+            _ => part_checksum(&file.abs_path, 0, len).await?,
+        };
+        let mut request = store
+            .client()
+            .put_object()
+            .bucket(store.bucket())
+            .key(key)
+            .content_length(i64::try_from(len).unwrap_or(i64::MAX))
+            .body(body(&file.abs_path, 0, len).await?);
+        if store.checksum_mode() == ChecksumMode::Crc32c {
+            request = request.checksum_crc32_c(crc32c_base64(crc));
+        }
+        request.send().await.map_err(|e| UploadError::Object {
+            path: file.path.clone(),
+            source: store.error(Operation::PutObject, key, e),
+        })?;
+        Ok(crc)
+    })
+    .await?;
+    transfer.progress.add_done(len);
+    Ok(crc)
+}
+
+#[tracing::instrument(skip_all, fields(key = %key, size = file.stamp.size, parts = plan.parts), err(Display))]
+async fn send_multipart(
+    transfer: &Transfer<'_>,
+    file: &LocalFile,
+    key: &str,
+    plan: PartPlan,
+    known_crcs: Option<Vec<u32>>,
+) -> Result<u32, UploadError> {
+    let store = transfer.store;
+    let with_checksums = store.checksum_mode() == ChecksumMode::Crc32c;
+    let upload_id = {
+        let _permit = transfer
+            .requests
+            .acquire()
+            .await
+            .map_err(|_| UploadError::Cancelled)?;
+        with_retries(
+            "starting a multipart upload",
+            S3Error::is_retryable,
+            |_| async {
+                let mut request = store
+                    .client()
+                    .create_multipart_upload()
+                    .bucket(store.bucket())
+                    .key(key);
+                if with_checksums {
+                    request = request.checksum_algorithm(ChecksumAlgorithm::Crc32C);
+                }
+                let output = request
+                    .send()
+                    .await
+                    .map_err(|e| store.error(Operation::CreateMultipartUpload, key, e))?;
+                // Register before anything else can fail, so a failed run aborts it.
+                if let Some(id) = output.upload_id() {
+                    transfer.open_uploads.insert(key, id);
+                }
+                Ok(output.upload_id().map(str::to_owned))
+            },
+        )
+        .await
+        .map_err(|source| UploadError::Object {
+            path: file.path.clone(),
+            source,
+        })?
+        .ok_or_else(|| UploadError::NoUploadId {
+            key: key.to_owned(),
+        })?
+    };
+
+    let upload_id = upload_id.as_str();
+    let known_crcs = known_crcs.as_deref();
+    // Built up front, not in a `.map` closure, so the future stays `Send` (rust#102211).
+    let sends: Vec<_> = (0..plan.parts)
+        .map(|index| {
+            let known = known_crcs.and_then(|c| c.get(usize::try_from(index).ok()?).copied());
+            send_part(transfer, file, key, upload_id, plan, index, known)
+        })
+        .collect();
+    let parts: Vec<(CompletedPart, u32)> = futures::stream::iter(sends)
+        .buffered(transfer.concurrency)
+        .try_collect()
+        .await?;
+    let crcs: Vec<u32> = parts.iter().map(|(_, crc)| *crc).collect();
+    let completed: Vec<CompletedPart> = parts.into_iter().map(|(part, _)| part).collect();
+
+    let _permit = transfer
+        .requests
+        .acquire()
+        .await
+        .map_err(|_| UploadError::Cancelled)?;
+    with_retries(
+        "completing a multipart upload",
+        S3Error::is_retryable,
+        |attempt| {
+            let completed = completed.clone();
+            async move {
+                let result = store
+                    .client()
+                    .complete_multipart_upload()
+                    .bucket(store.bucket())
+                    .key(key)
+                    .upload_id(upload_id)
+                    .multipart_upload(
+                        CompletedMultipartUpload::builder()
+                            .set_parts(Some(completed))
+                            .build(),
+                    )
+                    .send()
+                    .await
+                    .map_err(|e| store.error(Operation::CompleteMultipartUpload, key, e));
+                match result {
+                    Ok(_) => Ok(()),
+                    // An earlier attempt completed it but its answer was lost: the upload id is gone
+                    // and the object is there with the right size.
+                    Err(err) if attempt > 1 && err.is_not_found() => {
+                        let head = store
+                            .client()
+                            .head_object()
+                            .bucket(store.bucket())
+                            .key(key)
+                            .send()
+                            .await
+                            .map_err(|e| store.error(Operation::HeadObject, key, e))?;
+                        if head.content_length().and_then(|l| u64::try_from(l).ok())
+                            == Some(plan.file_size)
+                        {
+                            Ok(())
+                        } else {
+                            Err(err)
+                        }
+                    }
+                    Err(err) => Err(err),
+                }
+            }
+        },
+    )
+    .await
+    .map_err(|source| UploadError::Object {
+        path: file.path.clone(),
+        source,
+    })?;
+    transfer.open_uploads.remove(key);
+    Ok(combine_part_crcs(&plan, &crcs))
+}
+
+async fn send_part(
+    transfer: &Transfer<'_>,
+    file: &LocalFile,
+    key: &str,
+    upload_id: &str,
+    plan: PartPlan,
+    index: u64,
+    known_crc: Option<u32>,
+) -> Result<(CompletedPart, u32), UploadError> {
+    let store = transfer.store;
+    let (offset, len) = plan.range(index);
+    let part_number = i32::try_from(index + 1).unwrap_or(i32::MAX);
+    let _permit = transfer
+        .requests
+        .acquire()
+        .await
+        .map_err(|_| UploadError::Cancelled)?;
+    let result = with_retries("uploading a part", is_retryable, |attempt| async move {
+        let crc = match known_crc {
+            Some(crc) if attempt == 1 => crc,
+            _ => part_checksum(&file.abs_path, offset, len).await?,
+        };
+        let mut request = store
+            .client()
+            .upload_part()
+            .bucket(store.bucket())
+            .key(key)
+            .upload_id(upload_id)
+            .part_number(part_number)
+            .content_length(i64::try_from(len).unwrap_or(i64::MAX))
+            .body(body(&file.abs_path, offset, len).await?);
+        let checksum = (store.checksum_mode() == ChecksumMode::Crc32c).then(|| crc32c_base64(crc));
+        if let Some(checksum) = &checksum {
+            request = request.checksum_crc32_c(checksum);
+        }
+        let output = request.send().await.map_err(|e| UploadError::PartFailed {
+            key: key.to_owned(),
+            part_number,
+            source: store.error(Operation::UploadPart, key, e),
+        })?;
+        let part = CompletedPart::builder()
+            .part_number(part_number)
+            .set_e_tag(output.e_tag().map(str::to_owned))
+            .set_checksum_crc32_c(checksum)
+            .build();
+        Ok((part, crc))
+    })
+    .await?;
+    transfer.progress.add_done(len);
+    Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1024 * 1024;
+
+    #[test]
+    fn small_files_go_in_one_request() {
+        let plan = PartPlan::for_file(16 * MIB, 16 * MIB).expect("plan");
+        assert!(!plan.is_multipart());
+        let plan = PartPlan::for_file(0, 16 * MIB).expect("plan");
+        assert_eq!(plan.parts, 1);
+    }
+
+    #[test]
+    fn part_size_grows_to_stay_within_ten_thousand_parts() {
+        let plan = PartPlan::for_file(1024 * 1024 * MIB, 16 * MIB).expect("plan");
+        assert!(plan.parts <= MAX_PARTS);
+        assert_eq!(plan.part_size % MIB, 0);
+        assert!(plan.part_size > 16 * MIB);
+        assert!(PartPlan::for_file(60 * 1024 * 1024 * MIB, 16 * MIB).is_none());
+    }
+
+    #[test]
+    fn parts_cover_the_file_exactly() {
+        let plan = PartPlan::for_file(40 * MIB + 3, 16 * MIB).expect("plan");
+        assert_eq!(plan.parts, 3);
+        assert_eq!(plan.range(0), (0, 16 * MIB));
+        assert_eq!(plan.range(2), (32 * MIB, 8 * MIB + 3));
+    }
+
+    #[test]
+    fn combined_part_crcs_equal_the_whole_file_crc() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("f");
+        let data: Vec<u8> = (0..(11 * MIB + 17)).map(|i| (i * 31 % 251) as u8).collect();
+        std::fs::write(&path, &data).expect("write");
+        let plan = PartPlan::for_file(data.len() as u64, 5 * MIB).expect("plan");
+        assert_eq!(plan.parts, 3);
+        let crcs = checksum_parts(&path, &plan).expect("crcs");
+        assert_eq!(combine_part_crcs(&plan, &crcs), crc32c::crc32c(&data));
+    }
+}
