@@ -50,6 +50,7 @@ pub struct Cli {
 pub enum Command {
     /// Upload the checkpoint directory once as a new generation and commit it.
     Upload(UploadArgs),
+    /// The long-running sidecar: on a notice, signal the trainer and commit its checkpoint.
     Run(Box<crate::run::RunArgs>),
     /// Put the latest committed generation (or --generation) into the directory.
     Restore(RestoreArgs),

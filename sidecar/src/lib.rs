@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod progress;
 pub mod prune;
 pub mod restore;
+pub mod run;
 pub mod store;
 pub mod upload;
 

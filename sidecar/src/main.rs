@@ -30,6 +30,7 @@ fn main() -> ExitCode {
         let shutdown = CancellationToken::new();
         tokio::spawn(cancel_on_signal(shutdown.clone()));
         match cli.command {
+            Command::Run(args) => nerve_sidecar::run::command(*args, shutdown).await,
             Command::Upload(args) => nerve_sidecar::upload::command(args, shutdown).await,
             Command::Restore(args) => nerve_sidecar::restore::command(args, shutdown).await,
             Command::List(args) => nerve_sidecar::list::command(args).await,

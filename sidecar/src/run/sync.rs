@@ -1,0 +1,210 @@
+//! Background sync: uploading each completed periodic checkpoint before any notice, so that
+//! when one comes only the new bytes remain (checkpoints too big for a two-minute window).
+//!
+//! Runs at a modest concurrency so it does not starve the trainer's own I/O. A notice preempts
+//! it at once: the upload in flight is cancelled (its multipart uploads aborted, no manifest
+//! written) and the notice's upload runs at full speed.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use nix::sys::signal::Signal;
+use regex::Regex;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::checkpoint::{self, DirSnapshot};
+use super::deadline::Throughput;
+use super::signal;
+use crate::metrics;
+use crate::store::Store;
+use crate::upload::{ManifestContext, UploadOptions, upload_generation};
+
+/// What the sync task and the notice handler share.
+pub struct SyncShared {
+    /// The directory as it was at the last committed upload.
+    pub synced: Mutex<DirSnapshot>,
+    pub throughput: Mutex<Throughput>,
+    /// Held by whoever uploads: one upload at a time.
+    pub upload_lock: tokio::sync::Mutex<()>,
+    /// Cancels the background upload in flight, if any.
+    in_flight: Mutex<Option<CancellationToken>>,
+    paused: std::sync::atomic::AtomicBool,
+    wake: Notify,
+}
+
+impl SyncShared {
+    pub fn new(throughput: Throughput) -> SyncShared {
+        SyncShared {
+            synced: Mutex::new(DirSnapshot::default()),
+            throughput: Mutex::new(throughput),
+            upload_lock: tokio::sync::Mutex::new(()),
+            in_flight: Mutex::new(None),
+            paused: std::sync::atomic::AtomicBool::new(false),
+            wake: Notify::new(),
+        }
+    }
+
+    /// Stops background work at once: no new sync starts, the one in flight is cancelled.
+    pub fn preempt(&self) {
+        self.paused.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(token) = lock(&self.in_flight).take() {
+            tracing::info!("notice: cancelling the background sync in flight");
+            token.cancel();
+        }
+    }
+
+    pub fn resume(&self) {
+        self.paused
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn is_paused(&self) -> bool {
+        self.paused.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Looks at the directory now instead of at the next interval (a "prepare" notice).
+    pub fn sync_now(&self) {
+        self.wake.notify_one();
+    }
+
+    pub fn synced(&self) -> DirSnapshot {
+        lock(&self.synced).clone()
+    }
+
+    pub fn throughput(&self) -> Throughput {
+        *lock(&self.throughput)
+    }
+
+    /// Records a committed upload of the directory as it was in `snapshot`.
+    pub fn record_upload(&self, snapshot: DirSnapshot, bytes_uploaded: u64, seconds: f64) {
+        *lock(&self.synced) = snapshot;
+        lock(&self.throughput).record(bytes_uploaded, seconds);
+    }
+}
+
+/// A poisoned lock only means another task panicked mid-update of plain data; keep going.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Settings of the background sync.
+#[derive(Debug, Clone)]
+pub struct SyncConfig {
+    pub dir: PathBuf,
+    pub interval: Duration,
+    pub quiet_period: Duration,
+    pub concurrency: usize,
+    pub part_size: u64,
+    pub signal: Signal,
+    pub target: Option<Regex>,
+    pub node: Option<String>,
+    pub pod: Option<String>,
+}
+
+/// Uploads completed checkpoints until `cancel`.
+pub async fn sync_in_background(
+    config: SyncConfig,
+    store: Store,
+    shared: Arc<SyncShared>,
+    cancel: CancellationToken,
+) {
+    let mut previous: Option<DirSnapshot> = None;
+    let mut unsynced_since: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(config.interval) => {}
+            _ = shared.wake.notified() => {}
+        }
+        let dir = config.dir.clone();
+        let Ok(Ok(snapshot)) = tokio::task::spawn_blocking(move || DirSnapshot::scan(&dir)).await
+        else {
+            continue;
+        };
+        if snapshot.files.is_empty() || snapshot == shared.synced() {
+            unsynced_since = None;
+            ::metrics::gauge!(metrics::BACKGROUND_SYNC_LAG).set(0.0);
+            previous = Some(snapshot);
+            continue;
+        }
+        let since = *unsynced_since.get_or_insert_with(Instant::now);
+        ::metrics::gauge!(metrics::BACKGROUND_SYNC_LAG).set(since.elapsed().as_secs_f64());
+        if shared.is_paused() || !is_complete(&config, &snapshot, previous.as_ref()) {
+            previous = Some(snapshot);
+            continue;
+        }
+        previous = Some(snapshot.clone());
+        let _guard = shared.upload_lock.lock().await;
+        if shared.is_paused() || cancel.is_cancelled() {
+            continue;
+        }
+        let token = cancel.child_token();
+        *lock(&shared.in_flight) = Some(token.clone());
+        let options = UploadOptions {
+            concurrency: config.concurrency,
+            part_size: config.part_size,
+            context: ManifestContext {
+                notice: None,
+                node: config.node.clone(),
+                pod: config.pod.clone(),
+                step: checkpoint::read_training_step(&config.dir),
+            },
+        };
+        tracing::info!(
+            bytes = snapshot.bytes_not_in(&shared.synced()),
+            "background sync of a completed checkpoint"
+        );
+        let result = upload_generation(&store, &config.dir, &options, &token).await;
+        lock(&shared.in_flight).take();
+        match result {
+            Ok(summary) => {
+                tracing::info!(generation = %summary.generation, bytes_uploaded = summary.bytes_uploaded,
+                    bytes_reused = summary.bytes_reused, seconds = summary.seconds, "background sync committed");
+                shared.record_upload(snapshot, summary.bytes_uploaded, summary.seconds);
+                unsynced_since = None;
+                ::metrics::gauge!(metrics::BACKGROUND_SYNC_LAG).set(0.0);
+                ::metrics::counter!(metrics::BACKGROUND_SYNCS, "outcome" => "committed")
+                    .increment(1);
+            }
+            Err(_) if token.is_cancelled() => {
+                tracing::info!("background sync preempted");
+                ::metrics::counter!(metrics::BACKGROUND_SYNCS, "outcome" => "preempted")
+                    .increment(1);
+            }
+            Err(error) => {
+                tracing::warn!(error = %format!("{:#}", anyhow::Error::new(error)), "background sync failed; retrying at the next interval");
+                ::metrics::counter!(metrics::BACKGROUND_SYNCS, "outcome" => "failed").increment(1);
+            }
+        }
+    }
+}
+
+/// A periodic checkpoint is complete when the directory did not change since the last look,
+/// nothing in it is younger than the quiet period, and no candidate process writes there.
+fn is_complete(
+    config: &SyncConfig,
+    snapshot: &DirSnapshot,
+    previous: Option<&DirSnapshot>,
+) -> bool {
+    if previous != Some(snapshot) {
+        return false;
+    }
+    let settled = snapshot.newest().is_none_or(|newest| {
+        SystemTime::now()
+            .duration_since(newest)
+            .is_ok_and(|age| age >= config.quiet_period)
+    });
+    if !settled {
+        return false;
+    }
+    let pids: Vec<i32> = match signal::find_candidates(config.signal, config.target.as_ref()) {
+        Ok(candidates) => candidates.all().map(|p| p.pid).collect(),
+        Err(_) => Vec::new(),
+    };
+    checkpoint::open_for_writing(&config.dir, &pids).is_empty()
+}
