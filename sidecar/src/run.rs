@@ -626,7 +626,15 @@ mod tests {
             ("--background-sync", "maybe"),
         ] {
             let err = Cli::try_parse_from([
-                "run", "--dir", "/ckpt", "--dest", "s3://bucket/p", "--job", "j", flag, value,
+                "run",
+                "--dir",
+                "/ckpt",
+                "--dest",
+                "s3://bucket/p",
+                "--job",
+                "j",
+                flag,
+                value,
             ])
             .unwrap_err();
             assert!(err.to_string().contains(flag), "{flag}: {err}");

@@ -231,6 +231,12 @@ async fn upload(
             .flat_map(|m| m.files.iter())
             .map(|f| (f.path.as_str(), f))
             .collect();
+        // Content that moved: a trainer writes each checkpoint into a new `checkpoint-N/`, and
+        // the files that did not change (frozen weights) are found by size and checksum.
+        let mut previous_by_size: HashMap<u64, Vec<&ManifestFile>> = HashMap::new();
+        for file in previous.iter().flat_map(|m| m.files.iter()) {
+            previous_by_size.entry(file.size).or_default().push(file);
+        }
         transfer
             .progress
             .add_total(files.len() as u64, files.iter().map(|f| f.stamp.size).sum());
@@ -246,7 +252,13 @@ async fn upload(
         let uploads: Vec<_> = files
             .iter()
             .map(|file| {
-                let previous = previous_files.get(file.path.as_str()).copied();
+                let previous = match previous_files.get(file.path.as_str()) {
+                    Some(same_path) if same_path.size == file.stamp.size => vec![*same_path],
+                    _ => previous_by_size
+                        .get(&file.stamp.size)
+                        .cloned()
+                        .unwrap_or_default(),
+                };
                 upload_file(
                     &transfer,
                     &generation,
@@ -335,7 +347,7 @@ async fn upload_file(
     transfer: &Transfer<'_>,
     generation: &Generation,
     file: &LocalFile,
-    previous: Option<&ManifestFile>,
+    previous: Vec<&ManifestFile>,
     part_size: u64,
     checksum_readers: &Semaphore,
 ) -> Result<(ManifestFile, bool), UploadError> {
@@ -346,7 +358,7 @@ async fn upload_file(
         })?;
     let mut known_crcs = None;
     let mut reuse = None;
-    if let Some(previous) = previous.filter(|p| p.size == file.stamp.size) {
+    if !previous.is_empty() {
         let _reader = checksum_readers
             .acquire()
             .await
@@ -363,8 +375,11 @@ async fn upload_file(
                 source,
             })?;
         let crc = combine_part_crcs(&plan, &crcs);
-        if parse_crc32c(&previous.crc32c) == Some(crc) {
-            reuse = Some((previous.key.clone(), crc));
+        if let Some(same) = previous
+            .iter()
+            .find(|p| p.size == file.stamp.size && parse_crc32c(&p.crc32c) == Some(crc))
+        {
+            reuse = Some((same.key.clone(), crc));
         } else {
             known_crcs = Some(crcs);
         }
