@@ -2,7 +2,6 @@
 
 use std::fmt;
 
-use nix::sys::signal::Signal;
 use serde_json::{Map, Value};
 
 use crate::store::Destination;
@@ -256,22 +255,9 @@ fn check_dir(dir: &str) -> Result<String, String> {
     Ok(trimmed.to_owned())
 }
 
-/// `SIGUSR1`, `USR1` or `usr1` → `SIGUSR1`. Signals no process can handle are refused: the
-/// sidecar only signals processes that installed a handler.
+/// The signal as `nerve-sidecar run --signal` reads it, in canonical form (`usr1` → `SIGUSR1`).
 fn parse_signal(value: &str) -> Result<String, String> {
-    let upper = value.to_ascii_uppercase();
-    let name = if upper.starts_with("SIG") {
-        upper
-    } else {
-        format!("SIG{upper}")
-    };
-    match name.parse::<Signal>() {
-        Ok(Signal::SIGKILL | Signal::SIGSTOP) => Err(format!(
-            "{name} cannot be caught, so the trainer cannot checkpoint on it; use SIGUSR1"
-        )),
-        Ok(signal) => Ok(signal.as_str().to_owned()),
-        Err(_) => Err(format!("`{value}` is not a signal name like SIGUSR1")),
-    }
+    crate::run::signal::parse_signal(value).map(|signal| signal.as_str().to_owned())
 }
 
 /// RFC 1123 label, the rule for container names.
@@ -352,7 +338,7 @@ mod tests {
         assert!(text[0].contains("nerve.io/dest") && text[0].contains("s3://"));
         assert!(text[1].contains("nerve.io/job"));
         assert!(text[2].contains("not an absolute path"));
-        assert!(text[3].contains("cannot be caught"));
+        assert!(text[3].contains("nerve.io/signal") && text[3].contains("SIGKILL"));
         assert!(text[4].contains("regular expression"));
         assert!(text[5].contains("not a container name"));
     }

@@ -15,6 +15,9 @@ pub const SIDECAR_CONTAINER: &str = "nerve-sidecar";
 pub const RESTORE_CONTAINER: &str = "nerve-restore";
 /// Name of the `emptyDir` added when the trainer has no volume at the checkpoint directory.
 const CHECKPOINT_VOLUME: &str = "nerve-checkpoint";
+/// Where the image (Dockerfile) puts the binary; the injected containers name it explicitly so
+/// they do not depend on the image's entrypoint.
+const SIDECAR_BINARY: &str = "/usr/local/bin/nerve-sidecar";
 /// Port of `nerve-sidecar run --listen` (DESIGN.md: 0.0.0.0:9740).
 const SIDECAR_PORT: u16 = 9740;
 
@@ -106,6 +109,7 @@ pub(crate) fn inject_spec(
         "name": RESTORE_CONTAINER,
         "image": settings.image,
         "imagePullPolicy": settings.image_pull_policy,
+        "command": [SIDECAR_BINARY],
         "args": ["restore"],
         "env": env,
         "volumeMounts": [mount],
@@ -121,17 +125,25 @@ pub(crate) fn inject_spec(
     if let Some(target) = &request.target {
         run_args.extend(["--target".to_owned(), target.clone()]);
     }
+    let grace = settings.grace_period.as_secs();
+    let grace = spec
+        .get("terminationGracePeriodSeconds")
+        .and_then(Value::as_u64)
+        .map_or(grace, |current| current.max(grace));
     let mut run_env = env.clone();
     run_env.push(json!({
         "name": "NERVE_AGENT_URL",
         // Kubernetes expands $(HOST_IP) from the downward-API variable defined above.
         "value": format!("http://$(HOST_IP):{}", settings.agent_port),
     }));
+    // On SIGTERM the sidecar has until the pod's grace period ends to finish the upload.
+    run_env.push(json!({"name": "NERVE_TERMINATION_GRACE", "value": format!("{grace}s")}));
     let sidecar = json!({
         "name": SIDECAR_CONTAINER,
         "image": settings.image,
         "imagePullPolicy": settings.image_pull_policy,
         "restartPolicy": "Always",
+        "command": [SIDECAR_BINARY],
         "args": run_args,
         "env": run_env,
         "ports": [{"name": "nerve-metrics", "containerPort": SIDECAR_PORT, "protocol": "TCP"}],
@@ -152,13 +164,7 @@ pub(crate) fn inject_spec(
         spec.insert("shareProcessNamespace".to_owned(), Value::Bool(true));
     }
 
-    let grace = settings.grace_period.as_secs();
-    let current = spec
-        .get("terminationGracePeriodSeconds")
-        .and_then(Value::as_u64);
-    if current.is_none_or(|c| c < grace) {
-        spec.insert("terminationGracePeriodSeconds".to_owned(), json!(grace));
-    }
+    spec.insert("terminationGracePeriodSeconds".to_owned(), json!(grace));
 
     Ok(SpecChange::Injected { notes })
 }

@@ -90,7 +90,8 @@ fn injects_restore_then_native_sidecar_with_an_empty_dir_when_the_trainer_has_no
             "NERVE_CHECKPOINT_DIR",
             "NERVE_DEST",
             "NERVE_JOB",
-            "NERVE_AGENT_URL"
+            "NERVE_AGENT_URL",
+            "NERVE_TERMINATION_GRACE"
         ]
     );
     let env = sidecar["env"].as_array().expect("env");
@@ -106,6 +107,10 @@ fn injects_restore_then_native_sidecar_with_an_empty_dir_when_the_trainer_has_no
     assert_eq!(env[5]["value"], "s3://ckpt-bucket/runs");
     assert_eq!(env[6]["value"], "llama");
     assert_eq!(env[7]["value"], "http://$(HOST_IP):9739");
+    assert_eq!(
+        env[8]["value"], "300s",
+        "the sidecar knows the pod's grace period"
+    );
 }
 
 #[test]
@@ -271,6 +276,14 @@ fn keeps_a_longer_grace_period_and_host_pid() {
     );
     inject_pod_template(&mut p, None, &settings());
     assert_eq!(p["spec"]["terminationGracePeriodSeconds"], 900);
+    let sidecar = init(&p, "nerve-sidecar");
+    let grace = sidecar["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .find(|e| e["name"] == "NERVE_TERMINATION_GRACE")
+        .expect("grace env");
+    assert_eq!(grace["value"], "900s");
     assert!(
         p["spec"].get("shareProcessNamespace").is_none(),
         "the API server refuses hostPID together with shareProcessNamespace"
