@@ -1,0 +1,307 @@
+//! The real `nerve-sidecar webhook` binary answers real AdmissionReview v1 requests over HTTPS
+//! on 127.0.0.1, the way the API server calls it.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls::{self, pki_types::ServerName};
+
+/// Generous: the binary starts in milliseconds, but CI machines are loaded.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The webhook process, killed when the test ends however it ends.
+struct Webhook {
+    child: Child,
+    port: u16,
+    ca: rustls::RootCertStore,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Webhook {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_webhook() -> Webhook {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])
+        .expect("self-signed certificate");
+    let cert_path = dir.path().join("tls.crt");
+    let key_path = dir.path().join("tls.key");
+    std::fs::write(&cert_path, certified.cert.pem()).expect("write cert");
+    std::fs::write(&key_path, certified.signing_key.serialize_pem()).expect("write key");
+    let mut ca = rustls::RootCertStore::empty();
+    ca.add(certified.cert.der().clone())
+        .expect("trust the cert");
+
+    let mut child = Command::new(nerve_tests::binary_path("nerve-sidecar"))
+        .args(["--log-format", "json", "webhook", "--listen", "127.0.0.1:0"])
+        .arg("--tls-cert")
+        .arg(&cert_path)
+        .arg("--tls-key")
+        .arg(&key_path)
+        .args(["--image", "registry.example/nerve:test"])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start nerve-sidecar webhook");
+
+    // The webhook logs its bound address; read stderr on a thread so a silent process cannot
+    // hang the test, and keep draining it afterwards so the pipe never fills.
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            eprintln!("webhook: {line}");
+            if let Some(sender) = &tx
+                && let Some(port) = listening_port(&line)
+            {
+                let _ = sender.send(port);
+                tx = None;
+            }
+        }
+    });
+    let port = match rx.recv_timeout(STARTUP_TIMEOUT) {
+        Ok(port) => port,
+        Err(_) => {
+            let _ = child.kill();
+            let status = child.wait();
+            panic!("the webhook did not report its address (exit: {status:?})");
+        }
+    };
+    Webhook {
+        child,
+        port,
+        ca,
+        _dir: dir,
+    }
+}
+
+fn listening_port(line: &str) -> Option<u16> {
+    let log: Value = serde_json::from_str(line).ok()?;
+    let address = log.pointer("/fields/address")?.as_str()?;
+    address.strip_prefix("127.0.0.1:")?.parse().ok()
+}
+
+impl Webhook {
+    /// Sends one HTTPS request, verifying the server's certificate like the API server does
+    /// with the caBundle.
+    async fn request(&self, method: &str, path: &str, body: Vec<u8>) -> (u16, Vec<u8>) {
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(self.ca.clone())
+        .with_no_client_auth();
+        let connector = TlsConnector::from(Arc::new(config));
+        let exchange = async {
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .expect("connect");
+            let server_name = ServerName::try_from("localhost").expect("name");
+            let tls = connector.connect(server_name, tcp).await.expect("TLS");
+            let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                .await
+                .expect("HTTP handshake");
+            tokio::spawn(connection);
+            let request = http::Request::builder()
+                .method(method)
+                .uri(path)
+                .header("host", "localhost")
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(body)))
+                .expect("request");
+            let response = sender.send_request(request).await.expect("response");
+            let status = response.status().as_u16();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .expect("body")
+                .to_bytes();
+            (status, body.to_vec())
+        };
+        tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+            .await
+            .expect("the webhook answered in time")
+    }
+
+    async fn review(&self, review: &Value) -> Value {
+        let (status, body) = self
+            .request("POST", "/mutate", serde_json::to_vec(review).expect("json"))
+            .await;
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        serde_json::from_slice(&body).expect("an AdmissionReview")
+    }
+}
+
+fn admission_review(uid: &str, pod: Value) -> Value {
+    json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": uid,
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
+            "requestResource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": "ml",
+            "operation": "CREATE",
+            "userInfo": {"username": "system:serviceaccount:kube-system:job-controller"},
+            "object": pod,
+            "oldObject": null,
+            "dryRun": false,
+            "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"}
+        }
+    })
+}
+
+fn training_pod() -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "generateName": "llama-finetune-",
+            "namespace": "ml",
+            "labels": {"nerve.io/checkpoint": "enabled",
+                       "batch.kubernetes.io/job-name": "llama-finetune"},
+            "annotations": {"nerve.io/dest": "s3://ckpt-bucket/runs",
+                            "nerve.io/checkpoint-dir": "/ckpt/llama"}
+        },
+        "spec": {
+            "restartPolicy": "Never",
+            "securityContext": {"runAsUser": 1000, "fsGroup": 1000},
+            "containers": [{
+                "name": "trainer",
+                "image": "trainer:1",
+                "volumeMounts": [{"name": "scratch", "mountPath": "/ckpt"}]
+            }],
+            "volumes": [{"name": "scratch", "emptyDir": {"sizeLimit": "100Gi"}}]
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_answers_a_real_admission_review_with_a_patch_that_injects_the_sidecar() {
+    let webhook = start_webhook();
+
+    let (status, body) = webhook.request("GET", "/healthz", Vec::new()).await;
+    assert_eq!((status, body.as_slice()), (200, &b"ok\n"[..]));
+
+    let answer = webhook
+        .review(&admission_review("a1b2c3", training_pod()))
+        .await;
+    assert_eq!(answer["apiVersion"], "admission.k8s.io/v1");
+    assert_eq!(answer["kind"], "AdmissionReview");
+    let response = &answer["response"];
+    assert_eq!(response["uid"], "a1b2c3");
+    assert_eq!(response["allowed"], true);
+    assert_eq!(response["patchType"], "JSONPatch");
+    assert!(response.get("warnings").is_none(), "{response}");
+
+    let patch = base64::engine::general_purpose::STANDARD
+        .decode(response["patch"].as_str().expect("patch"))
+        .expect("base64");
+    let patch: json_patch::Patch = serde_json::from_slice(&patch).expect("a JSON Patch");
+    let mut pod = training_pod();
+    json_patch::patch(&mut pod, &patch).expect("the patch applies to the pod it was made for");
+
+    let spec = &pod["spec"];
+    assert_eq!(spec["shareProcessNamespace"], true);
+    assert_eq!(spec["terminationGracePeriodSeconds"], 300);
+    assert_eq!(
+        spec["volumes"],
+        training_pod()["spec"]["volumes"],
+        "the trainer's volume is shared, none added"
+    );
+    let init = spec["initContainers"].as_array().expect("initContainers");
+    assert_eq!(init.len(), 2);
+    let (restore, sidecar) = (&init[0], &init[1]);
+    assert_eq!(restore["name"], "nerve-restore");
+    assert_eq!(restore["args"], json!(["restore"]));
+    assert_eq!(sidecar["name"], "nerve-sidecar");
+    assert_eq!(sidecar["restartPolicy"], "Always");
+    assert_eq!(sidecar["image"], "registry.example/nerve:test");
+    assert_eq!(sidecar["args"], json!(["run", "--signal", "SIGUSR1"]));
+    assert_eq!(
+        sidecar["volumeMounts"],
+        json!([{"name": "scratch", "mountPath": "/ckpt"}])
+    );
+    assert_eq!(sidecar["securityContext"]["runAsUser"], 1000);
+    let env = |name: &str| {
+        sidecar["env"]
+            .as_array()
+            .expect("env")
+            .iter()
+            .find(|e| e["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {name}"))
+    };
+    assert_eq!(env("NERVE_JOB")["value"], "llama-finetune");
+    assert_eq!(env("NERVE_CHECKPOINT_DIR")["value"], "/ckpt/llama");
+    assert_eq!(env("NERVE_DEST")["value"], "s3://ckpt-bucket/runs");
+    assert_eq!(
+        env("POD_NAMESPACE")["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.namespace"
+    );
+
+    // The API server re-invokes webhooks when another one changed the pod: the injected pod
+    // must come back unchanged.
+    let again = webhook.review(&admission_review("d4e5f6", pod)).await;
+    assert_eq!(again["response"]["allowed"], true);
+    assert!(again["response"].get("patch").is_none(), "{again}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_admits_an_unexpected_pod_shape_unchanged_with_a_warning() {
+    let webhook = start_webhook();
+
+    let mut odd = training_pod();
+    odd["spec"]["containers"] = json!({"trainer": {"image": "trainer:1"}});
+    let answer = webhook.review(&admission_review("odd-1", odd)).await;
+    let response = &answer["response"];
+    assert_eq!(response["uid"], "odd-1");
+    assert_eq!(response["allowed"], true);
+    assert!(response.get("patch").is_none(), "{response}");
+    let warning = response["warnings"][0].as_str().expect("a warning");
+    assert!(warning.contains("not injected"), "{warning}");
+    assert!(warning.contains("spec.containers"), "{warning}");
+
+    let mut unannotated = training_pod();
+    unannotated["metadata"]["annotations"] = json!({});
+    let answer = webhook
+        .review(&admission_review("bare-1", unannotated))
+        .await;
+    assert_eq!(answer["response"]["allowed"], true);
+    assert!(answer["response"].get("patch").is_none());
+    let warnings = answer["response"]["warnings"].as_array().expect("warnings");
+    assert!(
+        warnings.iter().any(|w| w
+            .as_str()
+            .is_some_and(|w| w.contains("nerve.io/dest is missing"))),
+        "{warnings:?}"
+    );
+
+    // Not even a review: no uid to answer, so a client error (the API server then applies
+    // failurePolicy: Ignore).
+    let (status, _) = webhook
+        .request("POST", "/mutate", b"{\"kind\":\"Nonsense\"}".to_vec())
+        .await;
+    assert_eq!(status, 400);
+}
