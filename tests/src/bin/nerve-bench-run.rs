@@ -1,0 +1,303 @@
+//! The end-to-end figure of `nerve-sidecar run`: a Spot notice set in the metadata simulator →
+//! the manifest committed in S3, with the real agent, sidecar and trainer binaries, for a
+//! checkpoint of `--size`, with and without a prior background sync of an earlier checkpoint
+//! that shares half its bytes (the frozen model shards).
+//!
+//! Run by `bench/sidecar-run`; prints one JSON object per scenario and a Markdown table.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use nerve_tests::imds::MetadataSimulator;
+use nerve_tests::s3::S3Server;
+use serde_json::{Value, json};
+
+/// The notice window the figures are a fraction of (AWS Spot: two minutes).
+const WINDOW: Duration = Duration::from_secs(120);
+/// Every wait in the benchmark: far beyond any expected figure.
+const TIMEOUT: Duration = Duration::from_secs(600);
+const BUCKET: &str = "bench";
+
+#[derive(Debug, Parser)]
+#[command(name = "nerve-bench-run")]
+struct Args {
+    /// Checkpoint size (model shards + optimizer), e.g. 2GiB.
+    #[arg(long, default_value = "2GiB")]
+    size: String,
+    /// Where the checkpoint directories and the S3 store live (a temp dir by default).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// The agent's metadata poll interval (the product default is 1s).
+    #[arg(long, default_value = "1s")]
+    poll_interval: String,
+}
+
+struct Proc {
+    child: Child,
+    lines: Arc<Mutex<Vec<(Instant, String)>>>,
+}
+
+impl Proc {
+    fn spawn(command: &mut Command) -> anyhow::Result<Proc> {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting a process")?;
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let readers: Vec<Box<dyn std::io::Read + Send>> = vec![
+            Box::new(child.stdout.take().context("stdout")?),
+            Box::new(child.stderr.take().context("stderr")?),
+        ];
+        for reader in readers {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(reader).lines().map_while(Result::ok) {
+                    if let Ok(mut lines) = lines.lock() {
+                        lines.push((Instant::now(), line));
+                    }
+                }
+            });
+        }
+        Ok(Proc { child, lines })
+    }
+
+    /// The first JSON line `pick` accepts, with the time it was read.
+    fn wait_json(
+        &self,
+        what: &str,
+        pick: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<(Instant, Value)> {
+        let until = Instant::now() + TIMEOUT;
+        loop {
+            if let Ok(lines) = self.lines.lock() {
+                for (at, line) in lines.iter() {
+                    if let Ok(value) = serde_json::from_str::<Value>(line)
+                        && pick(&value)
+                    {
+                        return Ok((*at, value));
+                    }
+                }
+            }
+            if Instant::now() > until {
+                bail!("timed out waiting for {what}");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn log(&self, message: &str) -> anyhow::Result<(Instant, Value)> {
+        self.wait_json(message, |v| {
+            v["fields"]["message"].as_str() == Some(message)
+        })
+    }
+
+    fn event(&self, event: &str) -> anyhow::Result<(Instant, Value)> {
+        self.wait_json(event, |v| v["event"].as_str() == Some(event))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn manifests(s3: &S3Server, job: &str) -> usize {
+    let dir = s3.root().join(BUCKET).join("jobs").join(job).join("gen");
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    name.ends_with(".manifest.json") && !name.starts_with('.')
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+fn wait_manifests(s3: &S3Server, job: &str, count: usize) -> anyhow::Result<Instant> {
+    let until = Instant::now() + TIMEOUT;
+    while manifests(s3, job) < count {
+        if Instant::now() > until {
+            bail!("timed out waiting for {count} manifests of {job}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(Instant::now())
+}
+
+fn scenario(args: &Args, work: &Path, s3: &S3Server, with_sync: bool) -> anyhow::Result<Value> {
+    let job = if with_sync {
+        "with-sync"
+    } else {
+        "without-sync"
+    };
+    let dir = work.join(job);
+    std::fs::create_dir_all(&dir)?;
+    let imds = MetadataSimulator::start();
+    let bin = nerve_tests::binary_path;
+
+    let agent = Proc::spawn(
+        Command::new(bin("nerve-agent"))
+            .args(["--log-format", "json", "--kubernetes", "off"])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--poll-interval",
+                &args.poll_interval,
+            ])
+            .args(["--metadata-url", &imds.url()])
+            .env("RUST_LOG", "info"),
+    )?;
+    let (_, line) = agent.log("nerve-agent serving the notice stream, metrics and health")?;
+    let agent_url = format!(
+        "http://{}",
+        line["fields"]["addr"].as_str().unwrap_or_default()
+    );
+
+    // The earlier checkpoint: written at start, sharing the frozen shards (half the bytes).
+    let trainer = Proc::spawn(
+        Command::new(bin("nerve-trainer"))
+            .arg("--dir")
+            .arg(&dir)
+            .args([
+                "--size",
+                &args.size,
+                "--shards",
+                "4",
+                "--frozen-shards",
+                "4",
+            ])
+            .args([
+                "--checkpoint-at-start",
+                "--done-marker",
+                "DONE",
+                "--step-time",
+                "10ms",
+            ]),
+    )?;
+    let (_, earlier) = trainer.event("checkpoint")?;
+
+    let target = format!(
+        "nerve-trainer .*--dir {}( |$)",
+        dir.display().to_string().replace('.', "\\.")
+    );
+    let sidecar = Proc::spawn(
+        Command::new(bin("nerve-sidecar"))
+            .args(["--log-format", "json", "run", "--dir"])
+            .arg(&dir)
+            .args([
+                "--dest",
+                &format!("s3://{BUCKET}/jobs"),
+                "--job",
+                job,
+                "--path-style",
+            ])
+            .args(["--agent-url", &agent_url, "--metadata-url", &imds.url()])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--target",
+                &target,
+                "--done-marker",
+                "DONE",
+            ])
+            .args([
+                "--background-sync",
+                if with_sync { "true" } else { "false" },
+            ])
+            .args(["--sync-interval", "1s", "--quiet-period", "2s"])
+            .envs(s3.client_env())
+            .env("RUST_LOG", "info,aws=warn,hyper=warn"),
+    )?;
+    sidecar.log("following the agent's notice stream")?;
+    let mut sync_seconds = None;
+    if with_sync {
+        let (_, synced) = sidecar.log("background sync committed")?;
+        sync_seconds = synced["fields"]["seconds"].as_f64();
+        wait_manifests(s3, job, 1)?;
+    }
+    let before = manifests(s3, job);
+
+    let deadline = time::OffsetDateTime::now_utc() + WINDOW;
+    let notice_set = Instant::now();
+    imds.set_spot_interruption("terminate", deadline);
+    let committed_at = wait_manifests(s3, job, before + 1)?;
+    let (signal_at, _) = trainer.event("signal")?;
+    let (_, saved) = trainer.wait_json("signal checkpoint", |v| {
+        v["event"] == "checkpoint" && v["reason"] == "signal"
+    })?;
+    let (_, committed) = sidecar.log("checkpoint committed")?;
+    let f = &committed["fields"];
+    let time_to_safe = (committed_at - notice_set).as_secs_f64();
+    Ok(json!({
+        "scenario": if with_sync { "with prior background sync" } else { "without prior sync" },
+        "checkpoint_bytes": saved["bytes"],
+        "earlier_checkpoint_bytes": earlier["bytes"],
+        "background_sync_seconds": sync_seconds,
+        "notice_set_to_signal_ms": (signal_at - notice_set).as_secs_f64() * 1000.0,
+        "sidecar_notice_to_signal_ms": f["notice_to_signal_ms"],
+        "trainer_checkpoint_seconds": saved["seconds"],
+        "checkpoint_wait_seconds": f["checkpoint_wait_seconds"],
+        "upload_seconds": f["upload_seconds"],
+        "bytes_uploaded": f["bytes_uploaded"],
+        "bytes_reused": f["bytes_reused"],
+        "notice_set_to_committed_seconds": time_to_safe,
+        "fraction_of_120s": time_to_safe / WINDOW.as_secs_f64(),
+    }))
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let temp;
+    let work = match &args.work_dir {
+        Some(dir) => dir.clone(),
+        None => {
+            temp = tempfile::Builder::new()
+                .prefix("nerve-bench-run-")
+                .tempdir()?;
+            temp.path().to_path_buf()
+        }
+    };
+    let store_root = work.join("s3");
+    std::fs::create_dir_all(&store_root)?;
+    let s3 = S3Server::start_at(&store_root, "127.0.0.1:0".parse()?)?;
+    s3.create_bucket(BUCKET)?;
+    let mut rows = Vec::new();
+    for with_sync in [false, true] {
+        let row = scenario(&args, &work, &s3, with_sync)?;
+        println!("{row}");
+        rows.push(row);
+    }
+    println!();
+    println!(
+        "| scenario | uploaded | reused | notice set → signal | sidecar notice → signal | trainer writes | upload | notice set → committed | of 120 s |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for r in &rows {
+        let mib = |v: &Value| v.as_f64().unwrap_or(0.0) / (1024.0 * 1024.0);
+        println!(
+            "| {} | {:.0} MiB | {:.0} MiB | {:.0} ms | {:.1} ms | {:.1} s | {:.1} s | {:.1} s | {:.1} % |",
+            r["scenario"].as_str().unwrap_or_default(),
+            mib(&r["bytes_uploaded"]),
+            mib(&r["bytes_reused"]),
+            r["notice_set_to_signal_ms"].as_f64().unwrap_or(0.0),
+            r["sidecar_notice_to_signal_ms"].as_f64().unwrap_or(0.0),
+            r["trainer_checkpoint_seconds"].as_f64().unwrap_or(0.0),
+            r["upload_seconds"].as_f64().unwrap_or(0.0),
+            r["notice_set_to_committed_seconds"].as_f64().unwrap_or(0.0),
+            r["fraction_of_120s"].as_f64().unwrap_or(0.0) * 100.0,
+        );
+    }
+    Ok(())
+}

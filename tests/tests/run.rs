@@ -1,0 +1,538 @@
+//! `nerve-sidecar run` end to end, with real processes and real sockets: the real agent against
+//! the metadata simulator, the in-process S3 server, and the `nerve-trainer` test trainer.
+//!
+//! Every test gives the sidecar a `--target` that matches only its own trainer (the checkpoint
+//! directory is unique per test), because tests share one process namespace, unlike a pod.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nerve_tests::imds::MetadataSimulator;
+use nerve_tests::s3::S3Server;
+use serde_json::Value;
+use time::OffsetDateTime;
+
+/// Generous bounds: the machine running the tests may be loaded; none of them is a speed claim.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+const CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(90);
+const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
+
+const BUCKET: &str = "ckpt";
+const PREFIX: &str = "jobs";
+
+/// A child process whose output lines are collected, killed when the test ends.
+struct Proc {
+    name: &'static str,
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    fn spawn(name: &'static str, command: &mut Command) -> Proc {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stdout = child.stdout.take().expect("stdout");
+        let stderr = child.stderr.take().expect("stderr");
+        for reader in [
+            Box::new(stdout) as Box<dyn std::io::Read + Send>,
+            Box::new(stderr),
+        ] {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(reader).lines().map_while(Result::ok) {
+                    lines.lock().unwrap().push(line);
+                }
+            });
+        }
+        Proc { name, child, lines }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn output(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// JSON lines of the output (trainer events, JSON logs).
+    fn json_lines(&self) -> Vec<Value> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Waits for a JSON line `pick` accepts.
+    fn wait_json(&self, what: &str, timeout: Duration, pick: impl Fn(&Value) -> bool) -> Value {
+        wait_for(what, timeout, || self.json_lines().into_iter().find(&pick))
+            .unwrap_or_else(|| panic!("{what}; {} said:\n{}", self.name, self.output()))
+    }
+
+    /// A log line's message (tracing's JSON format: `fields.message`).
+    fn log(&self, message: &str, timeout: Duration) -> Value {
+        self.wait_json(&format!("log `{message}`"), timeout, |v| {
+            v["fields"]["message"].as_str() == Some(message)
+        })
+    }
+
+    fn has_log(&self, message: &str) -> Option<Value> {
+        self.json_lines()
+            .into_iter()
+            .find(|v| v["fields"]["message"].as_str() == Some(message))
+    }
+
+    fn event(&self, event: &str, timeout: Duration) -> Value {
+        self.wait_json(&format!("trainer event `{event}`"), timeout, |v| {
+            v["event"].as_str() == Some(event)
+        })
+    }
+
+    fn send(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), signal)
+            .unwrap_or_else(|e| panic!("signalling {}: {e}", self.name));
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let child = &mut self.child;
+        wait_for("process exit", timeout, || child.try_wait().ok().flatten())
+            .unwrap_or_else(|| panic!("{} did not exit; it said:\n{}", self.name, self.output()))
+    }
+
+    fn is_alive(&mut self) -> bool {
+        self.child.try_wait().ok().flatten().is_none()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- {} output ---\n{}", self.name, self.output());
+        }
+    }
+}
+
+fn wait_for<T>(_what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let until = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return Some(value);
+        }
+        if Instant::now() >= until {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One test's world: S3, the metadata service, a checkpoint directory, a job.
+struct Rig {
+    s3: S3Server,
+    imds: MetadataSimulator,
+    work: tempfile::TempDir,
+    dir: PathBuf,
+    job: String,
+}
+
+impl Rig {
+    fn new(job: &str) -> Rig {
+        let s3 = S3Server::start().expect("S3 server");
+        s3.create_bucket(BUCKET).expect("bucket");
+        let imds = MetadataSimulator::start();
+        let work = tempfile::Builder::new()
+            .prefix("nerve-run-")
+            .tempdir()
+            .expect("temp dir");
+        let dir = work.path().join("checkpoints");
+        std::fs::create_dir(&dir).expect("checkpoint dir");
+        Rig {
+            s3,
+            imds,
+            work,
+            dir,
+            job: job.to_owned(),
+        }
+    }
+
+    /// A regex matching this test's trainers only.
+    fn target(&self) -> String {
+        format!(
+            "nerve-trainer .*--dir {}( |$)",
+            self.dir.display().to_string().replace('.', "\\.")
+        )
+    }
+
+    fn trainer(&self, dir: &Path, extra: &[&str]) -> Proc {
+        Proc::spawn(
+            "nerve-trainer",
+            Command::new(nerve_tests::binary_path("nerve-trainer"))
+                .arg("--dir")
+                .arg(dir)
+                .args(["--size", "6MiB", "--step-time", "10ms"])
+                .args(extra),
+        )
+    }
+
+    fn store_args(&self) -> Vec<String> {
+        vec![
+            "--dest".into(),
+            format!("s3://{BUCKET}/{PREFIX}"),
+            "--job".into(),
+            self.job.clone(),
+            "--path-style".into(),
+        ]
+    }
+
+    /// The real agent against the simulator; returns it and its stream URL.
+    fn agent(&self) -> (Proc, String) {
+        let agent = Proc::spawn(
+            "nerve-agent",
+            Command::new(nerve_tests::binary_path("nerve-agent"))
+                .args(["--log-format", "json", "--kubernetes", "off"])
+                .args(["--listen", "127.0.0.1:0", "--poll-interval", "200ms"])
+                .args(["--metadata-url", &self.imds.url()])
+                .env("RUST_LOG", "info"),
+        );
+        let line = agent.log(
+            "nerve-agent serving the notice stream, metrics and health",
+            STARTUP_TIMEOUT,
+        );
+        let addr = line["fields"]["addr"].as_str().expect("addr").to_owned();
+        (agent, format!("http://{addr}"))
+    }
+
+    fn sidecar(&self, agent_url: &str, extra: &[&str]) -> Proc {
+        let mut command = Command::new(nerve_tests::binary_path("nerve-sidecar"));
+        command
+            .args(["--log-format", "json", "run", "--dir"])
+            .arg(&self.dir)
+            .args(self.store_args())
+            .args(["--agent-url", agent_url, "--metadata-url", &self.imds.url()])
+            .args(["--poll-interval", "200ms", "--listen", "127.0.0.1:0"])
+            .args(["--target", &self.target(), "--quiet-period", "1s"])
+            .args(["--part-size", "5MiB", "--concurrency", "4"])
+            .args(extra)
+            .envs(self.s3.client_env())
+            .env("RUST_LOG", "info,aws=warn,hyper=warn");
+        let sidecar = Proc::spawn("nerve-sidecar", &mut command);
+        sidecar.log("sidecar running", STARTUP_TIMEOUT);
+        sidecar
+    }
+
+    /// Committed manifests, oldest first.
+    fn manifests(&self) -> Vec<Value> {
+        let gen_dir = self
+            .s3
+            .root()
+            .join(BUCKET)
+            .join(PREFIX)
+            .join(&self.job)
+            .join("gen");
+        let mut names: Vec<_> = std::fs::read_dir(&gen_dir)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.ends_with(".manifest.json") && !n.starts_with('.'))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+            .into_iter()
+            .filter_map(|n| std::fs::read(gen_dir.join(n)).ok())
+            .filter_map(|raw| serde_json::from_slice(&raw).ok())
+            .collect()
+    }
+
+    fn wait_manifests(&self, count: usize, timeout: Duration, sidecar: &Proc) -> Vec<Value> {
+        wait_for("manifests", timeout, || {
+            let manifests = self.manifests();
+            (manifests.len() >= count).then_some(manifests)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "expected {count} committed generations, found {}; sidecar said:\n{}",
+                self.manifests().len(),
+                sidecar.output()
+            )
+        })
+    }
+
+    /// `nerve-sidecar restore` into a fresh directory, then the trainer's `--verify` on it.
+    fn restore_and_verify(&self) -> Value {
+        let restored = self.work.path().join(format!(
+            "restored-{}",
+            OffsetDateTime::now_utc().unix_timestamp_nanos()
+        ));
+        std::fs::create_dir(&restored).expect("restore dir");
+        let output = Command::new(nerve_tests::binary_path("nerve-sidecar"))
+            .args(["restore", "--dir"])
+            .arg(&restored)
+            .args(self.store_args())
+            .envs(self.s3.client_env())
+            .output()
+            .expect("run restore");
+        assert!(
+            output.status.success(),
+            "restore failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let mut verify = self.trainer(&restored, &["--verify"]);
+        let status = verify.wait_exit(EXIT_TIMEOUT);
+        assert!(status.success(), "verify failed:\n{}", verify.output());
+        verify.event("resumed", Duration::from_secs(5))
+    }
+}
+
+/// A port nothing listens on: an agent that is down.
+fn closed_port_url() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    drop(listener);
+    format!("http://{addr}")
+}
+
+fn in_seconds(seconds: i64) -> OffsetDateTime {
+    OffsetDateTime::now_utc() + time::Duration::seconds(seconds)
+}
+
+#[test]
+fn a_notice_on_the_agent_stream_commits_one_generation_the_trainer_resumes_from_exactly() {
+    let rig = Rig::new("agent-stream");
+    let (_agent, agent_url) = rig.agent();
+    let trainer = rig.trainer(
+        &rig.dir,
+        &["--done-marker", "DONE", "--exit-after-checkpoint"],
+    );
+    trainer.event("started", STARTUP_TIMEOUT);
+    let mut sidecar = rig.sidecar(&agent_url, &["--done-marker", "DONE"]);
+    sidecar.log("following the agent's notice stream", STARTUP_TIMEOUT);
+
+    rig.imds.set_spot_interruption("terminate", in_seconds(120));
+    let saved = trainer.event("checkpoint", CHECKPOINT_TIMEOUT);
+    assert_eq!(saved["reason"], "signal");
+    let manifests = rig.wait_manifests(1, CHECKPOINT_TIMEOUT, &sidecar);
+    let committed = sidecar.log("checkpoint committed", CHECKPOINT_TIMEOUT);
+    assert_eq!(committed["fields"]["completion"], "marker");
+    assert_eq!(manifests[0]["notice"]["kind"], "spot-interruption");
+    assert_eq!(manifests[0]["step"], saved["step"]);
+    let heard = sidecar.log("notice", Duration::from_secs(1));
+    assert_eq!(heard["fields"]["channel"], "agent");
+
+    // SIGTERM after the notice's checkpoint: no second checkpoint, a prompt clean exit.
+    sidecar.send(nix::sys::signal::Signal::SIGTERM);
+    let status = sidecar.wait_exit(EXIT_TIMEOUT);
+    assert!(status.success(), "exit status {status}");
+    assert_eq!(rig.manifests().len(), 1);
+
+    let resumed = rig.restore_and_verify();
+    assert_eq!(resumed["step"], saved["step"]);
+    assert_eq!(resumed["digest"], saved["digest"]);
+}
+
+#[test]
+fn the_metadata_fallback_hears_the_notice_when_the_agent_is_down_and_quiet_completes_it() {
+    let rig = Rig::new("fallback");
+    let mut trainer = rig.trainer(&rig.dir, &["--write-pause", "50ms"]);
+    trainer.event("started", STARTUP_TIMEOUT);
+    let mut sidecar = rig.sidecar(&closed_port_url(), &[]);
+
+    rig.imds.set_spot_interruption("terminate", in_seconds(120));
+    let saved = trainer.event("checkpoint", CHECKPOINT_TIMEOUT);
+    let manifests = rig.wait_manifests(1, CHECKPOINT_TIMEOUT, &sidecar);
+    let committed = sidecar.log("checkpoint committed", CHECKPOINT_TIMEOUT);
+    assert_eq!(committed["fields"]["completion"], "quiet");
+    assert_eq!(manifests[0]["step"], saved["step"]);
+    let heard = sidecar.log("notice", Duration::from_secs(1));
+    assert_eq!(heard["fields"]["channel"], "metadata");
+    assert!(
+        trainer.is_alive(),
+        "the trainer keeps running after its checkpoint"
+    );
+
+    sidecar.send(nix::sys::signal::Signal::SIGTERM);
+    assert!(sidecar.wait_exit(EXIT_TIMEOUT).success());
+    assert_eq!(rig.manifests().len(), 1);
+    let resumed = rig.restore_and_verify();
+    assert_eq!(resumed["digest"], saved["digest"]);
+}
+
+#[test]
+fn sigterm_counts_as_a_notice_and_the_sidecar_exits_zero_after_committing() {
+    let rig = Rig::new("sigterm");
+    let trainer = rig.trainer(&rig.dir, &["--done-marker", "DONE"]);
+    trainer.event("started", STARTUP_TIMEOUT);
+    let mut sidecar = rig.sidecar(&closed_port_url(), &["--done-marker", "DONE"]);
+
+    sidecar.send(nix::sys::signal::Signal::SIGTERM);
+    let saved = trainer.event("checkpoint", CHECKPOINT_TIMEOUT);
+    let status = sidecar.wait_exit(CHECKPOINT_TIMEOUT);
+    assert!(
+        status.success(),
+        "exit status {status}:\n{}",
+        sidecar.output()
+    );
+    let manifests = rig.manifests();
+    assert_eq!(manifests.len(), 1);
+    assert_eq!(manifests[0]["notice"]["kind"], "sigterm");
+    assert_eq!(manifests[0]["step"], saved["step"]);
+}
+
+#[test]
+fn a_process_without_a_handler_is_not_signalled_and_the_directory_is_still_uploaded() {
+    let rig = Rig::new("no-handler");
+    let mut trainer = rig.trainer(&rig.dir, &["--no-handler", "--checkpoint-at-start"]);
+    let saved = trainer.event("checkpoint", STARTUP_TIMEOUT);
+    let sidecar = rig.sidecar(&closed_port_url(), &[]);
+
+    rig.imds.set_spot_interruption("terminate", in_seconds(120));
+    let manifests = rig.wait_manifests(1, CHECKPOINT_TIMEOUT, &sidecar);
+    assert_eq!(manifests[0]["step"], saved["step"]);
+    assert!(
+        sidecar.output().contains("no process matching --target"),
+        "the sidecar says loudly that nobody handles the signal:\n{}",
+        sidecar.output()
+    );
+    // SIGUSR1's default action would have killed it.
+    assert!(
+        trainer.is_alive(),
+        "a process without a handler is never signalled"
+    );
+    assert!(trainer.json_lines().iter().all(|e| e["event"] != "signal"));
+}
+
+#[test]
+fn a_trainer_that_never_finishes_is_cut_off_and_the_previous_generation_stays_the_one_restored() {
+    let rig = Rig::new("cut-off");
+    let trainer = rig.trainer(&rig.dir, &["--checkpoint-at-start", "--hang-on-checkpoint"]);
+    let first = trainer.event("checkpoint", STARTUP_TIMEOUT);
+    // The background sync commits the periodic checkpoint taken at start.
+    let sidecar = rig.sidecar(
+        &closed_port_url(),
+        &["--background-sync", "true", "--sync-interval", "300ms"],
+    );
+    let manifests = rig.wait_manifests(1, CHECKPOINT_TIMEOUT, &sidecar);
+    assert_eq!(manifests[0]["step"], first["step"]);
+
+    // The trainer starts its checkpoint, keeps a file open for writing and never finishes.
+    rig.imds.set_spot_interruption("terminate", in_seconds(12));
+    trainer.event("signal", CHECKPOINT_TIMEOUT);
+    sidecar.wait_json("the cut-off", CHECKPOINT_TIMEOUT, |v| {
+        v["fields"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("was not complete"))
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(rig.manifests().len(), 1, "no torn checkpoint is committed");
+    assert!(sidecar.has_log("checkpoint committed").is_none());
+
+    let resumed = rig.restore_and_verify();
+    assert_eq!(resumed["step"], first["step"]);
+    assert_eq!(resumed["digest"], first["digest"]);
+}
+
+#[test]
+fn with_background_sync_the_notice_uploads_only_the_new_files_bytes() {
+    let rig = Rig::new("sync");
+    let (_agent, agent_url) = rig.agent();
+    // Four frozen model shards (3 MiB together) and the config are the same in every
+    // checkpoint; the optimizer state (3 MiB) and the other small files change every step.
+    let trainer = rig.trainer(
+        &rig.dir,
+        &[
+            "--frozen-shards",
+            "4",
+            "--checkpoint-at-start",
+            "--done-marker",
+            "DONE",
+        ],
+    );
+    let first = trainer.event("checkpoint", STARTUP_TIMEOUT);
+    let sidecar = rig.sidecar(
+        &agent_url,
+        &[
+            "--done-marker",
+            "DONE",
+            "--background-sync",
+            "true",
+            "--sync-interval",
+            "300ms",
+        ],
+    );
+    let synced = rig.wait_manifests(1, CHECKPOINT_TIMEOUT, &sidecar);
+    assert_eq!(synced[0]["step"], first["step"]);
+    assert!(synced[0]["notice"].is_null());
+    sidecar.log("following the agent's notice stream", STARTUP_TIMEOUT);
+
+    rig.imds.set_spot_interruption("terminate", in_seconds(120));
+    let saved = trainer.wait_json("the signal's checkpoint", CHECKPOINT_TIMEOUT, |v| {
+        v["event"] == "checkpoint" && v["reason"] == "signal"
+    });
+    let manifests = rig.wait_manifests(2, CHECKPOINT_TIMEOUT, &sidecar);
+    let notice_manifest = &manifests[1];
+    assert_eq!(notice_manifest["step"], saved["step"]);
+
+    // Which files' bytes went up with the notice's generation, which were reused.
+    let generation = notice_manifest["generation"].as_str().expect("generation");
+    let files = notice_manifest["files"].as_array().expect("files");
+    let (mut uploaded, mut reused) = (0u64, 0u64);
+    for file in files {
+        let size = file["size"].as_u64().expect("size");
+        let path = file["path"].as_str().expect("path");
+        let key = file["key"].as_str().expect("key");
+        // The model config is the same in every checkpoint too.
+        let frozen = path.contains("/model-") || path.ends_with("/config.json");
+        if key.contains(&format!("/gen/{generation}/")) {
+            assert!(!frozen, "{path} did not change, yet was uploaded again");
+            uploaded += size;
+        } else {
+            assert!(frozen, "{path} changed, yet was not uploaded");
+            reused += size;
+        }
+    }
+    let new_checkpoint = Path::new(saved["path"].as_str().expect("path"));
+    let expected_new: u64 = walk_sizes(new_checkpoint)
+        .into_iter()
+        .filter(|(name, _)| !name.starts_with("model-") && name != "config.json")
+        .map(|(_, size)| size)
+        .sum::<u64>()
+        + std::fs::metadata(rig.dir.join("DONE"))
+            .expect("marker")
+            .len();
+    let config = std::fs::metadata(new_checkpoint.join("config.json")).expect("config");
+    assert_eq!(
+        reused,
+        (3 << 20) + config.len(),
+        "the frozen shards are reused"
+    );
+    assert_eq!(uploaded, expected_new, "only the new files' bytes are sent");
+    let committed = sidecar.log("checkpoint committed", CHECKPOINT_TIMEOUT);
+    assert_eq!(committed["fields"]["bytes_uploaded"], uploaded);
+    assert_eq!(committed["fields"]["bytes_reused"], reused);
+}
+
+fn walk_sizes(dir: &Path) -> Vec<(String, u64)> {
+    std::fs::read_dir(dir)
+        .expect("read checkpoint")
+        .filter_map(|e| e.ok())
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                e.metadata().expect("metadata").len(),
+            )
+        })
+        .collect()
+}
