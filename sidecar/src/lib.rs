@@ -24,10 +24,13 @@ pub mod upload;
 pub use generation::Generation;
 pub use list::list_generations;
 pub use manifest::{Manifest, ManifestFile};
-pub use prune::prune_generations;
-pub use restore::{RestoreError, RestoreOutcome, restore_generation};
-pub use store::{S3Error, Store};
 pub use progress::Progress;
+pub use prune::{PruneSummary, prune_generations};
+pub use restore::{
+    RestoreError, RestoreOptions, RestoreOutcome, RestoreSummary, restore_generation,
+    restore_generation_with,
+};
+pub use store::{S3Error, Store};
 pub use upload::{
     ManifestContext, UploadError, UploadOptions, UploadSummary, upload_generation,
     upload_generation_with_progress,

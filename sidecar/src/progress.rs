@@ -105,15 +105,17 @@ pub async fn report_progress(progress: Progress, verb: &'static str, stop: Cance
             _ = ticker.tick() => {}
         }
         let elapsed = started.elapsed().as_secs_f64();
-        let done = progress.bytes_done();
+        let moved = progress.bytes_done();
+        let rate = moved as f64 / MIB / elapsed.max(0.001);
+        // Reused bytes count as done: they are in the store already.
+        let done = moved + progress.bytes_reused();
         let total = progress.bytes_total().max(done);
-        let rate = done as f64 / MIB / elapsed.max(0.001);
         if terminal {
-            let filled = if total == 0 {
-                BAR_WIDTH
-            } else {
-                usize::try_from(done.saturating_mul(BAR_WIDTH as u64) / total).unwrap_or(BAR_WIDTH)
-            };
+            let filled = done
+                .saturating_mul(BAR_WIDTH as u64)
+                .checked_div(total)
+                .map_or(BAR_WIDTH, |f| usize::try_from(f).unwrap_or(BAR_WIDTH))
+                .min(BAR_WIDTH);
             let bar = format!("{}{}", "#".repeat(filled), ".".repeat(BAR_WIDTH - filled));
             let mut err = std::io::stderr().lock();
             let _ = write!(

@@ -1,12 +1,180 @@
-//! Pruning old generations.
+//! Pruning: keep the newest N committed generations and every object they reference.
+//!
+//! Order matters for readers running at the same time: old manifests go first (so no reader
+//! picks a generation whose objects are about to vanish), then objects no kept manifest names.
+//! Objects of generations newer than the newest manifest belong to an upload in progress and
+//! are never touched.
+
+use std::collections::HashSet;
+
+use aws_sdk_s3::types::{Delete, ObjectIdentifier};
 
 use crate::cli::PruneArgs;
-use crate::store::{S3Error, Store};
+use crate::generation::Generation;
+use crate::manifest::{MANIFEST_SUFFIX, ManifestReadError, fetch_manifest};
+use crate::progress::format_bytes;
+use crate::store::{Operation, S3Error, Store, with_retries};
 
-pub async fn prune_generations(_store: &Store, _keep: usize) -> Result<(), S3Error> {
+/// S3's limit on keys per DeleteObjects request.
+const DELETE_BATCH: usize = 1000;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PruneSummary {
+    /// Generations whose manifests were deleted.
+    pub generations_deleted: Vec<Generation>,
+    /// Generations kept, oldest first.
+    pub generations_kept: Vec<Generation>,
+    pub objects_deleted: usize,
+    pub bytes_deleted: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PruneError {
+    #[error("listing the job's objects")]
+    List(#[source] S3Error),
+    #[error("reading the manifest of kept generation {generation}; nothing was deleted")]
+    Manifest {
+        generation: Generation,
+        #[source]
+        source: ManifestReadError,
+    },
+    #[error("deleting objects")]
+    Delete(#[source] S3Error),
+    #[error("building a DeleteObjects request")]
+    Build(#[source] aws_sdk_s3::error::BuildError),
+    #[error("the store refused to delete {key}: {code} {message}")]
+    DeleteRefused {
+        key: String,
+        code: String,
+        message: String,
+    },
+}
+
+/// Deletes generations beyond the newest `keep` and objects no kept generation references.
+/// With `dry_run`, only reports what would go.
+#[tracing::instrument(skip_all, fields(bucket = store.bucket(), prefix = store.generations_prefix(), keep), err(Display))]
+pub async fn prune_generations(
+    store: &Store,
+    keep: usize,
+    dry_run: bool,
+) -> Result<PruneSummary, PruneError> {
+    let keep = keep.max(1);
+    let prefix = store.generations_prefix();
+    let objects = store.list_objects(prefix).await.map_err(PruneError::List)?;
+    let mut committed: Vec<Generation> = objects
+        .iter()
+        .filter_map(|(key, _)| {
+            let name = key.strip_prefix(prefix)?.strip_suffix(MANIFEST_SUFFIX)?;
+            Generation::parse(name).ok()
+        })
+        .collect();
+    committed.sort();
+    let Some(newest) = committed.last().cloned() else {
+        return Ok(PruneSummary::default());
+    };
+    let split = committed.len().saturating_sub(keep);
+    let (deleted, kept) = committed.split_at(split);
+
+    // Everything the kept generations need. Reading them all before deleting anything means a
+    // broken kept manifest stops the prune instead of orphaning its objects' neighbours.
+    let mut referenced: HashSet<String> = HashSet::new();
+    for generation in kept {
+        let manifest =
+            fetch_manifest(store, generation)
+                .await
+                .map_err(|source| PruneError::Manifest {
+                    generation: generation.clone(),
+                    source,
+                })?;
+        referenced.extend(manifest.files.into_iter().map(|f| f.key));
+        referenced.insert(store.manifest_key(generation));
+    }
+
+    let old_manifests: Vec<String> = deleted.iter().map(|g| store.manifest_key(g)).collect();
+    let mut garbage: Vec<(String, u64)> = Vec::new();
+    for (key, size) in &objects {
+        if referenced.contains(key) || old_manifests.contains(key) {
+            continue;
+        }
+        // Objects of an upload newer than the newest commit: still in progress.
+        match store.generation_of_key(key) {
+            Some(generation) if generation <= newest => garbage.push((key.clone(), *size)),
+            _ => {}
+        }
+    }
+    let summary = PruneSummary {
+        generations_deleted: deleted.to_vec(),
+        generations_kept: kept.to_vec(),
+        objects_deleted: garbage.len(),
+        bytes_deleted: garbage.iter().map(|(_, size)| size).sum(),
+    };
+    if dry_run {
+        return Ok(summary);
+    }
+    delete_keys(store, &old_manifests).await?;
+    let garbage_keys: Vec<String> = garbage.into_iter().map(|(key, _)| key).collect();
+    delete_keys(store, &garbage_keys).await?;
+    Ok(summary)
+}
+
+async fn delete_keys(store: &Store, keys: &[String]) -> Result<(), PruneError> {
+    for batch in keys.chunks(DELETE_BATCH) {
+        let objects: Vec<ObjectIdentifier> = batch
+            .iter()
+            .filter_map(|key| ObjectIdentifier::builder().key(key).build().ok())
+            .collect();
+        let first = batch.first().cloned().unwrap_or_default();
+        let delete = Delete::builder()
+            .set_objects(Some(objects))
+            .quiet(true)
+            .build()
+            .map_err(PruneError::Build)?;
+        let output = with_retries("deleting objects", S3Error::is_retryable, |_| {
+            let (delete, first) = (delete.clone(), first.clone());
+            async move {
+                store
+                    .client()
+                    .delete_objects()
+                    .bucket(store.bucket())
+                    .delete(delete)
+                    .send()
+                    .await
+                    .map_err(|e| store.error(Operation::DeleteObjects, &first, e))
+            }
+        })
+        .await
+        .map_err(PruneError::Delete)?;
+        if let Some(error) = output
+            .errors()
+            .iter()
+            .find(|e| e.code() != Some("NoSuchKey"))
+        {
+            return Err(PruneError::DeleteRefused {
+                key: error.key().unwrap_or_default().to_owned(),
+                code: error.code().unwrap_or_default().to_owned(),
+                message: error.message().unwrap_or_default().to_owned(),
+            });
+        }
+    }
     Ok(())
 }
 
-pub async fn command(_args: PruneArgs) -> anyhow::Result<()> {
-    anyhow::bail!("prune is being built")
+/// `nerve-sidecar prune --keep N`.
+pub async fn command(args: PruneArgs) -> anyhow::Result<()> {
+    let store = Store::connect(&args.store).await;
+    let keep = usize::try_from(args.keep).unwrap_or(usize::MAX);
+    let summary = prune_generations(&store, keep, args.dry_run).await?;
+    let verb = if args.dry_run {
+        "would delete"
+    } else {
+        "deleted"
+    };
+    println!(
+        "{verb} {} generations and {} objects ({}); kept {} generations",
+        summary.generations_deleted.len(),
+        summary.objects_deleted,
+        format_bytes(summary.bytes_deleted),
+        summary.generations_kept.len()
+    );
+    Ok(())
 }

@@ -101,10 +101,23 @@ pub struct Store {
 impl Store {
     /// Builds the S3 client from the SDK's environment chain and the flags.
     pub async fn connect(args: &StoreArgs) -> Store {
+        Store::from_sdk_config(&Store::config_loader().load().await, args)
+    }
+
+    /// The SDK configuration loader with the sidecar's transport settings (rustls+ring HTTP
+    /// client, header checksums instead of aws-chunked trailers, retries, timeouts). Callers may
+    /// add an endpoint, region or credentials before `load()`.
+    pub fn config_loader() -> aws_config::ConfigLoader {
         let http_client = aws_smithy_http_client::Builder::new()
             .tls_provider(Provider::Rustls(CryptoMode::Ring))
             .build_https();
-        let shared = aws_config::defaults(BehaviorVersion::latest())
+        // AWS_MAX_ATTEMPTS is the SDK's standard knob; honour it when an operator sets it.
+        let attempts = std::env::var("AWS_MAX_ATTEMPTS")
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+            .filter(|&n| n >= 1)
+            .unwrap_or(REQUEST_ATTEMPTS);
+        aws_config::defaults(BehaviorVersion::latest())
             .http_client(http_client)
             // The SDK's default sends aws-chunked bodies with trailing checksums, which several
             // S3-compatible stores reject; we compute CRC32C ourselves and send it as a header.
@@ -113,7 +126,7 @@ impl Store {
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
             .retry_config(
                 RetryConfig::standard()
-                    .with_max_attempts(REQUEST_ATTEMPTS)
+                    .with_max_attempts(attempts)
                     .with_initial_backoff(RETRY_INITIAL_BACKOFF)
                     .with_max_backoff(RETRY_MAX_BACKOFF),
             )
@@ -122,9 +135,11 @@ impl Store {
                     .connect_timeout(CONNECT_TIMEOUT)
                     .build(),
             )
-            .load()
-            .await;
-        let config = aws_sdk_s3::config::Builder::from(&shared)
+    }
+
+    /// A store from a loaded SDK configuration plus the flags (`--path-style`, `--dest`, ...).
+    pub fn from_sdk_config(shared: &aws_config::SdkConfig, args: &StoreArgs) -> Store {
+        let config = aws_sdk_s3::config::Builder::from(shared)
             .force_path_style(args.path_style)
             // The default retry quota runs dry when many parts fail at once (exactly when a
             // store is throttling a big upload); attempts stay bounded by REQUEST_ATTEMPTS.

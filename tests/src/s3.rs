@@ -1,0 +1,429 @@
+//! A real S3-protocol server over HTTP on 127.0.0.1, backed by a directory: `s3s` parses and
+//! authenticates requests (SigV4), `s3s-fs` stores objects as files.
+//!
+//! Two things are added on top of s3s-fs 0.14.1, because the tests need them and a real store
+//! has them: `ListMultipartUploads` (s3s-fs answers NotImplemented), so tests can prove no
+//! multipart upload was left behind; and verification of `x-amz-checksum-crc32c` on
+//! `UploadPart` (s3s-fs checks it on PutObject only), so a part corrupted in flight is refused
+//! with `BadDigest` like AWS does.
+//!
+//! The server runs on its own thread and runtime, so it keeps serving while a test blocks on a
+//! child process; dropping the [`S3Server`] stops it.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures::Stream;
+use hyper_util::rt::TokioIo;
+use s3s::dto::*;
+use s3s::stream::{ByteStream, RemainingLength};
+use s3s::{S3, S3Request, S3Response, S3Result, s3_error};
+use tokio_util::sync::CancellationToken;
+
+/// Credentials the server accepts (SigV4 is checked, as a real store would).
+pub const ACCESS_KEY: &str = "nerve-test-access";
+pub const SECRET_KEY: &str = "nerve-test-secret";
+/// Region clients should sign for.
+pub const REGION: &str = "us-east-1";
+/// Worker threads of the server's runtime: enough that a test's client and the server do not
+/// starve each other on a 2-core machine.
+const SERVER_THREADS: usize = 2;
+
+/// A running server. Stops when dropped.
+pub struct S3Server {
+    addr: SocketAddr,
+    root: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+    uploads: Uploads,
+    shutdown: CancellationToken,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl S3Server {
+    /// Starts a server on 127.0.0.1:0 storing into a fresh temporary directory.
+    pub fn start() -> io::Result<S3Server> {
+        let temp = tempfile::Builder::new().prefix("nerve-s3-").tempdir()?;
+        let root = temp.path().to_path_buf();
+        let mut server = S3Server::start_at(&root, SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        server._temp = Some(temp);
+        Ok(server)
+    }
+
+    /// Starts a server storing into `root` (which must exist), listening on `listen`.
+    pub fn start_at(root: &Path, listen: SocketAddr) -> io::Result<S3Server> {
+        let fs = s3s_fs::FileSystem::new(root).map_err(|e| io::Error::other(format!("{e:?}")))?;
+        let uploads = Uploads::default();
+        let store = TestStore {
+            fs,
+            uploads: uploads.clone(),
+        };
+        let mut builder = s3s::service::S3ServiceBuilder::new(store);
+        builder.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
+        let service = builder.build();
+
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(SERVER_THREADS)
+            .thread_name("nerve-s3")
+            .enable_all()
+            .build()?;
+        let std_listener = std::net::TcpListener::bind(listen)?;
+        std_listener.set_nonblocking(true)?;
+        let addr = std_listener.local_addr()?;
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        let thread = std::thread::Builder::new()
+            .name("nerve-s3".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let Ok(listener) = tokio::net::TcpListener::from_std(std_listener) else {
+                        return;
+                    };
+                    let tracker = tokio_util::task::TaskTracker::new();
+                    loop {
+                        let socket = tokio::select! {
+                            () = stop.cancelled() => break,
+                            accepted = listener.accept() => match accepted {
+                                Ok((socket, _)) => socket,
+                                Err(_) => continue,
+                            },
+                        };
+                        let _ = socket.set_nodelay(true);
+                        let service = service.clone();
+                        let stop = stop.clone();
+                        tracker.spawn(async move {
+                            let conn = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(TokioIo::new(socket), service);
+                            tokio::select! {
+                                _ = conn => {}
+                                () = stop.cancelled() => {}
+                            }
+                        });
+                    }
+                    tracker.close();
+                });
+            })?;
+        Ok(S3Server {
+            addr,
+            root: root.to_path_buf(),
+            _temp: None,
+            uploads,
+            shutdown,
+            thread: Some(thread),
+        })
+    }
+
+    /// `http://127.0.0.1:PORT`, for `AWS_ENDPOINT_URL`.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The directory objects are stored in (`<root>/<bucket>/<key>`).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Creates a bucket (a directory, as s3s-fs stores them).
+    pub fn create_bucket(&self, name: &str) -> io::Result<()> {
+        std::fs::create_dir_all(self.root.join(name))
+    }
+
+    /// Path of the file holding an object, for tests that tamper with stored bytes.
+    pub fn object_path(&self, bucket: &str, key: &str) -> PathBuf {
+        self.root.join(bucket).join(key)
+    }
+
+    /// Multipart uploads created and neither completed nor aborted, as `(key, upload id)`.
+    pub fn incomplete_uploads(&self) -> Vec<(String, String)> {
+        self.uploads
+            .lock()
+            .values()
+            .map(|u| (u.key.clone(), u.upload_id.clone()))
+            .collect()
+    }
+
+    /// Environment for a client process (the AWS SDK chain, the AWS CLI, s5cmd).
+    pub fn client_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL", self.endpoint()),
+            ("AWS_ACCESS_KEY_ID", ACCESS_KEY.to_owned()),
+            ("AWS_SECRET_ACCESS_KEY", SECRET_KEY.to_owned()),
+            ("AWS_REGION", REGION.to_owned()),
+            ("AWS_DEFAULT_REGION", REGION.to_owned()),
+            // Keep a developer's own profile and IMDS out of the picture.
+            ("AWS_CONFIG_FILE", "/dev/null".to_owned()),
+            ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null".to_owned()),
+            ("AWS_EC2_METADATA_DISABLED", "true".to_owned()),
+        ]
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[derive(Clone)]
+struct OpenUpload {
+    bucket: String,
+    key: String,
+    upload_id: String,
+    initiated: time::OffsetDateTime,
+}
+
+/// Multipart uploads in progress, by upload id.
+#[derive(Clone, Default)]
+struct Uploads(Arc<Mutex<BTreeMap<String, OpenUpload>>>);
+
+impl Uploads {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, OpenUpload>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+struct TestStore {
+    fs: s3s_fs::FileSystem,
+    uploads: Uploads,
+}
+
+type S3Future<'a, T> = Pin<Box<dyn Future<Output = S3Result<S3Response<T>>> + Send + 'a>>;
+
+/// Passes an operation straight to s3s-fs (in the shape `#[async_trait]` gives trait methods).
+macro_rules! delegate {
+    ($($name:ident($input:ident) -> $output:ident;)*) => {$(
+        fn $name<'life0, 'async_trait>(
+            &'life0 self,
+            req: S3Request<$input>,
+        ) -> S3Future<'async_trait, $output>
+        where
+            'life0: 'async_trait,
+            Self: 'async_trait,
+        {
+            Box::pin(self.fs.$name(req))
+        }
+    )*};
+}
+
+impl S3 for TestStore {
+    delegate! {
+        create_bucket(CreateBucketInput) -> CreateBucketOutput;
+        delete_bucket(DeleteBucketInput) -> DeleteBucketOutput;
+        head_bucket(HeadBucketInput) -> HeadBucketOutput;
+        list_buckets(ListBucketsInput) -> ListBucketsOutput;
+        get_bucket_location(GetBucketLocationInput) -> GetBucketLocationOutput;
+        put_object(PutObjectInput) -> PutObjectOutput;
+        get_object(GetObjectInput) -> GetObjectOutput;
+        head_object(HeadObjectInput) -> HeadObjectOutput;
+        copy_object(CopyObjectInput) -> CopyObjectOutput;
+        delete_object(DeleteObjectInput) -> DeleteObjectOutput;
+        delete_objects(DeleteObjectsInput) -> DeleteObjectsOutput;
+        list_objects(ListObjectsInput) -> ListObjectsOutput;
+        list_objects_v2(ListObjectsV2Input) -> ListObjectsV2Output;
+        upload_part_copy(UploadPartCopyInput) -> UploadPartCopyOutput;
+        list_parts(ListPartsInput) -> ListPartsOutput;
+    }
+
+    fn create_multipart_upload<'life0, 'async_trait>(
+        &'life0 self,
+        req: S3Request<CreateMultipartUploadInput>,
+    ) -> S3Future<'async_trait, CreateMultipartUploadOutput>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(async move {
+            let response = self.fs.create_multipart_upload(req).await?;
+            let output = &response.output;
+            if let (Some(bucket), Some(key), Some(upload_id)) =
+                (&output.bucket, &output.key, &output.upload_id)
+            {
+                self.uploads.lock().insert(
+                    upload_id.clone(),
+                    OpenUpload {
+                        bucket: bucket.clone(),
+                        key: key.clone(),
+                        upload_id: upload_id.clone(),
+                        initiated: time::OffsetDateTime::now_utc(),
+                    },
+                );
+            }
+            Ok(response)
+        })
+    }
+
+    fn upload_part<'life0, 'async_trait>(
+        &'life0 self,
+        mut req: S3Request<UploadPartInput>,
+    ) -> S3Future<'async_trait, UploadPartOutput>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(async move {
+            let expected = req.input.checksum_crc32c.clone();
+            let Some(expected) = expected else {
+                return self.fs.upload_part(req).await;
+            };
+            let expected = decode_crc32c(&expected).ok_or_else(|| {
+                s3_error!(
+                    InvalidDigest,
+                    "x-amz-checksum-crc32c is not base64 of 4 bytes"
+                )
+            })?;
+            let body = req
+                .input
+                .body
+                .take()
+                .ok_or_else(|| s3_error!(IncompleteBody))?;
+            let verdict = Arc::new(Mutex::new(None));
+            req.input.body = Some(StreamingBlob::new(CrcCheckedBody {
+                inner: body,
+                crc: 0,
+                expected,
+                verdict: verdict.clone(),
+                done: false,
+            }));
+            let result = self.fs.upload_part(req).await;
+            let mismatch = verdict
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some_and(|ok: bool| !ok);
+            if mismatch {
+                return Err(s3_error!(BadDigest, "checksum_crc32c mismatch"));
+            }
+            result
+        })
+    }
+
+    fn complete_multipart_upload<'life0, 'async_trait>(
+        &'life0 self,
+        req: S3Request<CompleteMultipartUploadInput>,
+    ) -> S3Future<'async_trait, CompleteMultipartUploadOutput>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(async move {
+            let upload_id = req.input.upload_id.clone();
+            let response = self.fs.complete_multipart_upload(req).await?;
+            self.uploads.lock().remove(&upload_id);
+            Ok(response)
+        })
+    }
+
+    fn abort_multipart_upload<'life0, 'async_trait>(
+        &'life0 self,
+        req: S3Request<AbortMultipartUploadInput>,
+    ) -> S3Future<'async_trait, AbortMultipartUploadOutput>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(async move {
+            let upload_id = req.input.upload_id.clone();
+            let response = self.fs.abort_multipart_upload(req).await?;
+            self.uploads.lock().remove(&upload_id);
+            Ok(response)
+        })
+    }
+
+    fn list_multipart_uploads<'life0, 'async_trait>(
+        &'life0 self,
+        req: S3Request<ListMultipartUploadsInput>,
+    ) -> S3Future<'async_trait, ListMultipartUploadsOutput>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(async move {
+            let input = req.input;
+            let prefix = input.prefix.clone().unwrap_or_default();
+            let uploads: Vec<MultipartUpload> = self
+                .uploads
+                .lock()
+                .values()
+                .filter(|u| u.bucket == input.bucket && u.key.starts_with(&prefix))
+                .map(|u| MultipartUpload {
+                    key: Some(u.key.clone()),
+                    upload_id: Some(u.upload_id.clone()),
+                    initiated: Some(u.initiated.into()),
+                    ..Default::default()
+                })
+                .collect();
+            Ok(S3Response::new(ListMultipartUploadsOutput {
+                bucket: Some(input.bucket),
+                prefix: input.prefix,
+                is_truncated: Some(false),
+                uploads: (!uploads.is_empty()).then_some(uploads),
+                ..Default::default()
+            }))
+        })
+    }
+}
+
+fn decode_crc32c(value: &str) -> Option<u32> {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(value)
+        .ok()?;
+    Some(u32::from_be_bytes(bytes.try_into().ok()?))
+}
+
+/// A request body that computes CRC32C as it streams and fails at its end on a mismatch, so
+/// s3s-fs never moves the part into place.
+struct CrcCheckedBody {
+    inner: StreamingBlob,
+    crc: u32,
+    expected: u32,
+    verdict: Arc<Mutex<Option<bool>>>,
+    done: bool,
+}
+
+impl Stream for CrcCheckedBody {
+    type Item = Result<Bytes, s3s::StdError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut self.inner).poll_next(cx) {
+            Poll::Ready(Some(Ok(bytes))) => {
+                self.crc = crc32c::crc32c_append(self.crc, &bytes);
+                Poll::Ready(Some(Ok(bytes)))
+            }
+            Poll::Ready(None) => {
+                self.done = true;
+                let ok = self.crc == self.expected;
+                *self.verdict.lock().unwrap_or_else(|p| p.into_inner()) = Some(ok);
+                if ok {
+                    Poll::Ready(None)
+                } else {
+                    Poll::Ready(Some(Err("checksum_crc32c mismatch".into())))
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+impl ByteStream for CrcCheckedBody {
+    fn remaining_length(&self) -> RemainingLength {
+        self.inner.remaining_length()
+    }
+}
