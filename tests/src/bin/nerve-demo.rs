@@ -1,1 +1,156 @@
-fn main() {}
+//! `nerve-demo`: the whole interruption scenario on this machine, with real processes.
+//!
+//! Builds (if needed) and starts the metadata simulator, an embedded S3 server, the API-server
+//! stand-in, the real nerve-agent and nerve-sidecar, and a trainer; sets a Spot notice; prints
+//! the measured timeline; restores into a new "pod" and checks training resumes exactly.
+//! Exit status 0 only if the resumed state is byte-identical to the state at the notice.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use nerve_tests::demo::{self, DemoOptions};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "nerve-demo",
+    about = "Run a Spot interruption end to end on this machine"
+)]
+struct Args {
+    /// Training state the trainer keeps and checkpoints (e.g. 256MiB, 2GiB).
+    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+    size: u64,
+    /// Time from the notice to the machine going away.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    deadline: Duration,
+    /// Keep the working directory (checkpoints, logs, store) and print its path.
+    #[arg(long)]
+    keep: bool,
+    /// Use this S3-compatible endpoint instead of the embedded server; credentials and region
+    /// come from the environment (AWS_ACCESS_KEY_ID, ...), the bucket must exist.
+    #[arg(long)]
+    s3_endpoint: Option<String>,
+    /// Bucket to use.
+    #[arg(long, default_value = demo::DEFAULT_BUCKET)]
+    bucket: String,
+    /// Do not build the binaries first (they must sit next to nerve-demo).
+    #[arg(long)]
+    no_build: bool,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size; use e.g. 64MiB or 2GiB"))?;
+    let factor = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        other => return Err(format!("unknown unit `{other}`; use B, KiB, MiB or GiB")),
+    };
+    Ok(number * factor)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("nerve-demo: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("nerve-demo: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<bool> {
+    let bin_dir = std::env::current_exe()?
+        .parent()
+        .context("nerve-demo has no parent directory")?
+        .to_path_buf();
+    if !args.no_build {
+        build_binaries(&bin_dir).await?;
+    }
+    let work = tempfile::Builder::new()
+        .prefix("nerve-demo-")
+        .tempdir()
+        .context("creating the working directory")?;
+    let options = DemoOptions {
+        size: args.size,
+        deadline: args.deadline,
+        s3_endpoint: args.s3_endpoint,
+        bucket: args.bucket,
+        bin_dir,
+        work: work.path().to_path_buf(),
+        print: true,
+    };
+    println!("working directory {}", work.path().display());
+    // Ctrl-C drops the scenario: every child is killed (kill_on_drop) and the directory removed.
+    let result = tokio::select! {
+        result = demo::run_demo(&options) => Some(result),
+        _ = tokio::signal::ctrl_c() => None,
+    };
+    let kept: Option<PathBuf> = args.keep.then(|| work.keep());
+    let Some(result) = result else {
+        eprintln!("interrupted: every child process stopped");
+        return Ok(false);
+    };
+    let timeline = result?;
+    println!();
+    if timeline.succeeded() {
+        println!(
+            "OK: checkpoint committed {:.1}s before the deadline; training resumed at step {} with identical state",
+            timeline.margin.unwrap_or_default().as_secs_f64(),
+            timeline.resumed_step.unwrap_or_default()
+        );
+    } else {
+        println!("FAILED: see the timeline above and the logs");
+    }
+    if let Some(path) = kept {
+        println!("kept {}", path.display());
+    }
+    Ok(timeline.succeeded())
+}
+
+/// `cargo run --bin nerve-demo` builds only the demo; the agent, sidecar and trainer are built
+/// here, with the same profile, so the demo always runs the binaries of this checkout.
+async fn build_binaries(bin_dir: &std::path::Path) -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let release = bin_dir.ends_with("release");
+    let mut command = tokio::process::Command::new(cargo);
+    command.args([
+        "build",
+        "--bin",
+        "nerve-agent",
+        "--bin",
+        "nerve-sidecar",
+        "--bin",
+        "nerve-trainer",
+    ]);
+    if release {
+        command.arg("--release");
+    }
+    println!(
+        "building nerve-agent, nerve-sidecar and nerve-trainer ({})",
+        if release { "release" } else { "debug" }
+    );
+    let status = command
+        .status()
+        .await
+        .context("running cargo build (pass --no-build to use binaries built elsewhere)")?;
+    anyhow::ensure!(status.success(), "cargo build failed with {status}");
+    Ok(())
+}
