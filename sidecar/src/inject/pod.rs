@@ -147,6 +147,14 @@ pub(crate) fn inject_spec(
         "args": run_args,
         "env": run_env,
         "ports": [{"name": "nerve-metrics", "containerPort": SIDECAR_PORT, "protocol": "TCP"}],
+        // Liveness only: a startup or readiness probe would hold the trainer or the pod's
+        // readiness hostage to the sidecar, and the sidecar must never block training.
+        "livenessProbe": {
+            "httpGet": {"path": "/healthz", "port": "nerve-metrics"},
+            "periodSeconds": 10,
+            "timeoutSeconds": 5,
+            "failureThreshold": 6,
+        },
         "volumeMounts": [mount],
         "resources": resources(),
         "securityContext": identity.security_context(Role::Run),

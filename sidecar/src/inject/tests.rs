@@ -79,6 +79,11 @@ fn injects_restore_then_native_sidecar_with_an_empty_dir_when_the_trainer_has_no
     let sidecar = init(&p, "nerve-sidecar");
     assert_eq!(sidecar["restartPolicy"], "Always");
     assert_eq!(sidecar["args"], json!(["run", "--signal", "SIGUSR1"]));
+    assert_eq!(sidecar["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert!(
+        sidecar.get("startupProbe").is_none() && sidecar.get("readinessProbe").is_none(),
+        "nothing may hold the trainer back"
+    );
     assert_eq!(sidecar["volumeMounts"], json!([mount]));
     assert_eq!(
         env_names(&sidecar),
