@@ -2,7 +2,9 @@
 //! benchmarks: the cloud's metadata service, the Kubernetes API server, an S3-protocol server, a
 //! fault-injecting proxy, and a trainer process. Nothing here ships in the product.
 
+pub mod apiserver;
 pub mod fault_proxy;
+pub mod imds;
 pub mod s3;
 pub mod trainer;
 

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, EvictParams, ListParams};
+use kube::api::{Api, ListParams};
 use nerve_notice::Notice;
 use time::OffsetDateTime;
 
@@ -112,9 +112,18 @@ async fn evict_pod(client: &kube::Client, pod: Pod, metrics: &Metrics) {
         .metadata
         .namespace
         .unwrap_or_else(|| "default".to_owned());
-    let url = format!("/api/v1/namespaces/{namespace}/pods");
+    let url = format!("/api/v1/namespaces/{namespace}/pods/{name}/eviction");
+    let body = serde_json::json!({
+        "apiVersion": "policy/v1",
+        "kind": "Eviction",
+        "metadata": {"name": name, "namespace": namespace},
+    })
+    .to_string();
     loop {
-        let request = match kube::core::Request::new(&url).evict(&name, &EvictParams::default()) {
+        let request = match http::Request::post(&url)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(kube::client::Body::from(body.clone().into_bytes()))
+        {
             Ok(request) => request,
             Err(err) => {
                 tracing::warn!(error = %err, "building the eviction");

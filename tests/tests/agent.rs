@@ -1,0 +1,743 @@
+//! End to end: the real `nerve-agent` binary against the metadata simulator and the API-server
+//! stand-in, over real sockets.
+
+// Test helpers outside #[test] functions: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use nerve_notice::{NoticeKind, StreamEvent};
+use nerve_tests::apiserver::ApiServer;
+use nerve_tests::imds::{Fault, MaintenanceEvent, MetadataSimulator, TokenPolicy};
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+/// Generous bound for anything the agent should do "within a few polls": the test machine may be
+/// loaded, and a wait that ends early costs nothing.
+const WAIT: Duration = Duration::from_secs(30);
+const NODE: &str = "gpu-node-1";
+
+/// A running agent process; killed when dropped.
+struct Agent {
+    child: Child,
+    addr: SocketAddr,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Agent {
+    /// Starts the agent polling `sim` every 100 ms. With `api`, Kubernetes mode via a kubeconfig.
+    fn start(sim: &MetadataSimulator, api: Option<&ApiServer>, extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let log = dir.path().join("agent.log");
+        let mut command = Command::new(nerve_tests::binary_path("nerve-agent"));
+        command
+            .args(["--metadata-url", &sim.url()])
+            .args(["--listen", &addr.to_string()])
+            .args(["--poll-interval", "100ms", "--metadata-timeout", "500ms"])
+            .args(extra)
+            .env_remove("KUBECONFIG")
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("NODE_NAME")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        match api {
+            Some(api) => {
+                command
+                    .env("KUBECONFIG", api.write_kubeconfig(dir.path()))
+                    .args(["--kubernetes", "on", "--node-name", NODE]);
+            }
+            None => {
+                command.args(["--kubernetes", "off"]);
+            }
+        }
+        let child = command.spawn().expect("starting nerve-agent");
+        Self {
+            child,
+            addr,
+            log,
+            _dir: dir,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for `/readyz` to answer 200 (the first metadata poll answered).
+    async fn wait_ready(&mut self) {
+        let ready = wait_for(WAIT, || async {
+            matches!(get(self.addr, "/readyz").await, Some((200, _)))
+        })
+        .await;
+        assert!(ready, "agent never became ready; log:\n{}", self.log());
+    }
+
+    async fn metrics(&self) -> String {
+        get(self.addr, "/metrics")
+            .await
+            .map(|(_, b)| b)
+            .unwrap_or_default()
+    }
+
+    /// The value of one metric series (0 when absent).
+    async fn metric(&self, series: &str) -> f64 {
+        metric_value(&self.metrics().await, series)
+    }
+
+    async fn active_notices(&self) -> Vec<Value> {
+        // Empty until the agent answers (it may still be starting).
+        let Some((200, body)) = get(self.addr, "/v1/notices").await else {
+            return Vec::new();
+        };
+        let value: Value = serde_json::from_str(&body).unwrap();
+        value["notices"].as_array().cloned().unwrap()
+    }
+
+    async fn watch(&self) -> Watch {
+        let mut tcp = TcpStream::connect(self.addr).await.unwrap();
+        // HTTP/1.0: the body runs until the server closes, no chunked framing to undo.
+        tcp.write_all(b"GET /v1/notices?watch=true HTTP/1.0\r\n\r\n")
+            .await
+            .unwrap();
+        let mut reader = BufReader::new(tcp);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            reader.read_line(&mut line).await.unwrap();
+            if line == "\r\n" || line.is_empty() {
+                break;
+            }
+        }
+        Watch { reader }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A watch-stream subscriber.
+struct Watch {
+    reader: BufReader<TcpStream>,
+}
+
+impl Watch {
+    /// The next line that is not a heartbeat.
+    async fn next(&mut self) -> StreamEvent {
+        loop {
+            let mut line = String::new();
+            let read = tokio::time::timeout(WAIT, self.reader.read_line(&mut line))
+                .await
+                .expect("a stream line in time")
+                .unwrap();
+            assert!(read > 0, "the agent closed the stream");
+            let event: StreamEvent = serde_json::from_str(line.trim_end()).unwrap();
+            if event != StreamEvent::Heartbeat {
+                return event;
+            }
+        }
+    }
+}
+
+async fn wait_for<F, Fut>(timeout: Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < deadline {
+        if condition().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    condition().await
+}
+
+/// A plain HTTP/1.0 GET: status and body, or `None` when nothing listens.
+async fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut tcp = TcpStream::connect(addr).await.ok()?;
+    tcp.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut response = String::new();
+    tokio::time::timeout(WAIT, tcp.read_to_string(&mut response))
+        .await
+        .ok()?
+        .ok()?;
+    let status = response.split(' ').nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n")?.1.to_owned();
+    Some((status, body))
+}
+
+fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn in_two_minutes() -> OffsetDateTime {
+    (OffsetDateTime::now_utc() + Duration::from_secs(120))
+        .replace_nanosecond(0)
+        .unwrap()
+}
+
+fn spot_id(deadline: OffsetDateTime) -> String {
+    format!(
+        "spot-interruption/{}",
+        deadline
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    )
+}
+
+#[tokio::test]
+async fn streams_a_notice_once_and_late_subscribers_get_it_in_the_snapshot() {
+    let sim = MetadataSimulator::start();
+    let mut agent = Agent::start(&sim, None, &[]);
+    agent.wait_ready().await;
+    let mut early = agent.watch().await;
+    assert_eq!(
+        early.next().await,
+        StreamEvent::Snapshot { notices: vec![] }
+    );
+
+    let deadline = in_two_minutes();
+    sim.set_spot_interruption("terminate", deadline);
+    let StreamEvent::Notice { notice } = early.next().await else {
+        panic!("expected a notice line");
+    };
+    assert_eq!(notice.kind, NoticeKind::SpotInterruption);
+    assert_eq!(notice.action, "terminate");
+    assert_eq!(notice.deadline, deadline);
+    assert_eq!(notice.id, spot_id(deadline));
+
+    let mut late = agent.watch().await;
+    assert_eq!(
+        late.next().await,
+        StreamEvent::Snapshot {
+            notices: vec![notice.clone()]
+        }
+    );
+    assert_eq!(agent.active_notices().await.len(), 1);
+
+    // Many more polls see the same notice: it is still one notice.
+    let polls = agent
+        .metric("nerve_agent_metadata_polls_total{outcome=\"ok\"}")
+        .await;
+    assert!(
+        wait_for(WAIT, || async {
+            agent
+                .metric("nerve_agent_metadata_polls_total{outcome=\"ok\"}")
+                .await
+                >= polls + 10.0
+        })
+        .await
+    );
+    assert_eq!(
+        agent
+            .metric("nerve_agent_notices_total{kind=\"spot-interruption\"}")
+            .await,
+        1.0
+    );
+    let metrics = agent.metrics().await;
+    for name in [
+        "nerve_agent_notices_total",
+        "nerve_agent_metadata_polls_total",
+        "nerve_agent_metadata_poll_duration_seconds",
+        "nerve_agent_subscribers",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from\n{metrics}");
+    }
+    assert_eq!(metric_value(&metrics, "nerve_agent_subscribers"), 2.0);
+    assert_eq!(get(agent.addr, "/healthz").await.unwrap().0, 200);
+}
+
+#[tokio::test]
+async fn a_stuck_subscriber_does_not_delay_hundreds_of_healthy_ones() {
+    let sim = MetadataSimulator::start();
+    let mut agent = Agent::start(&sim, None, &[]);
+    agent.wait_ready().await;
+    // Connects, asks for the stream, and never reads a byte.
+    let mut stuck = TcpStream::connect(agent.addr).await.unwrap();
+    stuck
+        .write_all(b"GET /v1/notices?watch=true HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut healthy = Vec::new();
+    for _ in 0..200 {
+        let mut watch = agent.watch().await;
+        assert!(matches!(watch.next().await, StreamEvent::Snapshot { .. }));
+        healthy.push(watch);
+    }
+    sim.set_gcp_preempted(false);
+    sim.set_spot_interruption("terminate", in_two_minutes());
+    for watch in &mut healthy {
+        assert!(matches!(watch.next().await, StreamEvent::Notice { .. }));
+    }
+    drop(stuck);
+}
+
+#[tokio::test]
+async fn uses_one_imds_token_across_many_polls_and_renews_it_after_a_401() {
+    let sim = MetadataSimulator::start();
+    sim.set_token_policy(TokenPolicy::Required);
+    let mut agent = Agent::start(&sim, None, &[]);
+    agent.wait_ready().await;
+    assert!(wait_for(WAIT, || async { sim.requests() > 100 }).await);
+    assert_eq!(sim.token_puts(), 1, "one token PUT for many polls");
+    assert_eq!(sim.tokenless_gets(), 0, "never IMDSv1 when tokens work");
+
+    sim.expire_tokens();
+    assert!(wait_for(WAIT, || async { sim.token_puts() == 2 }).await);
+    let requests = sim.requests();
+    assert!(wait_for(WAIT, || async { sim.requests() > requests + 40 }).await);
+    assert_eq!(sim.token_puts(), 2);
+    sim.set_spot_interruption("terminate", in_two_minutes());
+    assert!(wait_for(WAIT, || async { agent.active_notices().await.len() == 1 }).await);
+}
+
+#[tokio::test]
+async fn falls_back_to_imdsv1_only_when_token_puts_are_refused() {
+    let sim = MetadataSimulator::start();
+    sim.set_token_policy(TokenPolicy::Refuse(405));
+    let mut agent = Agent::start(&sim, None, &[]);
+    agent.wait_ready().await;
+    sim.set_spot_interruption("terminate", in_two_minutes());
+    assert!(wait_for(WAIT, || async { agent.active_notices().await.len() == 1 }).await);
+    assert!(sim.tokenless_gets() > 0);
+    assert_eq!(
+        agent.log().matches("falling back to IMDSv1").count(),
+        1,
+        "logged once"
+    );
+
+    // A token service that fails (500) is a failure, never a downgrade.
+    let sim = MetadataSimulator::start();
+    sim.set_token_policy(TokenPolicy::Refuse(500));
+    let agent = Agent::start(&sim, None, &[]);
+    assert!(
+        wait_for(WAIT, || async {
+            agent
+                .metric("nerve_agent_metadata_polls_total{outcome=\"http_5xx\"}")
+                .await
+                >= 5.0
+        })
+        .await
+    );
+    assert_eq!(sim.tokenless_gets(), 0);
+}
+
+#[tokio::test]
+async fn counts_every_fault_by_outcome_keeps_polling_and_does_not_flood_the_log() {
+    let sim = MetadataSimulator::start();
+    let mut agent = Agent::start(&sim, None, &[]);
+    agent.wait_ready().await;
+    for (fault, outcome) in [
+        (Fault::ServerError, "http_5xx"),
+        (Fault::Garbage, "unparseable"),
+        (Fault::Reset, "connection"),
+        (Fault::Hang, "timeout"),
+    ] {
+        sim.set_fault(fault);
+        let series = format!("nerve_agent_metadata_polls_total{{outcome=\"{outcome}\"}}");
+        assert!(
+            wait_for(WAIT, || async { agent.metric(&series).await >= 3.0 }).await,
+            "{outcome} never counted; log:\n{}",
+            agent.log()
+        );
+    }
+    sim.set_fault(Fault::None);
+    sim.set_spot_interruption("terminate", in_two_minutes());
+    assert!(wait_for(WAIT, || async { agent.active_notices().await.len() == 1 }).await);
+    let log = agent.log();
+    let failures = log.matches("metadata poll failed").count();
+    assert!(
+        (4..=8).contains(&failures),
+        "one line per change of cause, not one per poll ({failures}):\n{log}"
+    );
+}
+
+#[tokio::test]
+async fn detects_every_aws_kind_and_gcp_and_azure_preemption() {
+    let sim = MetadataSimulator::start();
+    let mut aws = Agent::start(&sim, None, &[]);
+    aws.wait_ready().await;
+    sim.set_rebalance_recommendation(OffsetDateTime::now_utc());
+    sim.set_scheduled_maintenance(vec![
+        MaintenanceEvent {
+            code: "system-reboot".into(),
+            event_id: "instance-event-1".into(),
+            not_before: in_two_minutes() + Duration::from_secs(3600),
+            state: "active".into(),
+        },
+        MaintenanceEvent {
+            code: "instance-stop".into(),
+            event_id: "instance-event-2".into(),
+            not_before: in_two_minutes(),
+            state: "canceled".into(),
+        },
+    ]);
+    sim.set_asg_lifecycle_state(Some("Terminated"));
+    sim.set_spot_interruption("hibernate", in_two_minutes());
+    assert!(wait_for(WAIT, || async { aws.active_notices().await.len() == 4 }).await);
+    let kinds: Vec<String> = aws
+        .active_notices()
+        .await
+        .iter()
+        .map(|n| n["kind"].as_str().unwrap().to_owned())
+        .collect();
+    for kind in [
+        "spot-interruption",
+        "rebalance-recommendation",
+        "scheduled-maintenance",
+        "asg-termination",
+    ] {
+        assert!(kinds.iter().any(|k| k == kind), "{kind} missing: {kinds:?}");
+    }
+
+    let gcp = Agent::start(&sim, None, &["--cloud", "gcp"]);
+    sim.set_gcp_preempted(true);
+    assert!(wait_for(WAIT, || async { gcp.active_notices().await.len() == 1 }).await);
+    let notice = &gcp.active_notices().await[0];
+    assert_eq!(notice["kind"], "preemption");
+    assert_eq!(notice["source"], "gcp");
+
+    let azure = Agent::start(&sim, None, &["--cloud", "azure"]);
+    sim.set_azure_preempt_for_other_vm(true);
+    sim.set_azure_preempt(Some(in_two_minutes()));
+    let polls = "nerve_agent_metadata_polls_total{outcome=\"ok\"}";
+    assert!(wait_for(WAIT, || async { azure.metric(polls).await >= 5.0 }).await);
+    assert!(
+        azure.active_notices().await.is_empty(),
+        "an event for another VM is not ours"
+    );
+    sim.set_azure_preempt_for_other_vm(false);
+    assert!(wait_for(WAIT, || async { azure.active_notices().await.len() == 1 }).await);
+    let notice = &azure.active_notices().await[0];
+    assert_eq!(notice["kind"], "preemption");
+    assert_eq!(notice["source"], "azure");
+}
+
+/// The node as the tests start it: schedulable, with a GPU taint someone else owns.
+fn gpu_taint() -> Value {
+    json!({"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"})
+}
+
+fn nerve_taint(kind: &str) -> Value {
+    json!({"key": "nerve.io/interruption", "value": kind, "effect": "NoSchedule"})
+}
+
+fn start_api() -> ApiServer {
+    let api = ApiServer::start(NODE);
+    api.update_node(|node| node["spec"]["taints"] = json!([gpu_taint()]));
+    api
+}
+
+#[tokio::test]
+async fn cordons_taints_annotates_and_records_an_event_with_one_exact_patch() {
+    let sim = MetadataSimulator::start();
+    let api = start_api();
+    let mut agent = Agent::start(&sim, Some(&api), &[]);
+    agent.wait_ready().await;
+    let version = api.resource_version();
+    let deadline = in_two_minutes();
+    sim.set_spot_interruption("terminate", deadline);
+    assert!(
+        api.wait_until(WAIT, |api| !api.events().is_empty()).await,
+        "log:\n{}",
+        agent.log()
+    );
+
+    let writes = api.writes();
+    let patch = &writes[0];
+    assert_eq!(patch.method, "PATCH");
+    assert!(
+        patch.path.starts_with(&format!("/api/v1/nodes/{NODE}?")),
+        "{}",
+        patch.path
+    );
+    assert!(
+        patch.path.contains("fieldManager=nerve-agent"),
+        "{}",
+        patch.path
+    );
+    assert_eq!(
+        patch.content_type.as_deref(),
+        Some("application/merge-patch+json")
+    );
+    let body = patch.json();
+    let notice_json = body["metadata"]["annotations"]["nerve.io/notice"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let notice: Value = serde_json::from_str(&notice_json).unwrap();
+    assert_eq!(notice["id"], spot_id(deadline));
+    assert_eq!(
+        body,
+        json!({
+            "metadata": {
+                "resourceVersion": version.to_string(),
+                "annotations": {"nerve.io/cordoned-by": "nerve", "nerve.io/notice": notice_json},
+            },
+            "spec": {"unschedulable": true, "taints": [gpu_taint(), nerve_taint("spot-interruption")]},
+        })
+    );
+    assert!(api.unschedulable());
+    assert_eq!(
+        api.taints(),
+        vec![gpu_taint(), nerve_taint("spot-interruption")]
+    );
+    let event = &api.events()[0];
+    assert_eq!(event["involvedObject"]["kind"], "Node");
+    assert_eq!(event["involvedObject"]["name"], NODE);
+    assert_eq!(event["reason"], "InterruptionNotice");
+    assert_eq!(writes[1].method, "POST");
+    assert!(
+        writes[1]
+            .path
+            .starts_with("/api/v1/namespaces/default/events")
+    );
+
+    // Many more polls of the same notice write nothing more.
+    let requests = sim.requests();
+    assert!(wait_for(WAIT, || async { sim.requests() > requests + 40 }).await);
+    assert_eq!(api.writes().len(), 2, "{:?}", api.writes());
+    assert!(
+        agent
+            .metric("nerve_agent_node_actions_total{action=\"cordon\",outcome=\"ok\"}")
+            .await
+            == 1.0
+    );
+    assert!(
+        agent
+            .metrics()
+            .await
+            .contains("nerve_agent_notice_to_cordon_seconds_count 1")
+    );
+}
+
+#[tokio::test]
+async fn keeps_a_taint_added_concurrently_when_the_patch_conflicts() {
+    let sim = MetadataSimulator::start();
+    let api = start_api();
+    let mut agent = Agent::start(&sim, Some(&api), &[]);
+    agent.wait_ready().await;
+    let added = json!({"key": "team", "value": "ml", "effect": "PreferNoSchedule"});
+    let change = added.clone();
+    api.change_node_before_next_write(move |node| {
+        node["spec"]["taints"].as_array_mut().unwrap().push(change);
+    });
+    sim.set_spot_interruption("terminate", in_two_minutes());
+    assert!(
+        api.wait_until(WAIT, |api| api.unschedulable()).await,
+        "log:\n{}",
+        agent.log()
+    );
+    let patches: Vec<_> = api
+        .writes()
+        .into_iter()
+        .filter(|w| w.method == "PATCH")
+        .collect();
+    assert_eq!(patches.len(), 2, "the conflicting patch is retried once");
+    assert_eq!(
+        api.taints(),
+        vec![gpu_taint(), added, nerve_taint("spot-interruption")]
+    );
+    assert!(
+        wait_for(WAIT, || async {
+            agent
+                .metric("nerve_agent_node_actions_total{action=\"cordon\",outcome=\"conflict\"}")
+                .await
+                == 1.0
+        })
+        .await
+    );
+}
+
+#[tokio::test]
+async fn passive_mode_streams_the_notice_and_writes_nothing() {
+    let sim = MetadataSimulator::start();
+    let api = start_api();
+    let mut agent = Agent::start(&sim, Some(&api), &["--passive", "--drain"]);
+    agent.wait_ready().await;
+    let mut watch = agent.watch().await;
+    watch.next().await;
+    api.add_pod(api.pod_on_node("default", "web", "web"));
+    sim.set_spot_interruption("terminate", in_two_minutes());
+    assert!(matches!(watch.next().await, StreamEvent::Notice { .. }));
+    let requests = sim.requests();
+    assert!(wait_for(WAIT, || async { sim.requests() > requests + 40 }).await);
+    assert!(api.writes().is_empty(), "{:?}", api.writes());
+    assert!(!api.unschedulable());
+}
+
+#[tokio::test]
+async fn undoes_only_its_own_cordon_when_the_notice_disappears() {
+    let sim = MetadataSimulator::start();
+    let api = start_api();
+    let mut agent = Agent::start(
+        &sim,
+        Some(&api),
+        &["--cordon-on", "rebalance-recommendation"],
+    );
+    agent.wait_ready().await;
+    sim.set_rebalance_recommendation(OffsetDateTime::now_utc());
+    assert!(api.wait_until(WAIT, |api| api.unschedulable()).await);
+    // Someone adds a taint of their own meanwhile.
+    let added = json!({"key": "team", "value": "ml", "effect": "NoSchedule"});
+    let change = added.clone();
+    api.update_node(move |node| node["spec"]["taints"].as_array_mut().unwrap().push(change));
+    sim.clear_rebalance_recommendation();
+    assert!(
+        api.wait_until(WAIT, |api| !api.unschedulable()).await,
+        "log:\n{}",
+        agent.log()
+    );
+    assert_eq!(api.taints(), vec![gpu_taint(), added]);
+    assert!(api.annotations().get("nerve.io/cordoned-by").is_none());
+    assert!(api.annotations().get("nerve.io/notice").is_none());
+
+    // A node someone else cordoned stays cordoned; only the agent's taint goes.
+    api.update_node(|node| node["spec"]["unschedulable"] = json!(true));
+    sim.set_rebalance_recommendation(OffsetDateTime::now_utc());
+    assert!(
+        api.wait_until(WAIT, |api| api
+            .taints()
+            .contains(&nerve_taint("rebalance-recommendation")))
+            .await
+    );
+    assert!(api.annotations().get("nerve.io/cordoned-by").is_none());
+    sim.clear_rebalance_recommendation();
+    assert!(
+        api.wait_until(WAIT, |api| !api
+            .taints()
+            .contains(&nerve_taint("rebalance-recommendation")))
+            .await
+    );
+    assert!(api.unschedulable(), "someone else's cordon is never undone");
+}
+
+#[tokio::test]
+async fn a_restart_keeps_a_live_cordon_untouched_and_undoes_one_after_a_false_alarm() {
+    let sim = MetadataSimulator::start();
+    let api = start_api();
+    let mut first = Agent::start(&sim, Some(&api), &[]);
+    first.wait_ready().await;
+    sim.set_spot_interruption("terminate", in_two_minutes());
+    assert!(api.wait_until(WAIT, |api| api.events().len() == 1).await);
+    drop(first);
+
+    // Restarted with the notice still there: nothing to write.
+    let writes = api.writes().len();
+    let mut second = Agent::start(&sim, Some(&api), &[]);
+    second.wait_ready().await;
+    let requests = sim.requests();
+    assert!(wait_for(WAIT, || async { sim.requests() > requests + 40 }).await);
+    assert_eq!(api.writes().len(), writes, "{:?}", api.writes());
+    drop(second);
+
+    // The notice went away while no agent ran: the next one undoes the cordon.
+    sim.clear_spot_interruption();
+    let mut third = Agent::start(&sim, Some(&api), &[]);
+    third.wait_ready().await;
+    assert!(
+        api.wait_until(WAIT, |api| !api.unschedulable()).await,
+        "log:\n{}",
+        third.log()
+    );
+    assert_eq!(api.taints(), vec![gpu_taint()]);
+}
+
+#[tokio::test]
+async fn streams_at_once_while_the_api_server_is_down_and_cordons_when_it_is_back() {
+    let sim = MetadataSimulator::start();
+    let api = start_api();
+    let mut agent = Agent::start(&sim, Some(&api), &[]);
+    agent.wait_ready().await;
+    let mut watch = agent.watch().await;
+    watch.next().await;
+    api.set_unavailable(true);
+    sim.set_spot_interruption("terminate", in_two_minutes());
+    assert!(matches!(watch.next().await, StreamEvent::Notice { .. }));
+    assert!(
+        api.wait_until(WAIT, |api| api.requests().len() >= 3).await,
+        "the agent keeps retrying"
+    );
+    assert!(!api.unschedulable());
+    api.set_unavailable(false);
+    assert!(
+        api.wait_until(WAIT, |api| api.unschedulable()).await,
+        "log:\n{}",
+        agent.log()
+    );
+}
+
+#[tokio::test]
+async fn drains_with_evictions_honouring_budgets_and_skipping_node_and_checkpointing_pods() {
+    let sim = MetadataSimulator::start();
+    let api = start_api();
+    api.add_pod(api.pod_on_node("default", "web", "web"));
+    api.add_pod(api.pod_on_node("jobs", "batch", "batch"));
+    let mut daemon = api.pod_on_node("kube-system", "node-exporter", "exporter");
+    daemon["metadata"]["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "node-exporter", "uid": "u1"}]);
+    api.add_pod(daemon);
+    let mut mirror = api.pod_on_node("kube-system", "kube-proxy", "proxy");
+    mirror["metadata"]["annotations"] = json!({"kubernetes.io/config.mirror": "abc"});
+    api.add_pod(mirror);
+    let mut trainer = api.pod_on_node("ml", "trainer", "trainer");
+    trainer["spec"]["initContainers"] =
+        json!([{"name": "nerve-sidecar", "image": "nerve", "restartPolicy": "Always"}]);
+    api.add_pod(trainer);
+    let mut elsewhere = api.pod_on_node("default", "elsewhere", "web");
+    elsewhere["spec"]["nodeName"] = json!("another-node");
+    api.add_pod(elsewhere);
+    api.refuse_eviction("web", 1, 1);
+
+    let mut agent = Agent::start(&sim, Some(&api), &["--drain"]);
+    agent.wait_ready().await;
+    sim.set_spot_interruption("terminate", in_two_minutes());
+    assert!(
+        api.wait_until(WAIT, |api| api.evicted().len() == 2).await,
+        "log:\n{}",
+        agent.log()
+    );
+    let mut evicted = api.evicted();
+    evicted.sort();
+    assert_eq!(evicted, vec!["default/web", "jobs/batch"]);
+    let web_attempts = api
+        .requests()
+        .iter()
+        .filter(|r| r.path.contains("/pods/web/eviction"))
+        .count();
+    assert_eq!(web_attempts, 2, "the 429 is retried after its Retry-After");
+    let eviction = api
+        .requests()
+        .into_iter()
+        .find(|r| r.path.contains("/pods/batch/eviction"))
+        .unwrap();
+    assert_eq!(eviction.method, "POST");
+    assert_eq!(
+        eviction.json(),
+        json!({"apiVersion": "policy/v1", "kind": "Eviction",
+               "metadata": {"name": "batch", "namespace": "jobs"}})
+    );
+    assert_eq!(eviction.content_type.as_deref(), Some("application/json"));
+}
