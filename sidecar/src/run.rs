@@ -313,6 +313,7 @@ pub async fn run(
         store,
         shared,
         handled: HashSet::new(),
+        heard_on: HashSet::new(),
         emergency_until: None,
     };
     loop {
@@ -369,6 +370,8 @@ struct Runner {
     shared: Arc<SyncShared>,
     /// Ids of notices already acted on.
     handled: HashSet<String>,
+    /// Notice ids by the channel they were heard on (to log a repeat once per channel).
+    heard_on: HashSet<(String, &'static str)>,
     /// While an emergency notice's deadline has not passed, another emergency is the same
     /// machine going away (heard through another channel): no second checkpoint.
     emergency_until: Option<OffsetDateTime>,
@@ -382,7 +385,14 @@ impl Runner {
 
     async fn hear(&mut self, heard: Heard) {
         let received = Instant::now();
+        let first_on_channel = self
+            .heard_on
+            .insert((heard.notice.id.clone(), heard.channel.as_str()));
         if !self.handled.insert(heard.notice.id.clone()) {
+            if first_on_channel {
+                tracing::info!(id = %heard.notice.id, channel = heard.channel.as_str(),
+                    "notice heard again; already acted on");
+            }
             return;
         }
         let trigger = Trigger::from_notice(&heard);

@@ -48,7 +48,7 @@ impl Proc {
             let lines = lines.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(reader).lines().map_while(Result::ok) {
-                    lines.lock().unwrap().push(line);
+                    lines.lock().expect("output lines").push(line);
                 }
             });
         }
@@ -60,14 +60,14 @@ impl Proc {
     }
 
     fn output(&self) -> String {
-        self.lines.lock().unwrap().join("\n")
+        self.lines.lock().expect("output lines").join("\n")
     }
 
     /// JSON lines of the output (trainer events, JSON logs).
     fn json_lines(&self) -> Vec<Value> {
         self.lines
             .lock()
-            .unwrap()
+            .expect("output lines")
             .iter()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
@@ -297,6 +297,32 @@ impl Rig {
     }
 }
 
+/// A plain HTTP/1.1 GET: status code and body.
+fn http_get(address: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
 /// A port nothing listens on: an agent that is down.
 fn closed_port_url() -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -312,7 +338,7 @@ fn in_seconds(seconds: i64) -> OffsetDateTime {
 #[test]
 fn a_notice_on_the_agent_stream_commits_one_generation_the_trainer_resumes_from_exactly() {
     let rig = Rig::new("agent-stream");
-    let (_agent, agent_url) = rig.agent();
+    let (agent, agent_url) = rig.agent();
     let trainer = rig.trainer(
         &rig.dir,
         &["--done-marker", "DONE", "--exit-after-checkpoint"],
@@ -331,6 +357,39 @@ fn a_notice_on_the_agent_stream_commits_one_generation_the_trainer_resumes_from_
     assert_eq!(manifests[0]["step"], saved["step"]);
     let heard = sidecar.log("notice", Duration::from_secs(1));
     assert_eq!(heard["fields"]["channel"], "agent");
+
+    // The agent goes away: the fallback hears the same notice again, and takes no second
+    // checkpoint.
+    drop(agent);
+    sidecar.wait_json("the switch to the fallback", STARTUP_TIMEOUT, |v| {
+        v["fields"]["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("agent stream unavailable"))
+    });
+    let again = sidecar.log("notice heard again; already acted on", CHECKPOINT_TIMEOUT);
+    assert_eq!(again["fields"]["channel"], "metadata");
+    assert_eq!(rig.manifests().len(), 1);
+
+    // The figures are on /metrics; health and readiness answer.
+    let running = sidecar.has_log("sidecar running").expect("startup line");
+    let address = running["fields"]["address"].as_str().expect("address");
+    assert_eq!(http_get(address, "/healthz").0, 200);
+    assert_eq!(http_get(address, "/readyz").0, 200);
+    let (status, metrics) = http_get(address, "/metrics");
+    assert_eq!(status, 200);
+    for name in [
+        "nerve_sidecar_time_to_safe_seconds",
+        "nerve_sidecar_notice_to_signal_seconds",
+        "nerve_sidecar_checkpoint_wait_seconds",
+        "nerve_sidecar_deadline_margin_seconds",
+        "nerve_sidecar_upload_duration_seconds",
+    ] {
+        assert!(
+            metrics.contains(name),
+            "{name} missing from /metrics:\n{metrics}"
+        );
+    }
+    assert!(metrics.contains(r#"nerve_sidecar_checkpoints_total{outcome="committed"} 1"#));
 
     // SIGTERM after the notice's checkpoint: no second checkpoint, a prompt clean exit.
     sidecar.send(nix::sys::signal::Signal::SIGTERM);
