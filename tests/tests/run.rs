@@ -595,3 +595,20 @@ fn walk_sizes(dir: &Path) -> Vec<(String, u64)> {
         })
         .collect()
 }
+
+#[test]
+fn a_sidecar_started_after_the_notice_acts_on_the_agents_snapshot() {
+    let rig = Rig::new("snapshot");
+    let (agent, agent_url) = rig.agent();
+    rig.imds.set_spot_interruption("terminate", in_seconds(120));
+    agent.log("notice", STARTUP_TIMEOUT);
+    let trainer = rig.trainer(&rig.dir, &["--done-marker", "DONE"]);
+    trainer.event("started", STARTUP_TIMEOUT);
+
+    let sidecar = rig.sidecar(&agent_url, &["--done-marker", "DONE"]);
+    let saved = trainer.event("checkpoint", CHECKPOINT_TIMEOUT);
+    let manifests = rig.wait_manifests(1, CHECKPOINT_TIMEOUT, &sidecar);
+    assert_eq!(manifests[0]["step"], saved["step"]);
+    let heard = sidecar.log("notice", Duration::from_secs(5));
+    assert_eq!(heard["fields"]["channel"], "agent");
+}

@@ -101,7 +101,8 @@ pub async fn listen_for_notices(
     status: Arc<ListenStatus>,
     cancel: CancellationToken,
 ) {
-    let (agent_up, agent_up_rx) = watch::channel(false);
+    // Assumed up until the first attempt fails: no metadata poll while the stream connects.
+    let (agent_up, agent_up_rx) = watch::channel(true);
     let fallback = tokio::spawn(poll_metadata_while_agent_down(
         config.clone(),
         notices.clone(),
