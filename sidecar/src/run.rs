@@ -334,6 +334,13 @@ pub async fn run(
                 let Some(heard) = heard else { break };
                 runner.hear(heard).await;
             }
+            // The deadline passed and the machine is still here (a notice withdrawn, or a
+            // false alarm): keep the store in sync again.
+            _ = sleep_until_deadline(runner.emergency_until), if runner.emergency_until.is_some() => {
+                runner.emergency_until = None;
+                tracing::info!("the notice's deadline passed and this machine is still running; background sync resumes");
+                runner.shared.resume();
+            }
         }
     }
     stop.cancel();
@@ -344,6 +351,13 @@ pub async fn run(
         tracing::warn!("background tasks did not stop within {SHUTDOWN_GRACE:?}; exiting anyway");
     }
     Ok(())
+}
+
+async fn sleep_until_deadline(deadline: Option<OffsetDateTime>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline::deadline_instant(deadline)).await,
+        None => std::future::pending().await,
+    }
 }
 
 fn default_agent_url() -> anyhow::Result<http::Uri> {
