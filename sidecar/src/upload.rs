@@ -435,10 +435,10 @@ async fn abort_open_uploads(store: &Store, generation: &Generation, open: &OpenU
         {
             Ok(listing) => {
                 for upload in listing.uploads() {
-                    if let (Some(key), Some(id)) = (upload.key(), upload.upload_id()) {
-                        if !uploads.iter().any(|(_, known)| known == id) {
-                            uploads.push((key.to_owned(), id.to_owned()));
-                        }
+                    if let (Some(key), Some(id)) = (upload.key(), upload.upload_id())
+                        && !uploads.iter().any(|(_, known)| known == id)
+                    {
+                        uploads.push((key.to_owned(), id.to_owned()));
                     }
                 }
             }
