@@ -221,7 +221,7 @@ impl Rig {
             .args(self.store_args())
             .args(["--agent-url", agent_url, "--metadata-url", &self.imds.url()])
             .args(["--poll-interval", "200ms", "--listen", "127.0.0.1:0"])
-            .args(["--target", &self.target(), "--quiet-period", "1s"])
+            .args(["--target", &self.target(), "--quiet-period", "2s"])
             .args(["--part-size", "5MiB", "--concurrency", "4"])
             .args(extra)
             .envs(self.s3.client_env())
