@@ -46,6 +46,7 @@ pub enum CertificateError {
 pub struct CertificateFiles {
     cert: PathBuf,
     key: PathBuf,
+    reload_check_interval: Duration,
     state: Mutex<Loaded>,
 }
 
@@ -58,10 +59,19 @@ struct Loaded {
 impl CertificateFiles {
     /// Loads both files now, so a wrong path or a bad file fails at start-up.
     pub fn load(cert: &Path, key: &Path) -> Result<Self, CertificateError> {
+        Self::load_checking_every(cert, key, RELOAD_CHECK_INTERVAL)
+    }
+
+    fn load_checking_every(
+        cert: &Path,
+        key: &Path,
+        reload_check_interval: Duration,
+    ) -> Result<Self, CertificateError> {
         let certified = Arc::new(load_certified_key(cert, key)?);
         Ok(CertificateFiles {
             cert: cert.to_owned(),
             key: key.to_owned(),
+            reload_check_interval,
             state: Mutex::new(Loaded {
                 certified,
                 modified: modified_times(cert, key),
@@ -82,11 +92,18 @@ impl fmt::Debug for CertificateFiles {
 
 impl ResolvesServerCert for CertificateFiles {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
+impl CertificateFiles {
+    /// The certificate to serve now, re-read first when the files changed since the last look.
+    fn current(&self) -> Arc<CertifiedKey> {
         let mut state = self
             .state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if state.checked.elapsed() >= RELOAD_CHECK_INTERVAL {
+        if state.checked.elapsed() >= self.reload_check_interval {
             state.checked = Instant::now();
             let modified = modified_times(&self.cert, &self.key);
             if modified.is_some() && modified != state.modified {
@@ -102,7 +119,7 @@ impl ResolvesServerCert for CertificateFiles {
                 }
             }
         }
-        Some(state.certified.clone())
+        state.certified.clone()
     }
 }
 
@@ -137,4 +154,72 @@ fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, Certifica
             source,
         })?;
     Ok(CertifiedKey::new(chain, signing_key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_certificate(dir: &Path, name: &str) -> Vec<u8> {
+        let certified = rcgen::generate_simple_self_signed(vec![name.to_owned()]).expect("cert");
+        std::fs::write(dir.join("tls.crt"), certified.cert.pem()).expect("write cert");
+        std::fs::write(dir.join("tls.key"), certified.signing_key.serialize_pem()).expect("key");
+        // A renewal always moves the modification time; file systems with coarse timestamps
+        // may not within one test, so move it explicitly.
+        let later = SystemTime::now()
+            + Duration::from_secs(match name {
+                "old.example" => 0,
+                _ => 60,
+            });
+        for file in ["tls.crt", "tls.key"] {
+            std::fs::File::options()
+                .write(true)
+                .open(dir.join(file))
+                .and_then(|f| f.set_modified(later))
+                .expect("set mtime");
+        }
+        certified.cert.der().to_vec()
+    }
+
+    #[test]
+    fn serves_a_renewed_certificate_and_keeps_the_old_one_when_the_new_files_are_broken() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let old = write_certificate(dir.path(), "old.example");
+        let files = CertificateFiles::load_checking_every(
+            &dir.path().join("tls.crt"),
+            &dir.path().join("tls.key"),
+            Duration::ZERO,
+        )
+        .expect("loads");
+        assert_eq!(files.current().cert[0].as_ref(), old.as_slice());
+
+        let new = write_certificate(dir.path(), "new.example");
+        assert_eq!(files.current().cert[0].as_ref(), new.as_slice());
+
+        std::fs::write(dir.path().join("tls.key"), "not a key").expect("break the key");
+        std::fs::File::options()
+            .write(true)
+            .open(dir.path().join("tls.key"))
+            .and_then(|f| f.set_modified(SystemTime::now() + Duration::from_secs(120)))
+            .expect("set mtime");
+        assert_eq!(
+            files.current().cert[0].as_ref(),
+            new.as_slice(),
+            "a broken renewal keeps the working certificate"
+        );
+    }
+
+    #[test]
+    fn refuses_to_start_without_a_usable_certificate() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("tls.crt"), "").expect("write");
+        std::fs::write(dir.path().join("tls.key"), "").expect("write");
+        let error =
+            CertificateFiles::load(&dir.path().join("tls.crt"), &dir.path().join("tls.key"))
+                .expect_err("empty files");
+        assert!(
+            matches!(error, CertificateError::NoCertificate { .. }),
+            "{error}"
+        );
+    }
 }
