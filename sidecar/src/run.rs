@@ -59,6 +59,11 @@ const PREEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 /// ends.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
+/// Background sync runs while the trainer trains: a quarter of the notice-time concurrency keeps
+/// its disk reads and network use in the background, and still moves a 2 GiB checkpoint in well
+/// under a checkpoint period.
+const DEFAULT_SYNC_CONCURRENCY: u16 = 4;
+
 /// The port of the agent's notice stream (DESIGN.md).
 const AGENT_PORT: u16 = 9739;
 
@@ -101,6 +106,8 @@ pub struct RunArgs {
     pub done_marker: Option<PathBuf>,
 
     /// Without a done marker: how long the directory must stay unchanged to count as complete.
+    // 5 s spans a trainer's pause between two files (serialising the next tensor) and is small
+    // against a two-minute window.
     #[arg(long, env = "NERVE_QUIET_PERIOD", default_value = "5s", value_parser = humantime::parse_duration)]
     pub quiet_period: Duration,
 
@@ -113,11 +120,12 @@ pub struct RunArgs {
     pub background_sync: bool,
 
     /// How often the background sync looks for a new completed checkpoint.
+    // Periodic checkpoints come minutes apart; a 10 s lag is small and a directory scan is cheap.
     #[arg(long, env = "NERVE_SYNC_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
     pub sync_interval: Duration,
 
     /// Requests in flight for background sync (modest: the trainer is still using the disk).
-    #[arg(long, env = "NERVE_SYNC_CONCURRENCY", default_value_t = 4,
+    #[arg(long, env = "NERVE_SYNC_CONCURRENCY", default_value_t = DEFAULT_SYNC_CONCURRENCY,
           value_parser = clap::value_parser!(u16).range(1..=256))]
     pub sync_concurrency: u16,
 

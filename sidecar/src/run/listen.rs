@@ -292,3 +292,85 @@ async fn poll_metadata_while_agent_down(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nerve_notice::NoticeKind;
+    use time::OffsetDateTime;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn notice(kind: NoticeKind, seconds: i64) -> Notice {
+        let now = OffsetDateTime::now_utc();
+        Notice::new(
+            kind,
+            "terminate",
+            now + time::Duration::seconds(seconds),
+            now,
+            Cloud::Aws,
+        )
+    }
+
+    #[tokio::test]
+    async fn notices_from_the_snapshot_and_the_stream_arrive_even_when_lines_are_split() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let first = notice(NoticeKind::SpotInterruption, 120);
+        let second = notice(NoticeKind::RebalanceRecommendation, 300);
+        let snapshot = StreamEvent::Snapshot {
+            notices: vec![first.clone()],
+        }
+        .to_line();
+        let later = StreamEvent::Notice {
+            notice: second.clone(),
+        }
+        .to_line();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 1024];
+            let _ = socket.read(&mut request).await.unwrap();
+            let head = "HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\n\r\n";
+            socket.write_all(head.as_bytes()).await.unwrap();
+            // The snapshot line in two pieces, then a heartbeat and a notice in one.
+            let (a, b) = snapshot.split_at(snapshot.len() / 2);
+            socket.write_all(a.as_bytes()).await.unwrap();
+            socket.flush().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            socket.write_all(b.as_bytes()).await.unwrap();
+            let rest = format!("{}{later}", StreamEvent::Heartbeat.to_line());
+            socket.write_all(rest.as_bytes()).await.unwrap();
+            // Keep the stream open, as the agent does.
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        });
+        let (tx, mut rx) = mpsc::channel(8);
+        let cancel = CancellationToken::new();
+        let config = ListenConfig {
+            agent_url: format!("http://{address}").parse().unwrap(),
+            metadata_url: "http://127.0.0.1:9".to_string(),
+            cloud: Cloud::Aws,
+            poll_interval: Duration::from_secs(1),
+        };
+        let status = Arc::new(ListenStatus::default());
+        let task = tokio::spawn(listen_for_notices(
+            config,
+            tx,
+            status.clone(),
+            cancel.clone(),
+        ));
+        let wait = Duration::from_secs(30);
+        let got_first = tokio::time::timeout(wait, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let got_second = tokio::time::timeout(wait, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got_first.notice, first);
+        assert_eq!(got_first.channel, Channel::Agent);
+        assert_eq!(got_second.notice, second);
+        assert!(status.agent_connected.load(Ordering::Relaxed));
+        cancel.cancel();
+        tokio::time::timeout(wait, task).await.unwrap().unwrap();
+    }
+}
