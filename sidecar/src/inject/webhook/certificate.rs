@@ -160,17 +160,13 @@ fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, Certifica
 mod tests {
     use super::*;
 
-    fn write_certificate(dir: &Path, name: &str) -> Vec<u8> {
+    fn write_certificate(dir: &Path, name: &str, age: Duration) -> Vec<u8> {
         let certified = rcgen::generate_simple_self_signed(vec![name.to_owned()]).expect("cert");
         std::fs::write(dir.join("tls.crt"), certified.cert.pem()).expect("write cert");
         std::fs::write(dir.join("tls.key"), certified.signing_key.serialize_pem()).expect("key");
         // A renewal always moves the modification time; file systems with coarse timestamps
         // may not within one test, so move it explicitly.
-        let later = SystemTime::now()
-            + Duration::from_secs(match name {
-                "old.example" => 0,
-                _ => 60,
-            });
+        let later = SystemTime::now() + age;
         for file in ["tls.crt", "tls.key"] {
             std::fs::File::options()
                 .write(true)
@@ -184,7 +180,7 @@ mod tests {
     #[test]
     fn serves_a_renewed_certificate_and_keeps_the_old_one_when_the_new_files_are_broken() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let old = write_certificate(dir.path(), "old.example");
+        let old = write_certificate(dir.path(), "old.example", Duration::ZERO);
         let files = CertificateFiles::load_checking_every(
             &dir.path().join("tls.crt"),
             &dir.path().join("tls.key"),
@@ -193,7 +189,7 @@ mod tests {
         .expect("loads");
         assert_eq!(files.current().cert[0].as_ref(), old.as_slice());
 
-        let new = write_certificate(dir.path(), "new.example");
+        let new = write_certificate(dir.path(), "new.example", Duration::from_secs(60));
         assert_eq!(files.current().cert[0].as_ref(), new.as_slice());
 
         std::fs::write(dir.path().join("tls.key"), "not a key").expect("break the key");
