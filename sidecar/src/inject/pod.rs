@@ -22,12 +22,13 @@ const SIDECAR_BINARY: &str = "/usr/local/bin/nerve-sidecar";
 const SIDECAR_PORT: u16 = 9740;
 
 /// Requests of the injected containers. The sidecar idles between notices; an upload streams
-/// parts (concurrency × part size, 16 × 16 MiB at most by default), so memory does not grow
-/// with the checkpoint and the limit can be fixed.
+/// parts from disk through small read buffers (256 KiB per request in flight), so memory does
+/// not grow with the checkpoint and the limit can be fixed.
 const SIDECAR_REQUESTS: (&str, &str) = ("10m", "32Mi");
-/// Memory limit: 16 parts of 16 MiB in flight plus the runtime, with headroom. No CPU limit:
-/// throttling an upload racing a two-minute deadline only loses the checkpoint.
-const SIDECAR_MEMORY_LIMIT: &str = "512Mi";
+/// Memory limit: 256 requests in flight (the `--concurrency` maximum) with their buffers and
+/// TLS state fit in well under this. The OOM killer must never end an upload racing a
+/// deadline. No CPU limit: throttling that upload only loses the checkpoint.
+const SIDECAR_MEMORY_LIMIT: &str = "256Mi";
 
 /// What [`inject_spec`] did.
 #[derive(Debug)]
