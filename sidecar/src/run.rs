@@ -241,17 +241,21 @@ pub async fn run(
     metrics_handle: metrics_exporter_prometheus::PrometheusHandle,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // Every bad setting at once, each with its flag and the fix.
     let dir = args.checkpoint.dir.clone();
+    let mut problems = Vec::new();
     if !dir.is_dir() {
-        return Err(crate::ConfigError(format!(
+        problems.push(format!(
             "--dir {}: not a directory; mount the checkpoint volume there (the trainer writes it)",
             dir.display()
-        ))
-        .into());
+        ));
     }
     let agent_url = match &args.agent_url {
-        Some(url) => url.clone(),
-        None => default_agent_url()?,
+        Some(url) => Some(url.clone()),
+        None => default_agent_url().map_err(|e| problems.push(e)).ok(),
+    };
+    let Some(agent_url) = agent_url.filter(|_| problems.is_empty()) else {
+        return Err(crate::ConfigError(problems.join("\n")).into());
     };
     let listener = health::bind(args.listen).await?;
     let address = listener
@@ -368,20 +372,18 @@ async fn sleep_until_deadline(deadline: Option<OffsetDateTime>) {
     }
 }
 
-fn default_agent_url() -> anyhow::Result<http::Uri> {
+fn default_agent_url() -> Result<http::Uri, String> {
     let host = std::env::var("HOST_IP").map_err(|_| {
-        crate::ConfigError(
-            "--agent-url is not set and neither is HOST_IP; set HOST_IP from the downward API \
-             (status.hostIP) or give --agent-url"
-                .to_string(),
-        )
+        "--agent-url is not set and neither is HOST_IP; set HOST_IP from the downward API \
+         (status.hostIP) or give --agent-url"
+            .to_string()
     })?;
     let url = if host.contains(':') {
         format!("http://[{host}]:{AGENT_PORT}")
     } else {
         format!("http://{host}:{AGENT_PORT}")
     };
-    parse_http_url(&url).map_err(|e| crate::ConfigError(format!("HOST_IP: {e}")).into())
+    parse_http_url(&url).map_err(|e| format!("HOST_IP: {e}"))
 }
 
 struct Runner {
