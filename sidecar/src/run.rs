@@ -504,6 +504,20 @@ impl Runner {
         let writers: Vec<i32> = candidates.all().map(|p| p.pid).collect();
         let synced = self.shared.synced();
         let throughput = self.shared.throughput();
+        let scan_dir = self.dir.clone();
+        let now_in_dir = tokio::task::spawn_blocking(move || DirSnapshot::scan(&scan_dir))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        let pending = now_in_dir.bytes_not_in(&synced);
+        tracing::info!(
+            time_left_seconds = deadline::seconds_left(deadline),
+            bytes_not_in_store = pending,
+            expected_upload_seconds = throughput.time_for(pending).as_secs_f64(),
+            throughput_mib_per_second = throughput.bytes_per_second() / (1024.0 * 1024.0),
+            "deadline budget before the trainer's checkpoint (the estimate follows it as it grows)"
+        );
         let wait_started = Instant::now();
         let completion = checkpoint::wait_for_checkpoint(
             &self.dir,
