@@ -267,6 +267,20 @@ async fn streams_a_notice_once_and_late_subscribers_get_it_in_the_snapshot() {
         assert!(metrics.contains(name), "{name} missing from\n{metrics}");
     }
     assert_eq!(metric_value(&metrics, "nerve_agent_subscribers"), 2.0);
+
+    // Heartbeats keep a quiet stream alive.
+    let mut line = String::new();
+    let heartbeat = tokio::time::timeout(WAIT, async {
+        loop {
+            line.clear();
+            late.reader.read_line(&mut line).await.unwrap();
+            if line.trim_end() == r#"{"type":"heartbeat"}"# {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(heartbeat.is_ok(), "no heartbeat within {WAIT:?}");
     assert_eq!(get(agent.addr, "/healthz").await.unwrap().0, 200);
 }
 
@@ -740,4 +754,45 @@ async fn drains_with_evictions_honouring_budgets_and_skipping_node_and_checkpoin
                "metadata": {"name": "batch", "namespace": "jobs"}})
     );
     assert_eq!(eviction.content_type.as_deref(), Some("application/json"));
+}
+
+/// The metadata client on its own, as the sidecar uses it when the agent is unreachable.
+#[tokio::test]
+async fn the_metadata_client_keeps_notices_stable_and_through_faults() {
+    use nerve_notice::{Cloud, MetadataClient};
+    let sim = MetadataSimulator::start();
+    let mut client =
+        MetadataClient::new(&sim.url(), Cloud::Gcp, Duration::from_millis(500)).unwrap();
+    let report = client.poll().await;
+    assert_eq!(report.outcome(), "ok");
+    assert!(report.answered && report.notices.is_empty());
+
+    sim.set_gcp_preempted(true);
+    let first = client.poll().await.notices;
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].kind, NoticeKind::Preemption);
+    assert_eq!(
+        first[0].deadline - first[0].detected_at,
+        time::Duration::seconds(30)
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(
+        client.poll().await.notices,
+        first,
+        "same id and detection time on every poll"
+    );
+
+    sim.set_fault(Fault::ServerError);
+    let report = client.poll().await;
+    assert_eq!(report.outcome(), "http_5xx");
+    assert!(!report.answered);
+    assert_eq!(report.notices, first, "a failing poll keeps what was known");
+    sim.set_fault(Fault::Hang);
+    assert_eq!(client.poll().await.outcome(), "timeout");
+
+    sim.set_fault(Fault::None);
+    sim.set_gcp_preempted(false);
+    let report = client.poll().await;
+    assert_eq!(report.outcome(), "ok");
+    assert!(report.notices.is_empty());
 }

@@ -131,7 +131,7 @@ fn summary(name: &str, samples: &mut [Duration]) {
     let max = samples[samples.len() - 1];
     let min = samples[0];
     println!(
-        "{name}: median {:.0} ms, max {:.0} ms, min {:.0} ms over {} trials",
+        "{name}: median {:.1} ms, max {:.1} ms, min {:.1} ms over {} trials",
         median.as_secs_f64() * 1000.0,
         max.as_secs_f64() * 1000.0,
         min.as_secs_f64() * 1000.0,
@@ -227,6 +227,11 @@ fn main() -> anyhow::Result<()> {
             .find(|w| w.method == "PATCH")
             .context("finding the cordon PATCH")?;
         to_patch.push(patch.at - appeared);
+        eprintln!(
+            "trial {trial}: subscriber {:.1} ms, cordon PATCH {:.1} ms",
+            (received - appeared).as_secs_f64() * 1000.0,
+            (patch.at - appeared).as_secs_f64() * 1000.0
+        );
     }
     let (_, peak_kib, _) = usage(agent.child.id())?;
     summary("notice -> subscriber", &mut to_subscriber);
