@@ -796,3 +796,37 @@ async fn the_metadata_client_keeps_notices_stable_and_through_faults() {
     assert_eq!(report.outcome(), "ok");
     assert!(report.notices.is_empty());
 }
+
+#[tokio::test]
+async fn a_drain_blocked_by_a_disruption_budget_stops_at_the_notice_deadline() {
+    let sim = MetadataSimulator::start();
+    let api = start_api();
+    api.add_pod(api.pod_on_node("default", "guarded", "web"));
+    api.refuse_eviction("guarded", usize::MAX, 1);
+    let mut agent = Agent::start(&sim, Some(&api), &["--drain"]);
+    agent.wait_ready().await;
+    let deadline = (OffsetDateTime::now_utc() + Duration::from_secs(4))
+        .replace_nanosecond(0)
+        .unwrap();
+    sim.set_spot_interruption("terminate", deadline);
+    let attempts = |api: &ApiServer| {
+        api.requests()
+            .iter()
+            .filter(|r| r.path.contains("/pods/guarded/eviction"))
+            .count()
+    };
+    assert!(
+        api.wait_until(WAIT, |api| attempts(api) >= 2).await,
+        "log:\n{}",
+        agent.log()
+    );
+    // Well past the deadline, the attempts have stopped.
+    let past = deadline + Duration::from_secs(3);
+    tokio::time::sleep(Duration::try_from(past - OffsetDateTime::now_utc()).unwrap_or_default())
+        .await;
+    let stopped = attempts(&api);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(attempts(&api), stopped, "no eviction after the deadline");
+    assert!(api.evicted().is_empty());
+    assert!(agent.log().contains("drain stopped at the notice deadline"));
+}
