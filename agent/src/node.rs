@@ -163,9 +163,9 @@ impl NodeActions {
                     failures += 1;
                     self.metrics.node_action(action, "error");
                     if failures == 1 {
-                        tracing::warn!(node = %self.node, action, error = %chain(&err), "node action failed; retrying until the notice deadline");
+                        tracing::warn!(node = %self.node, action, error = %crate::error_chain(&err), "node action failed; retrying until the notice deadline");
                     } else {
-                        tracing::debug!(node = %self.node, action, error = %chain(&err), "node action failed again");
+                        tracing::debug!(node = %self.node, action, error = %crate::error_chain(&err), "node action failed again");
                     }
                     if let Some(notice) = target
                         && OffsetDateTime::now_utc() >= notice.deadline
@@ -339,7 +339,7 @@ impl NodeActions {
             Ok(_) => self.metrics.node_action("event", "ok"),
             Err(err) => {
                 self.metrics.node_action("event", "error");
-                tracing::warn!(node = %self.node, error = %chain(&err), "recording the node event");
+                tracing::warn!(node = %self.node, error = %crate::error_chain(&err), "recording the node event");
             }
         }
     }
@@ -443,17 +443,6 @@ fn uncordon_patch(node: &Node) -> Option<(Value, bool)> {
         "spec": spec_patch,
     });
     Some((patch, ours))
-}
-
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(inner) = source {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    text
 }
 
 #[cfg(test)]
