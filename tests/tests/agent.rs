@@ -696,12 +696,16 @@ async fn streams_at_once_while_the_api_server_is_down_and_cordons_when_it_is_bac
         "the agent keeps retrying"
     );
     assert!(!api.unschedulable());
+    // Back, but failing the first two patches with 500: still retried.
+    api.fail_next(Some("PATCH"), "/api/v1/nodes/", 500, 2);
     api.set_unavailable(false);
     assert!(
         api.wait_until(WAIT, |api| api.unschedulable()).await,
         "log:\n{}",
         agent.log()
     );
+    let patches = api.writes().iter().filter(|w| w.method == "PATCH").count();
+    assert_eq!(patches, 3, "two refused with 500, the third applied");
 }
 
 #[tokio::test]
