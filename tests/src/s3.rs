@@ -61,7 +61,7 @@ impl S3Server {
         let fs = s3s_fs::FileSystem::new(root).map_err(|e| io::Error::other(format!("{e:?}")))?;
         let uploads = Uploads::default();
         let store = TestStore {
-            fs,
+            fs: Arc::new(fs),
             uploads: uploads.clone(),
         };
         let mut builder = s3s::service::S3ServiceBuilder::new(store);
@@ -198,7 +198,7 @@ impl Uploads {
 }
 
 struct TestStore {
-    fs: s3s_fs::FileSystem,
+    fs: Arc<s3s_fs::FileSystem>,
     uploads: Uploads,
 }
 
@@ -247,13 +247,14 @@ impl S3 for TestStore {
         'life0: 'async_trait,
         Self: 'async_trait,
     {
-        Box::pin(async move {
-            let response = self.fs.create_multipart_upload(req).await?;
+        let (fs, uploads) = (self.fs.clone(), self.uploads.clone());
+        finish_even_if_the_client_leaves(async move {
+            let response = fs.create_multipart_upload(req).await?;
             let output = &response.output;
             if let (Some(bucket), Some(key), Some(upload_id)) =
                 (&output.bucket, &output.key, &output.upload_id)
             {
-                self.uploads.lock().insert(
+                uploads.lock().insert(
                     upload_id.clone(),
                     OpenUpload {
                         bucket: bucket.clone(),
@@ -319,10 +320,11 @@ impl S3 for TestStore {
         'life0: 'async_trait,
         Self: 'async_trait,
     {
-        Box::pin(async move {
+        let (fs, uploads) = (self.fs.clone(), self.uploads.clone());
+        finish_even_if_the_client_leaves(async move {
             let upload_id = req.input.upload_id.clone();
-            let response = self.fs.complete_multipart_upload(req).await?;
-            self.uploads.lock().remove(&upload_id);
+            let response = fs.complete_multipart_upload(req).await?;
+            uploads.lock().remove(&upload_id);
             Ok(response)
         })
     }
@@ -335,10 +337,11 @@ impl S3 for TestStore {
         'life0: 'async_trait,
         Self: 'async_trait,
     {
-        Box::pin(async move {
+        let (fs, uploads) = (self.fs.clone(), self.uploads.clone());
+        finish_even_if_the_client_leaves(async move {
             let upload_id = req.input.upload_id.clone();
-            let response = self.fs.abort_multipart_upload(req).await?;
-            self.uploads.lock().remove(&upload_id);
+            let response = fs.abort_multipart_upload(req).await?;
+            uploads.lock().remove(&upload_id);
             Ok(response)
         })
     }
@@ -375,6 +378,19 @@ impl S3 for TestStore {
             }))
         })
     }
+}
+
+/// Runs an operation that changes the upload bookkeeping to its end on its own task. hyper drops
+/// a handler whose client hung up (a SIGKILLed sidecar); a real store finishes the operation,
+/// and the bookkeeping here must not disagree with the files s3s-fs wrote.
+fn finish_even_if_the_client_leaves<T: Send + 'static>(
+    operation: impl Future<Output = S3Result<S3Response<T>>> + Send + 'static,
+) -> S3Future<'static, T> {
+    Box::pin(async move {
+        tokio::spawn(operation)
+            .await
+            .map_err(|e| s3_error!(InternalError, "the operation's task failed: {e}"))?
+    })
 }
 
 fn decode_crc32c(value: &str) -> Option<u32> {

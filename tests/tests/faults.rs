@@ -1,0 +1,1077 @@
+//! Fault injection for "zero loss": the real `nerve-sidecar` binary against the in-process S3
+//! server, through the fault-injecting proxy, killed with SIGKILL at seeded random points,
+//! restoring into a full disk, and fed hostile manifests and flags.
+//!
+//! Every scenario ends in the same check: whatever happened, `restore` yields byte for byte
+//! either the previous generation or the new one, every committed manifest names only objects
+//! that exist with the size and CRC32C it lists, and no multipart upload is left open (or, after
+//! a SIGKILL, `prune` cleans up what was left). The scenario matrix with measured trials is in
+//! `docs/faults.md`; the longer soak is `bench/soak`.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nerve_tests::fault_proxy::{Fault, FaultProxy, Rule};
+use nerve_tests::s3::S3Server;
+use rand::{Rng, RngCore, SeedableRng};
+use serde_json::{Value, json};
+
+const BUCKET: &str = "faults";
+const PREFIX: &str = "ckpt";
+/// Bound on one sidecar command; generous for a loaded 2-core machine, never a speed claim.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+/// SIGKILL trials in CI; `bench/soak` runs many more (`NERVE_CRASH_TRIALS`).
+const CRASH_TRIALS: usize = 50;
+/// Seed of the crash trials unless `NERVE_CRASH_SEED` says otherwise (printed on failure).
+const CRASH_SEED: u64 = 0x6e65_7276_6507;
+const MIB: usize = 1024 * 1024;
+
+/// The store side of one test: an S3 server on a root and port that survive restarts.
+struct World {
+    s3: Option<S3Server>,
+    root: tempfile::TempDir,
+    addr: SocketAddr,
+    work: tempfile::TempDir,
+    job: String,
+}
+
+impl World {
+    fn new(job: &str) -> World {
+        let root = tempfile::Builder::new()
+            .prefix("nerve-faults-s3-")
+            .tempdir()
+            .expect("s3 root");
+        let s3 = S3Server::start_at(root.path(), SocketAddr::from(([127, 0, 0, 1], 0)))
+            .expect("S3 server");
+        s3.create_bucket(BUCKET).expect("bucket");
+        let addr = s3.addr();
+        World {
+            s3: Some(s3),
+            root,
+            addr,
+            work: tempfile::Builder::new()
+                .prefix("nerve-faults-")
+                .tempdir()
+                .expect("work dir"),
+            job: job.to_owned(),
+        }
+    }
+
+    fn s3(&self) -> &S3Server {
+        self.s3.as_ref().expect("the S3 server is running")
+    }
+
+    fn stop_s3(&mut self) {
+        self.s3 = None;
+    }
+
+    fn start_s3(&mut self) {
+        // The port was just released; a moment of retry covers a slow close.
+        let started = Instant::now();
+        loop {
+            match S3Server::start_at(self.root.path(), self.addr) {
+                Ok(s3) => {
+                    self.s3 = Some(s3);
+                    return;
+                }
+                Err(err) if started.elapsed() < Duration::from_secs(10) => {
+                    eprintln!("restarting S3 on {}: {err}; retrying", self.addr);
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(err) => panic!("restarting S3 on {}: {err}", self.addr),
+            }
+        }
+    }
+
+    fn dir(&self, name: &str) -> PathBuf {
+        let dir = self.work.path().join(name);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        dir
+    }
+
+    /// `nerve-sidecar <subcommand> --dest … --job …` talking to `endpoint`.
+    fn sidecar(&self, endpoint: &str, subcommand: &str) -> Command {
+        let mut command = Command::new(nerve_tests::binary_path("nerve-sidecar"));
+        command
+            .arg(subcommand)
+            .args(["--dest", &format!("s3://{BUCKET}/{PREFIX}")])
+            .args(["--job", &self.job, "--path-style"])
+            .envs(self.s3().client_env())
+            .env("AWS_ENDPOINT_URL", endpoint)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null());
+        command
+    }
+
+    fn upload(&self, endpoint: &str, dir: &Path) -> Output {
+        run_bounded(
+            self.sidecar(endpoint, "upload")
+                .arg("--dir")
+                .arg(dir)
+                .args(["--part-size", "5MiB", "--concurrency", "4"]),
+        )
+    }
+
+    /// Restores the newest generation straight from the server (no faults) into `dir`.
+    fn restore(&self, dir: &Path) -> Output {
+        run_bounded(
+            self.sidecar(&self.s3().endpoint(), "restore")
+                .arg("--dir")
+                .arg(dir),
+        )
+    }
+
+    fn gen_dir(&self) -> PathBuf {
+        self.root
+            .path()
+            .join(BUCKET)
+            .join(PREFIX)
+            .join(&self.job)
+            .join("gen")
+    }
+
+    /// Committed generations (their manifests exist), oldest first.
+    fn committed(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.gen_dir())
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter_map(|n| n.strip_suffix(".manifest.json").map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    /// Every committed manifest names only objects that exist with its size and CRC32C.
+    fn assert_manifests_name_whole_objects(&self) {
+        for generation in self.committed() {
+            let path = self.gen_dir().join(format!("{generation}.manifest.json"));
+            let manifest: Value =
+                serde_json::from_slice(&std::fs::read(&path).expect("manifest")).expect("json");
+            for file in manifest["files"].as_array().expect("files") {
+                let key = file["key"].as_str().expect("key");
+                let object = self.root.path().join(BUCKET).join(key);
+                let bytes = std::fs::read(&object).unwrap_or_else(|e| {
+                    panic!("generation {generation} names {key}, which is missing: {e}")
+                });
+                assert_eq!(
+                    bytes.len() as u64,
+                    file["size"].as_u64().expect("size"),
+                    "generation {generation} names {key} with a size it does not have"
+                );
+                assert_eq!(
+                    format!("{:08x}", crc32c::crc32c(&bytes)),
+                    file["crc32c"].as_str().expect("crc"),
+                    "generation {generation} names {key} with bytes it does not have"
+                );
+            }
+        }
+    }
+
+    /// Multipart uploads the store still holds open: s3s-fs keeps one `.upload-<id>.json` per
+    /// upload in its root, which (unlike `S3Server::incomplete_uploads`) survives a restart.
+    fn open_multipart_uploads(&self) -> Vec<String> {
+        std::fs::read_dir(self.root.path())
+            .expect("s3 root")
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| n.starts_with(".upload-") && n.ends_with(".json"))
+            .collect()
+    }
+
+    /// Restores the newest generation into `into` and returns its files.
+    fn restored_tree(&self, into: &Path) -> BTreeMap<String, Vec<u8>> {
+        let output = self.restore(into);
+        assert!(
+            output.status.success(),
+            "restore failed: {}",
+            stderr(&output)
+        );
+        read_tree(into)
+    }
+}
+
+/// Runs a command to completion within [`COMMAND_TIMEOUT`], killing it if it overruns.
+fn run_bounded(command: &mut Command) -> Output {
+    let child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    wait_bounded(child, &format!("{command:?}"))
+}
+
+/// Waits for a child started with piped output, at most [`COMMAND_TIMEOUT`]; a child that
+/// overruns is killed and fails the test (a wait without a bound is the bug).
+fn wait_bounded(mut child: std::process::Child, what: &str) -> Output {
+    let (mut out, mut err) = (child.stdout.take(), child.stderr.take());
+    let readers = std::thread::spawn(move || {
+        let (mut o, mut e) = (Vec::new(), Vec::new());
+        if let Some(out) = out.as_mut() {
+            let _ = out.read_to_end(&mut o);
+        }
+        if let Some(err) = err.as_mut() {
+            let _ = err.read_to_end(&mut e);
+        }
+        (o, e)
+    });
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if started.elapsed() > COMMAND_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            let (_, e) = readers.join().unwrap_or_default();
+            panic!(
+                "{what} did not finish within {COMMAND_TIMEOUT:?} (a wait without a bound); \
+                 stderr:\n{}",
+                String::from_utf8_lossy(&e)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (stdout, stderr) = readers.join().unwrap_or_default();
+    Output {
+        status,
+        stdout,
+        stderr,
+    }
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Writes a checkpoint: a multipart-sized weights file whose content depends on `seed`, a small
+/// file that never changes (reused across generations), and a step file.
+fn write_checkpoint(dir: &Path, seed: u64, weights: usize) -> BTreeMap<String, Vec<u8>> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir.join("optim")).expect("mkdir");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut model = vec![0u8; weights];
+    rng.fill_bytes(&mut model);
+    let mut frozen = vec![0u8; 64 * 1024];
+    rand::rngs::StdRng::seed_from_u64(7).fill_bytes(&mut frozen);
+    let mut state = vec![0u8; 200 * 1024 + rng.random_range(0..4096)];
+    rng.fill_bytes(&mut state);
+    let files = [
+        ("model.bin", model),
+        ("frozen.bin", frozen),
+        ("optim/state.bin", state),
+        ("step.json", format!("{{\"seed\":{seed}}}").into_bytes()),
+    ];
+    for (path, bytes) in &files {
+        std::fs::write(dir.join(path), bytes).expect("write checkpoint file");
+    }
+    files.into_iter().map(|(p, b)| (p.to_owned(), b)).collect()
+}
+
+/// Every regular file under `dir`, by relative path.
+fn read_tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
+        for entry in std::fs::read_dir(dir)
+            .expect("read dir")
+            .filter_map(Result::ok)
+        {
+            let path = entry.path();
+            if path.is_dir() {
+                walk(root, &path, out);
+            } else {
+                let relative = path.strip_prefix(root).expect("under root");
+                out.insert(
+                    relative.to_string_lossy().into_owned(),
+                    std::fs::read(&path).expect("read"),
+                );
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+/// Names of the entries directly in `dir`.
+fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("read dir")
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    names
+}
+
+/// One S3 fault scenario: commit `before`, upload `after` through the proxy with `rules`, and
+/// check the outcome is whole. Returns whether the new generation committed.
+fn upload_through_faults(
+    world: &mut World,
+    rules: &[Rule],
+    during: impl FnOnce(&mut World, &FaultProxy),
+) -> bool {
+    let dir = world.dir("checkpoint");
+    let before = write_checkpoint(&dir, 1, 11 * MIB);
+    let output = world.upload(&world.s3().endpoint(), &dir);
+    assert!(output.status.success(), "clean upload: {}", stderr(&output));
+    let after = write_checkpoint(&dir, 2, 11 * MIB);
+
+    let proxy = FaultProxy::start(world.addr).expect("proxy");
+    for rule in rules {
+        proxy.add_rule(rule.clone());
+    }
+    let endpoint = proxy.endpoint();
+    let mut command = world.sidecar(&endpoint, "upload");
+    command
+        .arg("--dir")
+        .arg(&dir)
+        .args(["--part-size", "5MiB", "--concurrency", "2"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = command.spawn().expect("spawn upload");
+    during(world, &proxy);
+    let output = wait_bounded(child, "upload through the fault proxy");
+    let committed = output.status.success();
+    eprintln!(
+        "faults injected: {:?}\nupload {}: {}",
+        proxy.injected(),
+        if committed { "committed" } else { "failed" },
+        stderr(&output)
+    );
+    assert!(
+        !proxy.injected().is_empty(),
+        "the scenario must actually inject a fault"
+    );
+    drop(proxy);
+
+    world.assert_manifests_name_whole_objects();
+    assert_eq!(world.committed().len(), if committed { 2 } else { 1 });
+    let restored = world.restored_tree(&world.dir("restored"));
+    let expected = if committed { &after } else { &before };
+    assert!(
+        &restored == expected,
+        "restore gave neither exactly the new generation nor exactly the previous one"
+    );
+    assert_eq!(
+        world.open_multipart_uploads(),
+        Vec::<String>::new(),
+        "multipart uploads left open"
+    );
+    committed
+}
+
+#[test]
+fn slowdown_and_internal_error_bursts_are_ridden_out_and_the_new_generation_commits() {
+    let mut world = World::new("slowdown");
+    let rules = [
+        Rule::new(Fault::SlowDown)
+            .method("PUT")
+            .path_contains("partNumber=")
+            .times(6),
+        Rule::new(Fault::InternalError).method("PUT").times(4),
+        Rule::new(Fault::SlowDown)
+            .method("POST")
+            .path_contains("uploads")
+            .times(2),
+    ];
+    assert!(upload_through_faults(&mut world, &rules, |_, _| {}));
+}
+
+#[test]
+fn connections_reset_mid_part_are_retried_and_the_new_generation_commits() {
+    let mut world = World::new("reset");
+    let rules = [Rule::new(Fault::ResetMidBody)
+        .method("PUT")
+        .path_contains("partNumber=")
+        .times(4)];
+    assert!(upload_through_faults(&mut world, &rules, |_, _| {}));
+}
+
+#[test]
+fn a_part_corrupted_in_flight_is_refused_by_the_store_and_sent_again() {
+    let mut world = World::new("corrupt");
+    let rules = [Rule::new(Fault::Corrupt)
+        .method("PUT")
+        .path_contains("partNumber=2")
+        .times(1)];
+    assert!(upload_through_faults(&mut world, &rules, |_, _| {}));
+}
+
+#[test]
+fn a_stalled_response_is_abandoned_and_the_upload_still_finishes() {
+    let mut world = World::new("stall");
+    // Far longer than the test's bound: only a client-side timeout gets past it.
+    let rules = [Rule::new(Fault::Stall(Duration::from_secs(3600)))
+        .method("PUT")
+        .path_contains("partNumber=1")
+        .times(1)];
+    assert!(upload_through_faults(&mut world, &rules, |_, _| {}));
+}
+
+#[test]
+fn a_stalled_answer_to_the_commit_is_abandoned_and_the_upload_finishes() {
+    let mut world = World::new("stall-commit");
+    // A small body fits in the socket buffers: the client has sent everything and waits for an
+    // answer that never comes. Only a timeout on the answer gets past it (this hung forever
+    // before the sidecar had one).
+    let rules = [Rule::new(Fault::Stall(Duration::from_secs(3600)))
+        .method("PUT")
+        .path_contains(".manifest.json")
+        .times(1)];
+    assert!(upload_through_faults(&mut world, &rules, |_, _| {}));
+}
+
+#[test]
+fn a_store_restarted_mid_upload_ends_in_the_new_or_the_previous_generation_never_a_mix() {
+    let mut world = World::new("restart");
+    // Hold the second part for a moment so the restart lands while the upload is in flight.
+    let rules = [Rule::new(Fault::Stall(Duration::from_secs(2)))
+        .method("PUT")
+        .path_contains("partNumber=2")
+        .times(1)];
+    upload_through_faults(&mut world, &rules, |world, proxy| {
+        let started = Instant::now();
+        while proxy.injected().is_empty() && started.elapsed() < COMMAND_TIMEOUT {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        world.stop_s3();
+        std::thread::sleep(Duration::from_secs(1));
+        world.start_s3();
+    });
+}
+
+/// Waits up to `limit` for the child, killing it with SIGKILL at `kill_after`. Returns whether
+/// it exited on its own.
+fn kill_at(command: &mut Command, kill_after: Duration) -> bool {
+    let mut child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let started = Instant::now();
+    loop {
+        if child.try_wait().expect("wait").is_some() {
+            return true;
+        }
+        if started.elapsed() >= kill_after {
+            let _ = child.kill(); // SIGKILL: no handler runs, nothing is aborted.
+            let _ = child.wait();
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn sigkill_anywhere_in_an_upload_leaves_a_whole_generation_and_prune_cleans_up_the_rest() {
+    let trials = std::env::var("NERVE_CRASH_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(CRASH_TRIALS);
+    let seed = std::env::var("NERVE_CRASH_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(CRASH_SEED);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let world = World::new("crash");
+    let endpoint = world.s3().endpoint();
+    let dir = world.dir("checkpoint");
+    let restored = world.dir("restored");
+
+    // Calibrate: kill points spread over one whole upload (with a previous generation, as in
+    // the trials) on this machine: the median of three, plus a tenth to reach past the commit.
+    let mut content = BTreeMap::new();
+    let mut durations = Vec::new();
+    for seed in 0..3 {
+        content = write_checkpoint(&dir, seed, 6 * MIB);
+        let started = Instant::now();
+        let output = world.upload(&endpoint, &dir);
+        assert!(output.status.success(), "clean upload: {}", stderr(&output));
+        durations.push(started.elapsed());
+    }
+    durations.sort();
+    let window = durations[1].mul_f64(1.1);
+
+    let (mut killed, mut new_generation) = (0, 0);
+    for trial in 0..trials {
+        let context = format!("trial {trial} (NERVE_CRASH_SEED={seed})");
+        let previous = content;
+        content = write_checkpoint(&dir, 1000 + trial as u64, 6 * MIB);
+        let committed_before = world.committed();
+        let kill_after = window.mul_f64(rng.random::<f64>());
+        let mut upload = world.sidecar(&endpoint, "upload");
+        upload
+            .arg("--dir")
+            .arg(&dir)
+            .args(["--part-size", "5MiB", "--concurrency", "4"]);
+        let was_killed = !kill_at(&mut upload, kill_after);
+        killed += usize::from(was_killed);
+        let committed = world.committed();
+        let got = world.restored_tree(&restored);
+        if committed == committed_before {
+            assert!(
+                was_killed,
+                "{context}: an upload that exited committed nothing"
+            );
+            assert!(
+                got == previous,
+                "{context}: restore is not the previous generation"
+            );
+        } else {
+            new_generation += usize::from(was_killed);
+            assert_eq!(committed.len(), committed_before.len() + 1, "{context}");
+            assert!(
+                got == content,
+                "{context}: restore is not the new generation"
+            );
+        }
+        // A re-run completes and commits exactly this content.
+        let output = world.upload(&endpoint, &dir);
+        assert!(
+            output.status.success(),
+            "{context}: re-run: {}",
+            stderr(&output)
+        );
+        assert!(
+            world.restored_tree(&restored) == content,
+            "{context}: re-run content"
+        );
+    }
+    world.assert_manifests_name_whole_objects();
+    eprintln!(
+        "{trials} trials (seed {seed}, window {window:?}): {killed} killed mid-upload, \
+         {new_generation} of those committed before the kill landed; \
+         {} multipart uploads left open by SIGKILL (prune aborts them)",
+        world.open_multipart_uploads().len()
+    );
+    assert!(
+        killed >= trials / 4,
+        "too few kills landed inside the upload"
+    );
+
+    // What SIGKILL leaves behind (objects of uncommitted generations, open multipart uploads)
+    // is what `prune` removes: afterwards only what the kept generation names is stored.
+    let output = run_bounded(world.sidecar(&endpoint, "prune").args(["--keep", "1"]));
+    assert!(output.status.success(), "prune: {}", stderr(&output));
+    let newest = world.committed().pop().expect("a committed generation");
+    let manifest: Value = serde_json::from_slice(
+        &std::fs::read(world.gen_dir().join(format!("{newest}.manifest.json"))).expect("read"),
+    )
+    .expect("json");
+    let mut named: Vec<String> = manifest["files"]
+        .as_array()
+        .expect("files")
+        .iter()
+        .map(|f| f["key"].as_str().expect("key").to_owned())
+        .collect();
+    named.push(format!("{PREFIX}/{}/gen/{newest}.manifest.json", world.job));
+    named.sort();
+    let bucket = world.root.path().join(BUCKET);
+    let mut stored: Vec<String> = read_tree(&world.gen_dir())
+        .into_keys()
+        .map(|k| format!("{PREFIX}/{}/gen/{k}", world.job))
+        .collect();
+    stored.sort();
+    assert_eq!(stored, named, "prune left objects no generation names");
+    assert!(bucket.exists());
+    assert_eq!(
+        world.open_multipart_uploads(),
+        Vec::<String>::new(),
+        "multipart uploads left open after prune"
+    );
+    assert!(world.restored_tree(&restored) == content);
+}
+
+/// Whether this machine lets an unprivileged user namespace mount a tmpfs.
+fn can_mount_tmpfs() -> bool {
+    Command::new("unshare")
+        .args(["-rm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[test]
+fn restore_onto_a_full_disk_fails_clearly_and_leaves_the_directory_and_no_staging() {
+    let world = World::new("disk");
+    let dir = world.dir("checkpoint");
+    write_checkpoint(&dir, 3, 11 * MIB);
+    let output = world.upload(&world.s3().endpoint(), &dir);
+    assert!(output.status.success(), "upload: {}", stderr(&output));
+
+    let sidecar = nerve_tests::binary_path("nerve-sidecar");
+    let mount = world.dir("small-disk");
+    let env: Vec<String> = world
+        .s3()
+        .client_env()
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let restore = format!(
+        "env {} RUST_LOG=warn {} restore --dir \"$M/ckpt\" --dest s3://{BUCKET}/{PREFIX} --job {} --path-style",
+        env.join(" "),
+        sidecar.display(),
+        world.job
+    );
+    // The target: the previous checkpoint in $M/ckpt on a filesystem too small for the new one.
+    let script = format!(
+        "set -u; M={mount}; {setup}; mkdir \"$M/ckpt\"; \
+         printf 'previous checkpoint' > \"$M/ckpt/old.bin\"; \
+         {restore}; echo \"exit=$?\"; \
+         echo \"entries=$(ls -A \"$M\" | tr '\\n' ' ')\"; \
+         echo \"dir=$(ls -A \"$M/ckpt\" | tr '\\n' ' ')\"; \
+         echo \"old=$(cat \"$M/ckpt/old.bin\")\"",
+        mount = mount.display(),
+        setup = if can_mount_tmpfs() {
+            "mount -t tmpfs -o size=4m tmpfs \"$M\""
+        } else {
+            // No namespaces here: a file-size limit, with SIGXFSZ ignored so writes fail with
+            // EFBIG instead of killing the process.
+            eprintln!("unshare/mount unavailable: using RLIMIT_FSIZE instead of a small tmpfs");
+            "trap '' XFSZ; ulimit -f 4096"
+        },
+    );
+    let shell = if can_mount_tmpfs() {
+        vec!["unshare", "-rm", "sh", "-c"]
+    } else {
+        vec!["sh", "-c"]
+    };
+    let output = run_bounded(Command::new(shell[0]).args(&shell[1..]).arg(&script));
+    let report = String::from_utf8_lossy(&output.stdout).into_owned();
+    let errors = stderr(&output);
+    eprintln!("{report}\n{errors}");
+    assert!(!report.contains("exit=0"), "restore must fail: {report}");
+    assert!(
+        report.contains("exit=1"),
+        "a runtime error, not a crash: {report}"
+    );
+    assert!(
+        errors.contains("No space left on device") || errors.contains("File too large"),
+        "the error says the disk is full: {errors}"
+    );
+    assert!(
+        errors.contains("writing"),
+        "and what was being written: {errors}"
+    );
+    assert!(
+        report.contains("entries=ckpt \n"),
+        "staging cleaned up: {report}"
+    );
+    assert!(
+        report.contains("dir=old.bin \n"),
+        "--dir untouched: {report}"
+    );
+    assert!(
+        report.contains("old=previous checkpoint"),
+        "--dir untouched: {report}"
+    );
+}
+
+/// Stores `manifest` (and `objects`) as committed generation `generation` of `world`'s job,
+/// straight into the server's directory, as a hostile or broken writer could.
+fn plant_generation(world: &World, generation: &str, manifest: &Value, objects: &[(&str, &[u8])]) {
+    let gen_dir = world.gen_dir();
+    std::fs::create_dir_all(&gen_dir).expect("mkdir");
+    for (key, bytes) in objects {
+        let path = world.root.path().join(BUCKET).join(key);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(path, bytes).expect("write object");
+    }
+    std::fs::write(
+        gen_dir.join(format!("{generation}.manifest.json")),
+        serde_json::to_vec(manifest).expect("json"),
+    )
+    .expect("write manifest");
+}
+
+fn manifest_of(world: &World, generation: &str, files: Vec<Value>) -> Value {
+    json!({"version": 1, "generation": generation, "job": world.job,
+           "created_at": "2026-11-24T02:00:00Z", "files": files})
+}
+
+fn entry(world: &World, generation: &str, path: &str, bytes: &[u8]) -> Value {
+    json!({"path": path, "size": bytes.len(), "mode": 0o644,
+           "crc32c": format!("{:08x}", crc32c::crc32c(bytes)),
+           "key": format!("{PREFIX}/{}/gen/{generation}/{path}", world.job)})
+}
+
+#[test]
+fn hostile_manifests_are_refused_with_the_reason_and_nothing_on_disk_changes() {
+    let world = World::new("hostile");
+    let dir = world.dir("checkpoint");
+    let previous = write_checkpoint(&dir, 4, 64 * 1024);
+    let bytes: &[u8] = b"payload";
+    let mut generation_number = 0;
+    let mut next_generation = || {
+        generation_number += 1;
+        format!("20261124T020000000Z-{generation_number:08x}")
+    };
+    type Case = (
+        &'static str,
+        Box<dyn Fn(&World, &str) -> Value>,
+        &'static str,
+    );
+    let key_for = |world: &World, generation: &str, path: &str| {
+        format!("{PREFIX}/{}/gen/{generation}/{path}", world.job)
+    };
+    let cases: Vec<Case> = vec![
+        (
+            "dot-dot path",
+            Box::new(|w, g| manifest_of(w, g, vec![entry(w, g, "../escaped.bin", b"payload")])),
+            "climbs out with `..`",
+        ),
+        (
+            "absolute path",
+            Box::new(|w, g| {
+                manifest_of(
+                    w,
+                    g,
+                    vec![entry(w, g, "/tmp/nerve-absolute.bin", b"payload")],
+                )
+            }),
+            "is absolute",
+        ),
+        (
+            "duplicated path",
+            Box::new(|w, g| {
+                manifest_of(
+                    w,
+                    g,
+                    vec![
+                        entry(w, g, "a.bin", b"payload"),
+                        entry(w, g, "a.bin", b"payload"),
+                    ],
+                )
+            }),
+            "twice",
+        ),
+        (
+            "file and directory",
+            Box::new(|w, g| {
+                manifest_of(
+                    w,
+                    g,
+                    vec![entry(w, g, "a", b"payload"), entry(w, g, "a/b", b"payload")],
+                )
+            }),
+            "both a file and a directory",
+        ),
+        (
+            "key of another job",
+            Box::new(|w, g| {
+                let mut e = entry(w, g, "a.bin", b"payload");
+                e["key"] = json!(format!("{PREFIX}/other-job/gen/{g}/a.bin"));
+                manifest_of(w, g, vec![e])
+            }),
+            "outside this job's prefix",
+        ),
+        (
+            "size that lies",
+            Box::new(|w, g| {
+                let mut e = entry(w, g, "a.bin", b"payload");
+                e["size"] = json!(7 * 1024 * 1024);
+                manifest_of(w, g, vec![e])
+            }),
+            "does not have the",
+        ),
+        (
+            "checksum that lies",
+            Box::new(|w, g| {
+                let mut e = entry(w, g, "a.bin", b"payload");
+                e["crc32c"] = json!("00000000");
+                manifest_of(w, g, vec![e])
+            }),
+            "CRC32C",
+        ),
+        (
+            "wrong types",
+            Box::new(|w, g| {
+                let mut e = entry(w, g, "a.bin", b"payload");
+                e["size"] = json!("seven");
+                manifest_of(w, g, vec![e])
+            }),
+            "not valid manifest JSON",
+        ),
+        (
+            "newer format",
+            Box::new(|w, g| {
+                let mut m = manifest_of(w, g, vec![entry(w, g, "a.bin", b"payload")]);
+                m["version"] = json!(99);
+                m
+            }),
+            "upgrade nerve-sidecar",
+        ),
+        (
+            "huge file count",
+            Box::new(|w, g| {
+                // 100,000 entries, all naming objects that do not exist.
+                let files = (0..100_000)
+                    .map(|i| entry(w, g, &format!("shard-{i:06}.bin"), b"payload"))
+                    .collect();
+                manifest_of(w, g, files)
+            }),
+            "NoSuchKey",
+        ),
+    ];
+    for (name, manifest, reason) in cases {
+        let generation = next_generation();
+        let manifest = manifest(&world, &generation);
+        plant_generation(
+            &world,
+            &generation,
+            &manifest,
+            &[
+                (&key_for(&world, &generation, "a.bin"), bytes),
+                (&key_for(&world, &generation, "a"), bytes),
+            ],
+        );
+        let started = Instant::now();
+        let output = world.restore(&dir);
+        assert!(!output.status.success(), "{name}: restore must refuse it");
+        assert_ne!(
+            output.status.code(),
+            Some(64),
+            "{name}: not a configuration error"
+        );
+        let errors = stderr(&output);
+        assert!(
+            errors.contains(reason),
+            "{name}: the error names the problem ({reason}): {errors}"
+        );
+        assert!(read_tree(&dir) == previous, "{name}: --dir changed");
+        assert_eq!(
+            entries(world.work.path()),
+            ["checkpoint"],
+            "{name}: staging left behind"
+        );
+        assert!(!world.work.path().join("escaped.bin").exists());
+        assert!(!Path::new("/tmp/nerve-absolute.bin").exists());
+        eprintln!(
+            "{name}: refused in {:?}: {}",
+            started.elapsed(),
+            errors.lines().last().unwrap_or_default()
+        );
+        // Out of the way, so the next case is the newest generation.
+        std::fs::remove_file(world.gen_dir().join(format!("{generation}.manifest.json")))
+            .expect("rm");
+    }
+}
+
+#[test]
+fn a_symlink_in_the_checkpoint_is_uploaded_as_the_file_it_points_to_and_restored_as_a_file() {
+    let world = World::new("symlink");
+    let dir = world.dir("checkpoint");
+    let mut content = write_checkpoint(&dir, 5, 64 * 1024);
+    let outside = world.dir("outside");
+    std::fs::write(outside.join("target.bin"), b"linked bytes").expect("write");
+    std::os::unix::fs::symlink(outside.join("target.bin"), dir.join("link.bin")).expect("symlink");
+    std::os::unix::fs::symlink(outside.join("missing.bin"), dir.join("dangling.bin"))
+        .expect("symlink");
+    let output = world.upload(&world.s3().endpoint(), &dir);
+    assert!(output.status.success(), "upload: {}", stderr(&output));
+    content.insert("link.bin".into(), b"linked bytes".to_vec());
+    let restored = world.dir("restored");
+    assert!(world.restored_tree(&restored) == content);
+    assert!(
+        !restored.join("link.bin").is_symlink(),
+        "restored as a plain file"
+    );
+    assert_eq!(
+        std::fs::read(outside.join("target.bin")).expect("read"),
+        b"linked bytes",
+        "the link's target is untouched"
+    );
+}
+
+#[test]
+fn invalid_flag_values_exit_64_and_name_the_flag_on_both_binaries() {
+    let sidecar = nerve_tests::binary_path("nerve-sidecar");
+    let agent = nerve_tests::binary_path("nerve-agent");
+    let store = ["--dest", "s3://bucket/p", "--job", "j", "--dir", "/tmp"];
+    let cases: Vec<(&Path, Vec<&str>, &str)> = vec![
+        (
+            &sidecar,
+            [&["upload"][..], &store, &["--concurrency", "0"]].concat(),
+            "--concurrency",
+        ),
+        (
+            &sidecar,
+            [&["upload"][..], &store, &["--concurrency", "many"]].concat(),
+            "--concurrency",
+        ),
+        (
+            &sidecar,
+            [&["upload"][..], &store, &["--part-size", "1KiB"]].concat(),
+            "--part-size",
+        ),
+        (
+            &sidecar,
+            [&["upload"][..], &store, &["--checksum", "md5"]].concat(),
+            "--checksum",
+        ),
+        (
+            &sidecar,
+            vec![
+                "restore", "--dest", "bucket/p", "--job", "j", "--dir", "/tmp",
+            ],
+            "--dest",
+        ),
+        (
+            &sidecar,
+            vec![
+                "restore",
+                "--dest",
+                "s3://Bad_Bucket",
+                "--job",
+                "j",
+                "--dir",
+                "/tmp",
+            ],
+            "--dest",
+        ),
+        (
+            &sidecar,
+            vec![
+                "restore",
+                "--dest",
+                "s3://bucket/a/../b",
+                "--job",
+                "j",
+                "--dir",
+                "/tmp",
+            ],
+            "--dest",
+        ),
+        (
+            &sidecar,
+            [
+                &["restore"][..],
+                &store,
+                &["--generation", "latest; rm -rf /"],
+            ]
+            .concat(),
+            "--generation",
+        ),
+        (
+            &sidecar,
+            vec![
+                "prune",
+                "--dest",
+                "s3://bucket/p",
+                "--job",
+                "j",
+                "--keep",
+                "-1",
+            ],
+            "--keep",
+        ),
+        (
+            &sidecar,
+            [&["run"][..], &store, &["--signal", "SIGNOPE"]].concat(),
+            "--signal",
+        ),
+        (
+            &sidecar,
+            [&["run"][..], &store, &["--target", "(unclosed"]].concat(),
+            "--target",
+        ),
+        (
+            &sidecar,
+            [&["run"][..], &store, &["--listen", "not-an-address"]].concat(),
+            "--listen",
+        ),
+        (
+            &sidecar,
+            vec![
+                "--log-format",
+                "xml",
+                "list",
+                "--dest",
+                "s3://bucket/p",
+                "--job",
+                "j",
+            ],
+            "--log-format",
+        ),
+        (&agent, vec!["--poll-interval", "1ms"], "--poll-interval"),
+        (&agent, vec!["--poll-interval", "soon"], "--poll-interval"),
+        (&agent, vec!["--cloud", "mars"], "--cloud"),
+        (
+            &agent,
+            vec!["--metadata-url", "not a url"],
+            "--metadata-url",
+        ),
+        (&agent, vec!["--listen", "localhost"], "--listen"),
+        (
+            &agent,
+            vec!["--cordon-on", "spot-interruption,meteor"],
+            "--cordon-on",
+        ),
+        (&agent, vec!["--kubernetes", "maybe"], "--kubernetes"),
+    ];
+    for (binary, args, flag) in cases {
+        let output = run_bounded(
+            Command::new(binary)
+                .args(&args)
+                .env_remove("KUBECONFIG")
+                .env_remove("KUBERNETES_SERVICE_HOST")
+                .env("AWS_EC2_METADATA_DISABLED", "true"),
+        );
+        let errors = stderr(&output);
+        assert_eq!(
+            output.status.code(),
+            Some(64),
+            "{} {args:?} must exit 64: {errors}",
+            binary.display()
+        );
+        assert!(
+            errors.contains(flag),
+            "{args:?}: the message names {flag}: {errors}"
+        );
+    }
+}
+
+#[test]
+fn notice_lines_with_unknown_fields_are_accepted_and_wrong_types_are_refused() {
+    use nerve_notice::StreamEvent;
+    let good = r#"{"type":"notice","notice":{"id":"spot-interruption/2026-11-22T09:30:36Z","kind":"spot-interruption","action":"terminate","deadline":"2026-11-22T09:30:36Z","detected_at":"2026-11-22T09:28:37.120Z","source":"aws"}}"#;
+    assert!(serde_json::from_str::<StreamEvent>(good).is_ok());
+    // A newer agent may add fields: an older sidecar still hears the notice.
+    let extra = good.replace(
+        r#""source":"aws""#,
+        r#""source":"aws","region":"eu-west-1","v":2"#,
+    );
+    assert!(
+        serde_json::from_str::<StreamEvent>(&extra).is_ok(),
+        "{extra}"
+    );
+    for bad in [
+        good.replace(r#""terminate""#, "42"),
+        good.replace(
+            r#""2026-11-22T09:30:36Z","detected_at""#,
+            r#""tomorrow","detected_at""#,
+        ),
+        good.replace(
+            r#""spot-interruption","action""#,
+            r#""meteor-strike","action""#,
+        ),
+        good.replace(r#""aws"}"#, r#"null}"#),
+        good.replace(r#""type":"notice""#, r#""type":"surprise""#),
+        r#"{"type":"snapshot","notices":{"not":"a list"}}"#.to_owned(),
+        "[1,2,3]".to_owned(),
+        "\u{0}\u{1}garbage".to_owned(),
+    ] {
+        assert!(
+            serde_json::from_str::<StreamEvent>(&bad).is_err(),
+            "accepted {bad}"
+        );
+    }
+}
