@@ -32,6 +32,14 @@ const RETRY_INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 const RETRY_MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// A TCP connect that takes longer than this is to a dead endpoint; fail and retry elsewhere.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// No answer this long after a request started (its body included) means a stalled store or a
+/// lost answer: give up on the attempt and retry it. Without it a request whose small body the
+/// socket swallowed waits forever (found by tests/tests/faults.rs). 30 s carries a default
+/// 16 MiB part at [`MIN_BODY_THROUGHPUT`] and leaves room for retries in a two-minute notice.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Slowest a request body is expected to move (bytes per second per stream); bodies too big to
+/// move within [`READ_TIMEOUT`] at this rate get a longer timeout ([`Store::body_timeouts`]).
+const MIN_BODY_THROUGHPUT: u64 = 1024 * 1024;
 
 /// Whole-request retries on top of the SDK's own (which cannot retry a body that broke after
 /// the response started, or a BadDigest): three rounds of [`REQUEST_ATTEMPTS`] each.
@@ -133,6 +141,7 @@ impl Store {
             .timeout_config(
                 TimeoutConfig::builder()
                     .connect_timeout(CONNECT_TIMEOUT)
+                    .read_timeout(READ_TIMEOUT)
                     .build(),
             )
     }
@@ -175,6 +184,21 @@ impl Store {
 
     pub fn bucket(&self) -> &str {
         &self.bucket
+    }
+
+    /// Per-request settings for a request carrying `body_len` bytes: the answer timeout grows
+    /// (in whole multiples of [`READ_TIMEOUT`], so parts share a few connection pools) for
+    /// bodies that need longer than [`READ_TIMEOUT`] at [`MIN_BODY_THROUGHPUT`].
+    pub fn body_timeouts(body_len: u64) -> aws_sdk_s3::config::Builder {
+        let needed = body_len.div_ceil(MIN_BODY_THROUGHPUT);
+        let rounds = needed.div_ceil(READ_TIMEOUT.as_secs()).max(1);
+        let timeout = READ_TIMEOUT.saturating_mul(u32::try_from(rounds).unwrap_or(u32::MAX));
+        aws_sdk_s3::config::Builder::default().timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(CONNECT_TIMEOUT)
+                .read_timeout(timeout)
+                .build(),
+        )
     }
 
     pub fn checksum_mode(&self) -> ChecksumMode {
@@ -264,6 +288,7 @@ pub enum Operation {
     UploadPart,
     CompleteMultipartUpload,
     AbortMultipartUpload,
+    ListMultipartUploads,
     GetObject,
     HeadObject,
     ListObjectsV2,
@@ -454,6 +479,19 @@ fn classify<E, R>(err: &SdkError<E, R>, status: Option<u16>, code: Option<&str>)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn big_bodies_get_a_longer_answer_timeout_in_whole_steps() {
+        let timeout = |len: u64| {
+            Store::body_timeouts(len)
+                .build()
+                .timeout_config()
+                .and_then(|t| t.read_timeout())
+        };
+        assert_eq!(timeout(0), Some(READ_TIMEOUT));
+        assert_eq!(timeout(16 * 1024 * 1024), Some(READ_TIMEOUT));
+        assert_eq!(timeout(64 * 1024 * 1024), Some(READ_TIMEOUT * 3));
+    }
 
     #[test]
     fn parses_destinations_with_and_without_prefix() {

@@ -233,10 +233,15 @@ async fn send_single(
         if store.checksum_mode() == ChecksumMode::Crc32c {
             request = request.checksum_crc32_c(crc32c_base64(crc));
         }
-        request.send().await.map_err(|e| UploadError::Object {
-            path: file.path.clone(),
-            source: store.error(Operation::PutObject, key, e),
-        })?;
+        request
+            .customize()
+            .config_override(Store::body_timeouts(len))
+            .send()
+            .await
+            .map_err(|e| UploadError::Object {
+                path: file.path.clone(),
+                source: store.error(Operation::PutObject, key, e),
+            })?;
         Ok(crc)
     })
     .await?;
@@ -404,11 +409,16 @@ async fn send_part(
         if let Some(checksum) = &checksum {
             request = request.checksum_crc32_c(checksum);
         }
-        let output = request.send().await.map_err(|e| UploadError::PartFailed {
-            key: key.to_owned(),
-            part_number,
-            source: store.error(Operation::UploadPart, key, e),
-        })?;
+        let output = request
+            .customize()
+            .config_override(Store::body_timeouts(len))
+            .send()
+            .await
+            .map_err(|e| UploadError::PartFailed {
+                key: key.to_owned(),
+                part_number,
+                source: store.error(Operation::UploadPart, key, e),
+            })?;
         let part = CompletedPart::builder()
             .part_number(part_number)
             .set_e_tag(output.e_tag().map(str::to_owned))
