@@ -3,7 +3,9 @@
 //! Order matters for readers running at the same time: old manifests go first (so no reader
 //! picks a generation whose objects are about to vanish), then objects no kept manifest names.
 //! Objects of generations newer than the newest manifest belong to an upload in progress and
-//! are never touched.
+//! are never touched. The same rule applies to multipart uploads left open by an upload that
+//! was killed outright (SIGKILL, OOM, node loss), which cannot abort its own: prune aborts
+//! those of generations not newer than the newest commit, so their parts stop costing storage.
 
 use std::collections::HashSet;
 
@@ -17,6 +19,9 @@ use crate::store::{Operation, S3Error, Store, with_retries};
 
 /// S3's limit on keys per DeleteObjects request.
 const DELETE_BATCH: usize = 1000;
+/// Pages of ListMultipartUploads (1,000 uploads each) read per prune: a bound, not a limit
+/// anyone should reach with one writer per job; the rest waits for the next prune.
+const MAX_UPLOAD_LISTING_PAGES: usize = 100;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PruneSummary {
@@ -26,6 +31,8 @@ pub struct PruneSummary {
     pub generations_kept: Vec<Generation>,
     pub objects_deleted: usize,
     pub bytes_deleted: u64,
+    /// Multipart uploads of killed uploads that were aborted (or would be, with dry run).
+    pub uploads_aborted: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +47,8 @@ pub enum PruneError {
     },
     #[error("deleting objects")]
     Delete(#[source] S3Error),
+    #[error("aborting a multipart upload left open by a killed upload")]
+    Abort(#[source] S3Error),
     #[error("building a DeleteObjects request")]
     Build(#[source] aws_sdk_s3::error::BuildError),
     #[error("the store refused to delete {key}: {code} {message}")]
@@ -102,11 +111,13 @@ pub async fn prune_generations(
             _ => {}
         }
     }
+    let stale_uploads = stale_multipart_uploads(store, &newest).await;
     let summary = PruneSummary {
         generations_deleted: deleted.to_vec(),
         generations_kept: kept.to_vec(),
         objects_deleted: garbage.len(),
         bytes_deleted: garbage.iter().map(|(_, size)| size).sum(),
+        uploads_aborted: stale_uploads.len(),
     };
     if dry_run {
         return Ok(summary);
@@ -114,7 +125,80 @@ pub async fn prune_generations(
     delete_keys(store, &old_manifests).await?;
     let garbage_keys: Vec<String> = garbage.into_iter().map(|(key, _)| key).collect();
     delete_keys(store, &garbage_keys).await?;
+    abort_uploads(store, &stale_uploads).await?;
     Ok(summary)
+}
+
+/// Open multipart uploads under the job whose generation is not newer than `newest`, as
+/// `(key, upload id)`. A store that cannot list them (some S3-compatible ones) gets a warning
+/// and its bucket lifecycle rule does the job instead.
+async fn stale_multipart_uploads(store: &Store, newest: &Generation) -> Vec<(String, String)> {
+    let prefix = store.generations_prefix();
+    let mut stale = Vec::new();
+    let (mut key_marker, mut upload_id_marker) = (None::<String>, None::<String>);
+    for _page in 0..MAX_UPLOAD_LISTING_PAGES {
+        let listing = store
+            .client()
+            .list_multipart_uploads()
+            .bucket(store.bucket())
+            .prefix(prefix)
+            .set_key_marker(key_marker.take())
+            .set_upload_id_marker(upload_id_marker.take())
+            .send()
+            .await;
+        let listing = match listing {
+            Ok(listing) => listing,
+            Err(err) => {
+                let err = store.error(Operation::ListMultipartUploads, prefix, err);
+                tracing::warn!(
+                    "{err:#}; multipart uploads left open by killed uploads stay until the \
+                     bucket's lifecycle rule (AbortIncompleteMultipartUpload) removes them"
+                );
+                break;
+            }
+        };
+        for upload in listing.uploads() {
+            if let (Some(key), Some(id)) = (upload.key(), upload.upload_id())
+                && store.generation_of_key(key).is_some_and(|g| &g <= newest)
+            {
+                stale.push((key.to_owned(), id.to_owned()));
+            }
+        }
+        if listing.is_truncated() != Some(true) {
+            break;
+        }
+        key_marker = listing.next_key_marker().map(str::to_owned);
+        upload_id_marker = listing.next_upload_id_marker().map(str::to_owned);
+    }
+    stale
+}
+
+async fn abort_uploads(store: &Store, uploads: &[(String, String)]) -> Result<(), PruneError> {
+    for (key, upload_id) in uploads {
+        let result = with_retries(
+            "aborting a multipart upload",
+            S3Error::is_retryable,
+            |_| async {
+                store
+                    .client()
+                    .abort_multipart_upload()
+                    .bucket(store.bucket())
+                    .key(key)
+                    .upload_id(upload_id)
+                    .send()
+                    .await
+                    .map_err(|e| store.error(Operation::AbortMultipartUpload, key, e))
+            },
+        )
+        .await;
+        match result {
+            Ok(_) => tracing::debug!(%key, "aborted a multipart upload left open"),
+            // Completed or aborted since the listing: nothing left to clean.
+            Err(err) if err.is_not_found() => {}
+            Err(err) => return Err(PruneError::Abort(err)),
+        }
+    }
+    Ok(())
 }
 
 async fn delete_keys(store: &Store, keys: &[String]) -> Result<(), PruneError> {
@@ -170,10 +254,16 @@ pub async fn command(args: PruneArgs) -> anyhow::Result<()> {
         "deleted"
     };
     println!(
-        "{verb} {} generations and {} objects ({}); kept {} generations",
+        "{verb} {} generations and {} objects ({}), {} {} multipart uploads left open; kept {} generations",
         summary.generations_deleted.len(),
         summary.objects_deleted,
         format_bytes(summary.bytes_deleted),
+        if args.dry_run {
+            "would abort"
+        } else {
+            "aborted"
+        },
+        summary.uploads_aborted,
         summary.generations_kept.len()
     );
     Ok(())
