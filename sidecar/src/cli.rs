@@ -16,8 +16,10 @@ pub const EXIT_CONFIG: u8 = 64;
 
 /// Requests in flight across all files and parts of one transfer.
 ///
-/// Measured with bench/transfer against a local store: 16 saturates 2 cores and a 10 Gbit link;
-/// more only adds memory (each request holds one socket buffer) without adding throughput.
+/// bench/transfer --sweep (3 GiB, local s3s-fs server, 2 shared cores): 8, 16 and 32 were
+/// within run-to-run noise of each other; 32 costs ~18 MiB more RSS. 16 keeps enough
+/// connections busy to hide per-request latency against real S3 (tens of ms to first byte)
+/// while staying well under the 64 MiB memory budget (~35 MiB peak measured).
 pub const DEFAULT_CONCURRENCY: usize = 16;
 /// Upper bound for `--concurrency`: every request holds a socket and a buffer, and S3 throttles a
 /// single prefix long before this.
@@ -25,8 +27,9 @@ pub const MAX_CONCURRENCY: usize = 256;
 
 /// Multipart part size when the file is small enough to use it (larger files get larger parts).
 ///
-/// Measured with bench/transfer: 16 MiB parts move as fast as 64 MiB ones and keep a retried
-/// part cheap; below 8 MiB the per-request overhead starts to show.
+/// bench/transfer --sweep (8/16/32/64 MiB x 8/16/32 requests): 16 MiB gave the fastest uploads
+/// (12.4-13.1 s for 3 GiB vs 13.5-20.2 s at 8 MiB); larger parts were no faster and make a
+/// retried part, and the tail of each file, more expensive.
 pub const DEFAULT_PART_SIZE: u64 = 16 * MIB;
 /// S3's minimum part size (all parts but the last).
 pub const MIN_PART_SIZE: u64 = 5 * MIB;
