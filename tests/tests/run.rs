@@ -612,3 +612,30 @@ fn a_sidecar_started_after_the_notice_acts_on_the_agents_snapshot() {
     let heard = sidecar.log("notice", Duration::from_secs(5));
     assert_eq!(heard["fields"]["channel"], "agent");
 }
+
+#[test]
+fn a_rebalance_recommendation_syncs_the_directory_now_without_signalling_the_trainer() {
+    let rig = Rig::new("prepare");
+    let trainer = rig.trainer(&rig.dir, &["--checkpoint-at-start"]);
+    let saved = trainer.event("checkpoint", STARTUP_TIMEOUT);
+    // The interval alone would not sync within the test.
+    let sidecar = rig.sidecar(
+        &closed_port_url(),
+        &["--background-sync", "true", "--sync-interval", "1h"],
+    );
+    sidecar.log(
+        "agent stream unavailable; polling the metadata service until it is back",
+        STARTUP_TIMEOUT,
+    );
+    assert!(rig.manifests().is_empty());
+
+    rig.imds
+        .set_rebalance_recommendation(OffsetDateTime::now_utc() + time::Duration::minutes(5));
+    let manifests = rig.wait_manifests(1, CHECKPOINT_TIMEOUT, &sidecar);
+    assert_eq!(manifests[0]["step"], saved["step"]);
+    assert!(
+        manifests[0]["notice"].is_null(),
+        "a sync, not a notice checkpoint"
+    );
+    assert!(trainer.json_lines().iter().all(|e| e["event"] != "signal"));
+}

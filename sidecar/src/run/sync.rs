@@ -22,6 +22,10 @@ use crate::metrics;
 use crate::store::Store;
 use crate::upload::{ManifestContext, UploadOptions, upload_generation};
 
+/// After a "prepare" notice asked for a sync now: how often to look again until the directory is
+/// in the store (a checkpoint still being written needs its quiet period first).
+const URGENT_RECHECK: Duration = Duration::from_millis(500);
+
 /// What the sync task and the notice handler share.
 pub struct SyncShared {
     /// The directory as it was at the last committed upload.
@@ -115,11 +119,17 @@ pub async fn sync_in_background(
 ) {
     let mut previous: Option<DirSnapshot> = None;
     let mut unsynced_since: Option<Instant> = None;
+    let mut urgent = false;
     loop {
+        let wait = if urgent {
+            URGENT_RECHECK
+        } else {
+            config.interval
+        };
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(config.interval) => {}
-            _ = shared.wake.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+            _ = shared.wake.notified() => urgent = true,
         }
         let dir = config.dir.clone();
         let Ok(Ok(snapshot)) = tokio::task::spawn_blocking(move || DirSnapshot::scan(&dir)).await
@@ -128,6 +138,7 @@ pub async fn sync_in_background(
         };
         if snapshot.files.is_empty() || snapshot == shared.synced() {
             unsynced_since = None;
+            urgent = false;
             ::metrics::gauge!(metrics::BACKGROUND_SYNC_LAG).set(0.0);
             previous = Some(snapshot);
             continue;
@@ -167,6 +178,7 @@ pub async fn sync_in_background(
                     bytes_reused = summary.bytes_reused, seconds = summary.seconds, "background sync committed");
                 shared.record_upload(snapshot, summary.bytes_uploaded, summary.seconds);
                 unsynced_since = None;
+                urgent = false;
                 ::metrics::gauge!(metrics::BACKGROUND_SYNC_LAG).set(0.0);
                 ::metrics::counter!(metrics::BACKGROUND_SYNCS, "outcome" => "committed")
                     .increment(1);
