@@ -272,6 +272,29 @@ fn round_trips_a_directory_byte_for_byte() {
 }
 
 #[test]
+fn round_trips_with_no_checksum_headers_for_stores_that_reject_them() {
+    let h = Harness::new();
+    let source = h.path("source");
+    write_checkpoint(&source);
+    let generation = committed_generation(&h.upload("job", &source, &["--checksum", "none"]));
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(h.manifest_path("job", &generation)).expect("manifest"),
+    )
+    .expect("json");
+    // The manifest still carries a CRC32C per file, and restore still verifies it.
+    assert!(
+        manifest["files"]
+            .as_array()
+            .expect("files")
+            .iter()
+            .all(|f| f["crc32c"].as_str().is_some_and(|c| c.len() == 8))
+    );
+    let restored = h.path("restored");
+    assert_success(&h.restore("job", &restored, &["--checksum", "none"]));
+    assert_same_tree(&source, &restored);
+}
+
+#[test]
 fn a_second_upload_of_an_unchanged_directory_uploads_no_file_content() {
     let h = Harness::new();
     let source = h.path("source");
