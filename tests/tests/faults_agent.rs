@@ -1,0 +1,400 @@
+//! Fault injection for "never blocked": the real `nerve-agent` binary while its metadata
+//! service misbehaves or disappears, while the API server fails every way it can, and with 500
+//! stream subscribers at once.
+//!
+//! Each scenario asks the same two questions: does the agent keep running and recover on its
+//! own, and does a notice that appears afterwards still reach subscribers (and the node) in
+//! time? Faults already covered by `tests/tests/agent.rs` (each fault counted by outcome, the
+//! API server down, one 409) are not repeated here; see `docs/faults.md`.
+
+// Test helpers outside #[test] functions: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nerve_notice::StreamEvent;
+use nerve_tests::apiserver::ApiServer;
+use nerve_tests::imds::{Fault, MetadataSimulator, TokenPolicy};
+use time::OffsetDateTime;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+/// Polling interval the agents under test use.
+const POLL: Duration = Duration::from_millis(200);
+/// Slack on top of one poll interval for a loaded 2-core machine: generous, and a wait that
+/// ends early costs nothing. This is a bound on "acted on", not a speed claim.
+const SLACK: Duration = Duration::from_secs(10);
+/// Bound for anything that takes a few retries (cordons after the API server recovers).
+const WAIT: Duration = Duration::from_secs(60);
+/// DESIGN.md: the agent stays under 50 MiB of memory at all times.
+const AGENT_MEMORY_LIMIT_KIB: u64 = 50 * 1024;
+const SUBSCRIBERS: usize = 500;
+const NODE: &str = "gpu-node-7";
+
+struct Agent {
+    child: Child,
+    addr: SocketAddr,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Agent {
+    fn start(metadata_url: &str, api: Option<&ApiServer>) -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let log = dir.path().join("agent.log");
+        let mut command = Command::new(nerve_tests::binary_path("nerve-agent"));
+        command
+            .args([
+                "--metadata-url",
+                metadata_url,
+                "--listen",
+                &addr.to_string(),
+            ])
+            .args([
+                "--poll-interval",
+                &humantime::format_duration(POLL).to_string(),
+            ])
+            .args(["--metadata-timeout", "500ms"])
+            .env_remove("KUBECONFIG")
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("NODE_NAME")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        match api {
+            Some(api) => command
+                .env("KUBECONFIG", api.write_kubeconfig(dir.path()))
+                .args(["--kubernetes", "on", "--node-name", NODE]),
+            None => command.args(["--kubernetes", "off"]),
+        };
+        let child = command.spawn().expect("starting nerve-agent");
+        Agent {
+            child,
+            addr,
+            log,
+            _dir: dir,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn assert_running(&mut self) {
+        assert!(
+            self.child.try_wait().unwrap().is_none(),
+            "the agent exited; log:\n{}",
+            self.log()
+        );
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if matches!(get(self.addr, "/readyz").await, Some((200, _))) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("agent never became ready; log:\n{}", self.log());
+    }
+
+    async fn watch(&self) -> Watch {
+        let mut tcp = TcpStream::connect(self.addr).await.unwrap();
+        tcp.write_all(b"GET /v1/notices?watch=true HTTP/1.0\r\n\r\n")
+            .await
+            .unwrap();
+        let mut reader = BufReader::new(tcp);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            reader.read_line(&mut line).await.unwrap();
+            if line == "\r\n" || line.is_empty() {
+                break;
+            }
+        }
+        Watch { reader }
+    }
+
+    /// Peak resident memory of the agent process so far, in KiB.
+    fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Watch {
+    reader: BufReader<TcpStream>,
+}
+
+impl Watch {
+    /// The next event that is not a heartbeat, within `timeout`.
+    async fn next_within(&mut self, timeout: Duration) -> Option<StreamEvent> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let mut line = String::new();
+            let read = tokio::time::timeout_at(deadline, self.reader.read_line(&mut line))
+                .await
+                .ok()?
+                .unwrap();
+            assert!(read > 0, "the agent closed the stream");
+            let event: StreamEvent = serde_json::from_str(line.trim_end()).unwrap();
+            if event != StreamEvent::Heartbeat {
+                return Some(event);
+            }
+        }
+    }
+
+    /// Waits for the notice with `id`, skipping withdrawals of older ones.
+    async fn expect_notice(&mut self, id: &str, timeout: Duration) -> Duration {
+        let started = Instant::now();
+        loop {
+            let left = timeout.saturating_sub(started.elapsed());
+            match self.next_within(left).await {
+                Some(StreamEvent::Notice { notice }) if notice.id == id => {
+                    return started.elapsed();
+                }
+                Some(_) => continue,
+                None => panic!("notice {id} did not reach the subscriber within {timeout:?}"),
+            }
+        }
+    }
+}
+
+async fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut tcp = TcpStream::connect(addr).await.ok()?;
+    tcp.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut response = String::new();
+    tokio::time::timeout(WAIT, tcp.read_to_string(&mut response))
+        .await
+        .ok()?
+        .ok()?;
+    let status = response.split(' ').nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n")?.1.to_owned();
+    Some((status, body))
+}
+
+/// A distinct spot-interruption deadline per round (the notice id is kind plus deadline).
+fn deadline(round: u64) -> OffsetDateTime {
+    (OffsetDateTime::now_utc() + Duration::from_secs(120 + round))
+        .replace_nanosecond(0)
+        .unwrap()
+}
+
+fn spot_id(deadline: OffsetDateTime) -> String {
+    format!(
+        "spot-interruption/{}",
+        deadline
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    )
+}
+
+/// How long a fault lasts in CI; `bench/soak` sets minutes with NERVE_OUTAGE_SECS.
+fn outage() -> Duration {
+    std::env::var("NERVE_OUTAGE_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(Duration::from_secs(2))
+}
+
+#[tokio::test]
+async fn after_every_metadata_fault_and_an_outage_the_next_notice_reaches_subscribers_within_a_poll()
+ {
+    let mut sim = MetadataSimulator::start();
+    sim.set_token_policy(TokenPolicy::Required);
+    let addr = sim.addr();
+    let mut agent = Agent::start(&sim.url(), None);
+    agent.wait_ready().await;
+    let mut watch = agent.watch().await;
+    assert!(matches!(
+        watch.next_within(WAIT).await,
+        Some(StreamEvent::Snapshot { .. })
+    ));
+
+    let faults = [
+        "garbage bodies",
+        "500s",
+        "hangs",
+        "resets",
+        "tokens refused",
+        "service gone",
+    ];
+    for (round, fault) in faults.into_iter().enumerate() {
+        match fault {
+            "garbage bodies" => sim.set_fault(Fault::Garbage),
+            "500s" => sim.set_fault(Fault::ServerError),
+            "hangs" => sim.set_fault(Fault::Hang),
+            "resets" => sim.set_fault(Fault::Reset),
+            "tokens refused" => {
+                sim.set_token_policy(TokenPolicy::Refuse(403));
+                sim.expire_tokens();
+            }
+            _ => {}
+        }
+        if fault == "service gone" {
+            // Nothing listens on the metadata port for a while.
+            drop(sim);
+            tokio::time::sleep(outage()).await;
+            agent.assert_running();
+            sim = MetadataSimulator::start_on(addr).expect("metadata service back on its port");
+            sim.set_token_policy(TokenPolicy::Required);
+        } else {
+            tokio::time::sleep(outage()).await;
+            agent.assert_running();
+            sim.set_fault(Fault::None);
+            sim.set_token_policy(TokenPolicy::Required);
+        }
+        let deadline = deadline(round as u64);
+        sim.set_spot_interruption("terminate", deadline);
+        let took = watch.expect_notice(&spot_id(deadline), POLL + SLACK).await;
+        eprintln!("after {fault}: notice reached the subscriber {took:?} after it appeared");
+        sim.clear_spot_interruption();
+        assert_eq!(get(agent.addr, "/healthz").await.map(|r| r.0), Some(200));
+    }
+    agent.assert_running();
+}
+
+/// Failed answers per storm: more than the agent's conflict retries (5), few enough that its
+/// capped backoff (5 s) gets through them within [`WAIT`] on a loaded machine.
+const STORM: usize = 8;
+
+/// One API-server storm against a fresh agent: the notice streams at once, the cordon lands
+/// once the storm is over.
+async fn ride_out_storm(status: u16, method: Option<&str>, what: &str) {
+    let sim = MetadataSimulator::start();
+    let api = ApiServer::start(NODE);
+    let mut agent = Agent::start(&sim.url(), Some(&api));
+    agent.wait_ready().await;
+    let mut watch = agent.watch().await;
+    watch.next_within(WAIT).await;
+    api.fail_next(method, "/nodes/", status, STORM);
+    let deadline = deadline(0);
+    sim.set_spot_interruption("terminate", deadline);
+    let took = watch.expect_notice(&spot_id(deadline), POLL + SLACK).await;
+    assert!(
+        api.wait_until(WAIT, |api| api.unschedulable()).await,
+        "{what}: the cordon never landed; log:\n{}",
+        agent.log()
+    );
+    let answered = api
+        .requests()
+        .iter()
+        .filter(|r| method.is_none_or(|m| r.method == m) && r.path.contains("/nodes/"))
+        .count();
+    assert!(
+        answered > STORM,
+        "{what}: the storm was answered ({answered} node requests)"
+    );
+    let taints = api.taints();
+    assert!(
+        taints.iter().any(|t| t["key"] == "nerve.io/interruption"),
+        "{what}: taint {taints:?}"
+    );
+    eprintln!(
+        "{what}: notice streamed after {took:?}; cordon landed after {answered} node requests"
+    );
+    agent.assert_running();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notices_stream_through_api_server_storms_and_the_cordon_lands_when_it_recovers() {
+    // Side by side: each storm mostly waits out the agent's backoff.
+    tokio::join!(
+        ride_out_storm(500, None, "500s on every call"),
+        ride_out_storm(409, Some("PATCH"), "a storm of 409 conflicts"),
+        ride_out_storm(429, None, "429 throttling"),
+    );
+}
+
+#[tokio::test]
+async fn a_notice_during_the_backoff_of_a_failed_startup_uncordon_still_cordons_the_node() {
+    // On start the agent undoes a cordon it may have left; the API server fails that, and the
+    // notice arrives while the agent waits to retry. The cordon must still land.
+    let sim = MetadataSimulator::start();
+    let api = ApiServer::start(NODE);
+    api.fail_next(Some("GET"), "/nodes/", 500, 4);
+    let agent = Agent::start(&sim.url(), Some(&api));
+    agent.wait_ready().await;
+    assert!(
+        api.wait_until(WAIT, |api| !api.requests().is_empty()).await,
+        "the startup uncordon reads the node"
+    );
+    sim.set_spot_interruption("terminate", deadline(0));
+    assert!(
+        api.wait_until(WAIT, |api| api.unschedulable()).await,
+        "the cordon never landed; log:\n{}",
+        agent.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_subscribers_all_get_the_notice_and_the_agent_stays_under_its_memory_limit() {
+    let sim = MetadataSimulator::start();
+    let agent = Agent::start(&sim.url(), None);
+    agent.wait_ready().await;
+    let mut watches = Vec::with_capacity(SUBSCRIBERS);
+    for _ in 0..SUBSCRIBERS {
+        let mut watch = agent.watch().await;
+        assert!(matches!(
+            watch.next_within(WAIT).await,
+            Some(StreamEvent::Snapshot { .. })
+        ));
+        watches.push(watch);
+    }
+    let (status, metrics) = get(agent.addr, "/metrics").await.unwrap();
+    assert_eq!(status, 200);
+    let subscribers: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("nerve_agent_subscribers "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert_eq!(subscribers as usize, SUBSCRIBERS);
+
+    let deadline = deadline(0);
+    let id = spot_id(deadline);
+    sim.set_spot_interruption("terminate", deadline);
+    let started = Instant::now();
+    let reads = watches.into_iter().map(|mut watch| {
+        let id = id.clone();
+        tokio::spawn(async move { watch.expect_notice(&id, POLL + SLACK).await })
+    });
+    let mut slowest = Duration::ZERO;
+    for read in reads {
+        slowest = slowest.max(read.await.expect("subscriber task"));
+    }
+    let peak = agent.peak_rss_kib();
+    eprintln!(
+        "{SUBSCRIBERS} subscribers: all had the notice {:?} after it appeared (slowest {slowest:?}); \
+         agent peak RSS (VmHWM) {peak} KiB",
+        started.elapsed()
+    );
+    assert!(
+        peak < AGENT_MEMORY_LIMIT_KIB,
+        "agent peak RSS {peak} KiB is over its {AGENT_MEMORY_LIMIT_KIB} KiB limit"
+    );
+}
