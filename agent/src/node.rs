@@ -179,7 +179,12 @@ impl NodeActions {
             backoff = (backoff * 2).min(MAX_BACKOFF);
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
-                _ = notices.changed() => return false,
+                _ = notices.changed() => {
+                    // `changed()` consumed the change; keep it visible so the caller acts on
+                    // the new notices instead of waiting for yet another change.
+                    notices.mark_changed();
+                    return false;
+                }
                 _ = shutdown.cancelled() => return false,
             }
         }
