@@ -77,6 +77,11 @@ pub struct InjectSettings {
     /// Port of the node agent on the node's IP; the sidecar connects to http://$HOST_IP:PORT.
     #[arg(long, env = "NERVE_AGENT_PORT", default_value_t = DEFAULT_AGENT_PORT)]
     pub agent_port: u16,
+
+    /// Cloud whose metadata service the sidecars poll themselves when the agent cannot be
+    /// reached (aws, gcp or azure); the same as the agents'.
+    #[arg(long, env = "NERVE_CLOUD", default_value = "aws", value_parser = ["aws", "gcp", "azure"])]
+    pub cloud: String,
 }
 
 impl Default for InjectSettings {
@@ -86,6 +91,7 @@ impl Default for InjectSettings {
             image_pull_policy: "IfNotPresent".to_owned(),
             grace_period: Duration::from_secs(300),
             agent_port: DEFAULT_AGENT_PORT,
+            cloud: "aws".to_owned(),
         }
     }
 }

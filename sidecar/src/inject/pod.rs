@@ -137,6 +137,7 @@ pub(crate) fn inject_spec(
         // Kubernetes expands $(HOST_IP) from the downward-API variable defined above.
         "value": format!("http://$(HOST_IP):{}", settings.agent_port),
     }));
+    run_env.push(json!({"name": "NERVE_CLOUD", "value": settings.cloud}));
     // On SIGTERM the sidecar has until the pod's grace period ends to finish the upload.
     run_env.push(json!({"name": "NERVE_TERMINATION_GRACE", "value": format!("{grace}s")}));
     let sidecar = json!({

@@ -96,6 +96,7 @@ fn injects_restore_then_native_sidecar_with_an_empty_dir_when_the_trainer_has_no
             "NERVE_DEST",
             "NERVE_JOB",
             "NERVE_AGENT_URL",
+            "NERVE_CLOUD",
             "NERVE_TERMINATION_GRACE"
         ]
     );
@@ -113,7 +114,11 @@ fn injects_restore_then_native_sidecar_with_an_empty_dir_when_the_trainer_has_no
     assert_eq!(env[6]["value"], "llama");
     assert_eq!(env[7]["value"], "http://$(HOST_IP):9739");
     assert_eq!(
-        env[8]["value"], "300s",
+        env[8]["value"], "aws",
+        "the cloud to poll without the agent"
+    );
+    assert_eq!(
+        env[9]["value"], "300s",
         "the sidecar knows the pod's grace period"
     );
 }
