@@ -3,6 +3,7 @@
 //! fault-injecting proxy, and a trainer process. Nothing here ships in the product.
 
 pub mod apiserver;
+pub mod demo;
 pub mod fault_proxy;
 pub mod imds;
 pub mod s3;
