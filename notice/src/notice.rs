@@ -218,8 +218,14 @@ pub(crate) mod rfc3339 {
         result.unwrap_or_default()
     }
 
-    pub fn parse(s: &str) -> Result<OffsetDateTime, time::error::Parse> {
-        OffsetDateTime::parse(s, &Rfc3339).map(normalise)
+    pub fn parse(s: &str) -> Result<OffsetDateTime, String> {
+        let t = OffsetDateTime::parse(s, &Rfc3339).map_err(|e| e.to_string())?;
+        // An offset can move a time past what UTC can hold (`to_offset` would panic) or past
+        // what RFC 3339 can write back (years 0000-9999): refuse it, never panic on input.
+        match t.checked_to_offset(UtcOffset::UTC) {
+            Some(utc) if (0..=9999).contains(&utc.year()) => Ok(normalise(utc)),
+            _ => Err(format!("`{s}` is outside the years 0000-9999 in UTC")),
+        }
     }
 
     pub fn serialize<S: Serializer>(t: &OffsetDateTime, s: S) -> Result<S::Ok, S::Error> {
@@ -236,6 +242,19 @@ pub(crate) mod rfc3339 {
 mod tests {
     use super::*;
     use time::macros::datetime;
+
+    #[test]
+    fn refuses_times_an_offset_moves_outside_what_rfc3339_can_write() {
+        // Found with the fuzz target's seeds: the first panicked, the second re-serialised as "".
+        for edge in ["9999-12-31T23:59:59-01:00", "0000-01-01T00:30:00+01:00"] {
+            assert!(rfc3339::parse(edge).is_err(), "{edge}");
+            let line = format!(
+                r#"{{"id":"x","kind":"preemption","action":"terminate","deadline":"{edge}","detected_at":"2026-11-22T09:28:37Z","source":"gcp"}}"#
+            );
+            assert!(serde_json::from_str::<Notice>(&line).is_err(), "{line}");
+        }
+        assert!(rfc3339::parse("9999-12-31T22:59:59-01:00").is_ok());
+    }
 
     #[test]
     fn serialises_exactly_as_the_design_shows() {
