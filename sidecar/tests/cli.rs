@@ -116,6 +116,6 @@ fn help_shows_the_transfer_defaults() {
     assert_eq!(output.status.code(), Some(0));
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("[default: 16]"), "{stdout}");
-    assert!(stdout.contains("[default: 16MiB]"), "{stdout}");
+    assert!(stdout.contains("[default: 32MiB]"), "{stdout}");
     assert!(stdout.contains("NERVE_DEST"), "{stdout}");
 }
