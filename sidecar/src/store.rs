@@ -34,8 +34,9 @@ const RETRY_MAX_BACKOFF: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// No answer this long after a request started (its body included) means a stalled store or a
 /// lost answer: give up on the attempt and retry it. Without it a request whose small body the
-/// socket swallowed waits forever (found by tests/tests/faults.rs). 30 s carries a default
-/// 16 MiB part at [`MIN_BODY_THROUGHPUT`] and leaves room for retries in a two-minute notice.
+/// socket swallowed waits forever (found by tests/tests/faults.rs). 30 s carries a 30 MiB
+/// body at [`MIN_BODY_THROUGHPUT`] (bigger parts get whole multiples: 60 s for the default
+/// 32 MiB) and leaves room for a retry in a two-minute notice.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Slowest a request body is expected to move (bytes per second per stream); bodies too big to
 /// move within [`READ_TIMEOUT`] at this rate get a longer timeout ([`Store::body_timeouts`]).
