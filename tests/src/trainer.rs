@@ -323,6 +323,26 @@ pub fn load_checkpoint(path: &Path) -> Result<TrainerState, LoadError> {
     Ok(state)
 }
 
+/// A byte size as the trainer and the demo take it: `4096`, `64MiB`, `2GiB`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size; use e.g. 4096, 64MiB or 2GiB"))?;
+    let factor = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        other => return Err(format!("unknown unit `{other}`; use B, KiB, MiB or GiB")),
+    };
+    number
+        .checked_mul(factor)
+        .ok_or_else(|| format!("`{s}` is too large"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

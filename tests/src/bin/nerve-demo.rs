@@ -20,7 +20,7 @@ use nerve_tests::demo::{self, DemoOptions};
 )]
 struct Args {
     /// Training state the trainer keeps and checkpoints (e.g. 256MiB, 2GiB).
-    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+    #[arg(long, default_value = "256MiB", value_parser = nerve_tests::trainer::parse_size)]
     size: u64,
     /// Time from the notice to the machine going away.
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
@@ -38,23 +38,6 @@ struct Args {
     /// Do not build the binaries first (they must sit next to nerve-demo).
     #[arg(long)]
     no_build: bool,
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size; use e.g. 64MiB or 2GiB"))?;
-    let factor = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        other => return Err(format!("unknown unit `{other}`; use B, KiB, MiB or GiB")),
-    };
-    Ok(number * factor)
 }
 
 fn main() -> ExitCode {

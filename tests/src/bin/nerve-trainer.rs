@@ -26,7 +26,7 @@ struct Args {
     #[arg(long)]
     dir: PathBuf,
     /// Bytes of training state (model shards plus optimizer), e.g. `64MiB`, `2GiB`.
-    #[arg(long, default_value = "16MiB", value_parser = parse_size)]
+    #[arg(long, default_value = "16MiB", value_parser = trainer::parse_size)]
     size: u64,
     /// Number of model shards (`model-0000i-of-0000n.safetensors`), together half of `--size`.
     #[arg(long, default_value_t = 4)]
@@ -67,25 +67,6 @@ struct Args {
     /// Load and verify the newest checkpoint, print `resumed`, and exit.
     #[arg(long)]
     verify: bool,
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size; use e.g. 4096, 64MiB or 2GiB"))?;
-    let factor = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        other => return Err(format!("unknown unit `{other}`; use B, KiB, MiB or GiB")),
-    };
-    number
-        .checked_mul(factor)
-        .ok_or_else(|| format!("`{s}` is too large"))
 }
 
 fn emit(event: serde_json::Value) {
