@@ -2,6 +2,7 @@
 //! benchmarks: the cloud's metadata service, the Kubernetes API server, an S3-protocol server, a
 //! fault-injecting proxy, and a trainer process. Nothing here ships in the product.
 
+pub mod agent_process;
 pub mod apiserver;
 pub mod demo;
 pub mod fault_proxy;

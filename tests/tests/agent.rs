@@ -4,193 +4,27 @@
 // Test helpers outside #[test] functions: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use nerve_notice::{NoticeKind, StreamEvent};
+use nerve_tests::agent_process::{AgentProcess, metric_value, spot_id, wait_for};
 use nerve_tests::apiserver::ApiServer;
 use nerve_tests::imds::{Fault, MaintenanceEvent, MetadataSimulator, TokenPolicy};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 /// Generous bound for anything the agent should do "within a few polls": the test machine may be
 /// loaded, and a wait that ends early costs nothing.
 const WAIT: Duration = Duration::from_secs(30);
 const NODE: &str = "gpu-node-1";
+/// Polling interval of the agents under test: short, so tests see several polls quickly.
+const POLL: Duration = Duration::from_millis(100);
 
-/// A running agent process; killed when dropped.
-struct Agent {
-    child: Child,
-    addr: SocketAddr,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Agent {
-    /// Starts the agent polling `sim` every 100 ms. With `api`, Kubernetes mode via a kubeconfig.
-    fn start(sim: &MetadataSimulator, api: Option<&ApiServer>, extra: &[&str]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let log = dir.path().join("agent.log");
-        let mut command = Command::new(nerve_tests::binary_path("nerve-agent"));
-        command
-            .args(["--metadata-url", &sim.url()])
-            .args(["--listen", &addr.to_string()])
-            .args(["--poll-interval", "100ms", "--metadata-timeout", "500ms"])
-            .args(extra)
-            .env_remove("KUBECONFIG")
-            .env_remove("KUBERNETES_SERVICE_HOST")
-            .env_remove("NODE_NAME")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        match api {
-            Some(api) => {
-                command
-                    .env("KUBECONFIG", api.write_kubeconfig(dir.path()))
-                    .args(["--kubernetes", "on", "--node-name", NODE]);
-            }
-            None => {
-                command.args(["--kubernetes", "off"]);
-            }
-        }
-        let child = command.spawn().expect("starting nerve-agent");
-        Self {
-            child,
-            addr,
-            log,
-            _dir: dir,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits for `/readyz` to answer 200 (the first metadata poll answered).
-    async fn wait_ready(&mut self) {
-        let ready = wait_for(WAIT, || async {
-            matches!(get(self.addr, "/readyz").await, Some((200, _)))
-        })
-        .await;
-        assert!(ready, "agent never became ready; log:\n{}", self.log());
-    }
-
-    async fn metrics(&self) -> String {
-        get(self.addr, "/metrics")
-            .await
-            .map(|(_, b)| b)
-            .unwrap_or_default()
-    }
-
-    /// The value of one metric series (0 when absent).
-    async fn metric(&self, series: &str) -> f64 {
-        metric_value(&self.metrics().await, series)
-    }
-
-    async fn active_notices(&self) -> Vec<Value> {
-        // Empty until the agent answers (it may still be starting).
-        let Some((200, body)) = get(self.addr, "/v1/notices").await else {
-            return Vec::new();
-        };
-        let value: Value = serde_json::from_str(&body).unwrap();
-        value["notices"].as_array().cloned().unwrap()
-    }
-
-    async fn watch(&self) -> Watch {
-        let mut tcp = TcpStream::connect(self.addr).await.unwrap();
-        // HTTP/1.0: the body runs until the server closes, no chunked framing to undo.
-        tcp.write_all(b"GET /v1/notices?watch=true HTTP/1.0\r\n\r\n")
-            .await
-            .unwrap();
-        let mut reader = BufReader::new(tcp);
-        let mut line = String::new();
-        loop {
-            line.clear();
-            reader.read_line(&mut line).await.unwrap();
-            if line == "\r\n" || line.is_empty() {
-                break;
-            }
-        }
-        Watch { reader }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A watch-stream subscriber.
-struct Watch {
-    reader: BufReader<TcpStream>,
-}
-
-impl Watch {
-    /// The next line that is not a heartbeat.
-    async fn next(&mut self) -> StreamEvent {
-        loop {
-            let mut line = String::new();
-            let read = tokio::time::timeout(WAIT, self.reader.read_line(&mut line))
-                .await
-                .expect("a stream line in time")
-                .unwrap();
-            assert!(read > 0, "the agent closed the stream");
-            let event: StreamEvent = serde_json::from_str(line.trim_end()).unwrap();
-            if event != StreamEvent::Heartbeat {
-                return event;
-            }
-        }
-    }
-}
-
-async fn wait_for<F, Fut>(timeout: Duration, mut condition: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    while tokio::time::Instant::now() < deadline {
-        if condition().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    condition().await
-}
-
-/// A plain HTTP/1.0 GET: status and body, or `None` when nothing listens.
-async fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut tcp = TcpStream::connect(addr).await.ok()?;
-    tcp.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut response = String::new();
-    tokio::time::timeout(WAIT, tcp.read_to_string(&mut response))
-        .await
-        .ok()?
-        .ok()?;
-    let status = response.split(' ').nth(1)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n")?.1.to_owned();
-    Some((status, body))
-}
-
-fn metric_value(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
+/// Starts the agent polling `sim` every [`POLL`]. With `api`, Kubernetes mode for [`NODE`].
+fn start_agent(sim: &MetadataSimulator, api: Option<&ApiServer>, extra: &[&str]) -> AgentProcess {
+    AgentProcess::start(&sim.url(), api, NODE, POLL, WAIT, extra)
 }
 
 fn in_two_minutes() -> OffsetDateTime {
@@ -199,19 +33,10 @@ fn in_two_minutes() -> OffsetDateTime {
         .unwrap()
 }
 
-fn spot_id(deadline: OffsetDateTime) -> String {
-    format!(
-        "spot-interruption/{}",
-        deadline
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap()
-    )
-}
-
 #[tokio::test]
 async fn streams_a_notice_once_and_late_subscribers_get_it_in_the_snapshot() {
     let sim = MetadataSimulator::start();
-    let mut agent = Agent::start(&sim, None, &[]);
+    let agent = start_agent(&sim, None, &[]);
     agent.wait_ready().await;
     let mut early = agent.watch().await;
     assert_eq!(
@@ -269,11 +94,9 @@ async fn streams_a_notice_once_and_late_subscribers_get_it_in_the_snapshot() {
     assert_eq!(metric_value(&metrics, "nerve_agent_subscribers"), 2.0);
 
     // Heartbeats keep a quiet stream alive.
-    let mut line = String::new();
     let heartbeat = tokio::time::timeout(WAIT, async {
         loop {
-            line.clear();
-            late.reader.read_line(&mut line).await.unwrap();
+            let line = late.next_line().await;
             if line.trim_end() == r#"{"type":"heartbeat"}"# {
                 return;
             }
@@ -281,16 +104,16 @@ async fn streams_a_notice_once_and_late_subscribers_get_it_in_the_snapshot() {
     })
     .await;
     assert!(heartbeat.is_ok(), "no heartbeat within {WAIT:?}");
-    assert_eq!(get(agent.addr, "/healthz").await.unwrap().0, 200);
+    assert_eq!(agent.get("/healthz").await.unwrap().0, 200);
 }
 
 #[tokio::test]
 async fn a_stuck_subscriber_does_not_delay_hundreds_of_healthy_ones() {
     let sim = MetadataSimulator::start();
-    let mut agent = Agent::start(&sim, None, &[]);
+    let agent = start_agent(&sim, None, &[]);
     agent.wait_ready().await;
     // Connects, asks for the stream, and never reads a byte.
-    let mut stuck = TcpStream::connect(agent.addr).await.unwrap();
+    let mut stuck = TcpStream::connect(agent.addr()).await.unwrap();
     stuck
         .write_all(b"GET /v1/notices?watch=true HTTP/1.0\r\n\r\n")
         .await
@@ -313,7 +136,7 @@ async fn a_stuck_subscriber_does_not_delay_hundreds_of_healthy_ones() {
 async fn uses_one_imds_token_across_many_polls_and_renews_it_after_a_401() {
     let sim = MetadataSimulator::start();
     sim.set_token_policy(TokenPolicy::Required);
-    let mut agent = Agent::start(&sim, None, &[]);
+    let agent = start_agent(&sim, None, &[]);
     agent.wait_ready().await;
     assert!(wait_for(WAIT, || async { sim.requests() > 100 }).await);
     assert_eq!(sim.token_puts(), 1, "one token PUT for many polls");
@@ -332,7 +155,7 @@ async fn uses_one_imds_token_across_many_polls_and_renews_it_after_a_401() {
 async fn falls_back_to_imdsv1_only_when_token_puts_are_refused() {
     let sim = MetadataSimulator::start();
     sim.set_token_policy(TokenPolicy::Refuse(405));
-    let mut agent = Agent::start(&sim, None, &[]);
+    let agent = start_agent(&sim, None, &[]);
     agent.wait_ready().await;
     sim.set_spot_interruption("terminate", in_two_minutes());
     assert!(wait_for(WAIT, || async { agent.active_notices().await.len() == 1 }).await);
@@ -346,7 +169,7 @@ async fn falls_back_to_imdsv1_only_when_token_puts_are_refused() {
     // A token service that fails (500) is a failure, never a downgrade.
     let sim = MetadataSimulator::start();
     sim.set_token_policy(TokenPolicy::Refuse(500));
-    let agent = Agent::start(&sim, None, &[]);
+    let agent = start_agent(&sim, None, &[]);
     assert!(
         wait_for(WAIT, || async {
             agent
@@ -362,7 +185,7 @@ async fn falls_back_to_imdsv1_only_when_token_puts_are_refused() {
 #[tokio::test]
 async fn counts_every_fault_by_outcome_keeps_polling_and_does_not_flood_the_log() {
     let sim = MetadataSimulator::start();
-    let mut agent = Agent::start(&sim, None, &[]);
+    let agent = start_agent(&sim, None, &[]);
     agent.wait_ready().await;
     for (fault, outcome) in [
         (Fault::ServerError, "http_5xx"),
@@ -392,7 +215,7 @@ async fn counts_every_fault_by_outcome_keeps_polling_and_does_not_flood_the_log(
 #[tokio::test]
 async fn detects_every_aws_kind_and_gcp_and_azure_preemption() {
     let sim = MetadataSimulator::start();
-    let mut aws = Agent::start(&sim, None, &[]);
+    let aws = start_agent(&sim, None, &[]);
     aws.wait_ready().await;
     sim.set_rebalance_recommendation(OffsetDateTime::now_utc());
     sim.set_scheduled_maintenance(vec![
@@ -427,14 +250,14 @@ async fn detects_every_aws_kind_and_gcp_and_azure_preemption() {
         assert!(kinds.iter().any(|k| k == kind), "{kind} missing: {kinds:?}");
     }
 
-    let gcp = Agent::start(&sim, None, &["--cloud", "gcp"]);
+    let gcp = start_agent(&sim, None, &["--cloud", "gcp"]);
     sim.set_gcp_preempted(true);
     assert!(wait_for(WAIT, || async { gcp.active_notices().await.len() == 1 }).await);
     let notice = &gcp.active_notices().await[0];
     assert_eq!(notice["kind"], "preemption");
     assert_eq!(notice["source"], "gcp");
 
-    let azure = Agent::start(&sim, None, &["--cloud", "azure"]);
+    let azure = start_agent(&sim, None, &["--cloud", "azure"]);
     sim.set_azure_preempt_for_other_vm(true);
     sim.set_azure_preempt(Some(in_two_minutes()));
     let polls = "nerve_agent_metadata_polls_total{outcome=\"ok\"}";
@@ -469,7 +292,7 @@ fn start_api() -> ApiServer {
 async fn cordons_taints_annotates_and_records_an_event_with_one_exact_patch() {
     let sim = MetadataSimulator::start();
     let api = start_api();
-    let mut agent = Agent::start(&sim, Some(&api), &[]);
+    let agent = start_agent(&sim, Some(&api), &[]);
     agent.wait_ready().await;
     let version = api.resource_version();
     let deadline = in_two_minutes();
@@ -552,7 +375,7 @@ async fn cordons_taints_annotates_and_records_an_event_with_one_exact_patch() {
 async fn keeps_a_taint_added_concurrently_when_the_patch_conflicts() {
     let sim = MetadataSimulator::start();
     let api = start_api();
-    let mut agent = Agent::start(&sim, Some(&api), &[]);
+    let agent = start_agent(&sim, Some(&api), &[]);
     agent.wait_ready().await;
     let added = json!({"key": "team", "value": "ml", "effect": "PreferNoSchedule"});
     let change = added.clone();
@@ -590,7 +413,7 @@ async fn keeps_a_taint_added_concurrently_when_the_patch_conflicts() {
 async fn passive_mode_streams_the_notice_and_writes_nothing() {
     let sim = MetadataSimulator::start();
     let api = start_api();
-    let mut agent = Agent::start(&sim, Some(&api), &["--passive", "--drain"]);
+    let agent = start_agent(&sim, Some(&api), &["--passive", "--drain"]);
     agent.wait_ready().await;
     let mut watch = agent.watch().await;
     watch.next().await;
@@ -607,7 +430,7 @@ async fn passive_mode_streams_the_notice_and_writes_nothing() {
 async fn undoes_only_its_own_cordon_when_the_notice_disappears() {
     let sim = MetadataSimulator::start();
     let api = start_api();
-    let mut agent = Agent::start(
+    let agent = start_agent(
         &sim,
         Some(&api),
         &["--cordon-on", "rebalance-recommendation"],
@@ -653,7 +476,7 @@ async fn undoes_only_its_own_cordon_when_the_notice_disappears() {
 async fn a_restart_keeps_a_live_cordon_untouched_and_undoes_one_after_a_false_alarm() {
     let sim = MetadataSimulator::start();
     let api = start_api();
-    let mut first = Agent::start(&sim, Some(&api), &[]);
+    let first = start_agent(&sim, Some(&api), &[]);
     first.wait_ready().await;
     sim.set_spot_interruption("terminate", in_two_minutes());
     assert!(api.wait_until(WAIT, |api| api.events().len() == 1).await);
@@ -661,7 +484,7 @@ async fn a_restart_keeps_a_live_cordon_untouched_and_undoes_one_after_a_false_al
 
     // Restarted with the notice still there: nothing to write.
     let writes = api.writes().len();
-    let mut second = Agent::start(&sim, Some(&api), &[]);
+    let second = start_agent(&sim, Some(&api), &[]);
     second.wait_ready().await;
     let requests = sim.requests();
     assert!(wait_for(WAIT, || async { sim.requests() > requests + 40 }).await);
@@ -670,7 +493,7 @@ async fn a_restart_keeps_a_live_cordon_untouched_and_undoes_one_after_a_false_al
 
     // The notice went away while no agent ran: the next one undoes the cordon.
     sim.clear_spot_interruption();
-    let mut third = Agent::start(&sim, Some(&api), &[]);
+    let third = start_agent(&sim, Some(&api), &[]);
     third.wait_ready().await;
     assert!(
         api.wait_until(WAIT, |api| !api.unschedulable()).await,
@@ -684,7 +507,7 @@ async fn a_restart_keeps_a_live_cordon_untouched_and_undoes_one_after_a_false_al
 async fn streams_at_once_while_the_api_server_is_down_and_cordons_when_it_is_back() {
     let sim = MetadataSimulator::start();
     let api = start_api();
-    let mut agent = Agent::start(&sim, Some(&api), &[]);
+    let agent = start_agent(&sim, Some(&api), &[]);
     agent.wait_ready().await;
     let mut watch = agent.watch().await;
     watch.next().await;
@@ -729,7 +552,7 @@ async fn drains_with_evictions_honouring_budgets_and_skipping_node_and_checkpoin
     api.add_pod(elsewhere);
     api.refuse_eviction("web", 1, 1);
 
-    let mut agent = Agent::start(&sim, Some(&api), &["--drain"]);
+    let agent = start_agent(&sim, Some(&api), &["--drain"]);
     agent.wait_ready().await;
     sim.set_spot_interruption("terminate", in_two_minutes());
     assert!(
@@ -807,7 +630,7 @@ async fn a_drain_blocked_by_a_disruption_budget_stops_at_the_notice_deadline() {
     let api = start_api();
     api.add_pod(api.pod_on_node("default", "guarded", "web"));
     api.refuse_eviction("guarded", usize::MAX, 1);
-    let mut agent = Agent::start(&sim, Some(&api), &["--drain"]);
+    let agent = start_agent(&sim, Some(&api), &["--drain"]);
     agent.wait_ready().await;
     let deadline = (OffsetDateTime::now_utc() + Duration::from_secs(4))
         .replace_nanosecond(0)

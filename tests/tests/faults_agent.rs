@@ -10,17 +10,13 @@
 // Test helpers outside #[test] functions: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nerve_notice::StreamEvent;
+use nerve_tests::agent_process::{AgentProcess, metric_value, spot_id};
 use nerve_tests::apiserver::ApiServer;
 use nerve_tests::imds::{Fault, MetadataSimulator, TokenPolicy};
 use time::OffsetDateTime;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
 
 /// Polling interval the agents under test use.
 const POLL: Duration = Duration::from_millis(200);
@@ -34,167 +30,10 @@ const AGENT_MEMORY_LIMIT_KIB: u64 = 50 * 1024;
 const SUBSCRIBERS: usize = 500;
 const NODE: &str = "gpu-node-7";
 
-struct Agent {
-    child: Child,
-    addr: SocketAddr,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Agent {
-    fn start(metadata_url: &str, api: Option<&ApiServer>) -> Agent {
-        let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let log = dir.path().join("agent.log");
-        let mut command = Command::new(nerve_tests::binary_path("nerve-agent"));
-        command
-            .args([
-                "--metadata-url",
-                metadata_url,
-                "--listen",
-                &addr.to_string(),
-            ])
-            .args([
-                "--poll-interval",
-                &humantime::format_duration(POLL).to_string(),
-            ])
-            .args(["--metadata-timeout", "500ms"])
-            .env_remove("KUBECONFIG")
-            .env_remove("KUBERNETES_SERVICE_HOST")
-            .env_remove("NODE_NAME")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        match api {
-            Some(api) => command
-                .env("KUBECONFIG", api.write_kubeconfig(dir.path()))
-                .args(["--kubernetes", "on", "--node-name", NODE]),
-            None => command.args(["--kubernetes", "off"]),
-        };
-        let child = command.spawn().expect("starting nerve-agent");
-        Agent {
-            child,
-            addr,
-            log,
-            _dir: dir,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn assert_running(&mut self) {
-        assert!(
-            self.child.try_wait().unwrap().is_none(),
-            "the agent exited; log:\n{}",
-            self.log()
-        );
-    }
-
-    async fn wait_ready(&self) {
-        let deadline = Instant::now() + WAIT;
-        while Instant::now() < deadline {
-            if matches!(get(self.addr, "/readyz").await, Some((200, _))) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("agent never became ready; log:\n{}", self.log());
-    }
-
-    async fn watch(&self) -> Watch {
-        let mut tcp = TcpStream::connect(self.addr).await.unwrap();
-        tcp.write_all(b"GET /v1/notices?watch=true HTTP/1.0\r\n\r\n")
-            .await
-            .unwrap();
-        let mut reader = BufReader::new(tcp);
-        let mut line = String::new();
-        loop {
-            line.clear();
-            reader.read_line(&mut line).await.unwrap();
-            if line == "\r\n" || line.is_empty() {
-                break;
-            }
-        }
-        Watch { reader }
-    }
-
-    /// Peak resident memory of the agent process so far, in KiB.
-    fn peak_rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-struct Watch {
-    reader: BufReader<TcpStream>,
-}
-
-impl Watch {
-    /// The next event that is not a heartbeat, within `timeout`.
-    async fn next_within(&mut self, timeout: Duration) -> Option<StreamEvent> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let mut line = String::new();
-            let read = tokio::time::timeout_at(deadline, self.reader.read_line(&mut line))
-                .await
-                .ok()?
-                .unwrap();
-            assert!(read > 0, "the agent closed the stream");
-            let event: StreamEvent = serde_json::from_str(line.trim_end()).unwrap();
-            if event != StreamEvent::Heartbeat {
-                return Some(event);
-            }
-        }
-    }
-
-    /// Waits for the notice with `id`, skipping withdrawals of older ones.
-    async fn expect_notice(&mut self, id: &str, timeout: Duration) -> Duration {
-        let started = Instant::now();
-        loop {
-            let left = timeout.saturating_sub(started.elapsed());
-            match self.next_within(left).await {
-                Some(StreamEvent::Notice { notice }) if notice.id == id => {
-                    return started.elapsed();
-                }
-                Some(_) => continue,
-                None => panic!("notice {id} did not reach the subscriber within {timeout:?}"),
-            }
-        }
-    }
-}
-
-async fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut tcp = TcpStream::connect(addr).await.ok()?;
-    tcp.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut response = String::new();
-    tokio::time::timeout(WAIT, tcp.read_to_string(&mut response))
-        .await
-        .ok()?
-        .ok()?;
-    let status = response.split(' ').nth(1)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n")?.1.to_owned();
-    Some((status, body))
+/// Starts the agent polling `metadata_url` every [`POLL`]. With `api`, Kubernetes mode for
+/// [`NODE`].
+fn start_agent(metadata_url: &str, api: Option<&ApiServer>) -> AgentProcess {
+    AgentProcess::start(metadata_url, api, NODE, POLL, WAIT, &[])
 }
 
 /// A distinct spot-interruption deadline per round (the notice id is kind plus deadline).
@@ -202,15 +41,6 @@ fn deadline(round: u64) -> OffsetDateTime {
     (OffsetDateTime::now_utc() + Duration::from_secs(120 + round))
         .replace_nanosecond(0)
         .unwrap()
-}
-
-fn spot_id(deadline: OffsetDateTime) -> String {
-    format!(
-        "spot-interruption/{}",
-        deadline
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap()
-    )
 }
 
 /// How long a fault lasts in CI; `bench/soak` sets minutes with NERVE_OUTAGE_SECS.
@@ -228,7 +58,7 @@ async fn after_every_metadata_fault_and_an_outage_the_next_notice_reaches_subscr
     let mut sim = MetadataSimulator::start();
     sim.set_token_policy(TokenPolicy::Required);
     let addr = sim.addr();
-    let mut agent = Agent::start(&sim.url(), None);
+    let mut agent = start_agent(&sim.url(), None);
     agent.wait_ready().await;
     let mut watch = agent.watch().await;
     assert!(matches!(
@@ -274,7 +104,7 @@ async fn after_every_metadata_fault_and_an_outage_the_next_notice_reaches_subscr
         let took = watch.expect_notice(&spot_id(deadline), POLL + SLACK).await;
         eprintln!("after {fault}: notice reached the subscriber {took:?} after it appeared");
         sim.clear_spot_interruption();
-        assert_eq!(get(agent.addr, "/healthz").await.map(|r| r.0), Some(200));
+        assert_eq!(agent.get("/healthz").await.map(|r| r.0), Some(200));
     }
     agent.assert_running();
 }
@@ -288,7 +118,7 @@ const STORM: usize = 8;
 async fn ride_out_storm(status: u16, method: Option<&str>, what: &str) {
     let sim = MetadataSimulator::start();
     let api = ApiServer::start(NODE);
-    let mut agent = Agent::start(&sim.url(), Some(&api));
+    let mut agent = start_agent(&sim.url(), Some(&api));
     agent.wait_ready().await;
     let mut watch = agent.watch().await;
     watch.next_within(WAIT).await;
@@ -338,7 +168,7 @@ async fn a_notice_during_the_backoff_of_a_failed_startup_uncordon_still_cordons_
     let sim = MetadataSimulator::start();
     let api = ApiServer::start(NODE);
     api.fail_next(Some("GET"), "/nodes/", 500, 4);
-    let agent = Agent::start(&sim.url(), Some(&api));
+    let agent = start_agent(&sim.url(), Some(&api));
     agent.wait_ready().await;
     assert!(
         api.wait_until(WAIT, |api| !api.requests().is_empty()).await,
@@ -355,7 +185,7 @@ async fn a_notice_during_the_backoff_of_a_failed_startup_uncordon_still_cordons_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_subscribers_all_get_the_notice_and_the_agent_stays_under_its_memory_limit() {
     let sim = MetadataSimulator::start();
-    let agent = Agent::start(&sim.url(), None);
+    let agent = start_agent(&sim.url(), None);
     agent.wait_ready().await;
     let mut watches = Vec::with_capacity(SUBSCRIBERS);
     for _ in 0..SUBSCRIBERS {
@@ -366,13 +196,9 @@ async fn five_hundred_subscribers_all_get_the_notice_and_the_agent_stays_under_i
         ));
         watches.push(watch);
     }
-    let (status, metrics) = get(agent.addr, "/metrics").await.unwrap();
+    let (status, metrics) = agent.get("/metrics").await.unwrap();
     assert_eq!(status, 200);
-    let subscribers: f64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("nerve_agent_subscribers "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0);
+    let subscribers = metric_value(&metrics, "nerve_agent_subscribers ");
     assert_eq!(subscribers as usize, SUBSCRIBERS);
 
     let deadline = deadline(0);
