@@ -19,10 +19,11 @@ fn main() -> ExitCode {
         }
     };
     init_logging(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if matches!(cli.command, Command::Restore(_)) {
+        builder.worker_threads(nerve_sidecar::restore::WORKER_THREADS);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => return fail(&anyhow::Error::new(err).context("starting the async runtime")),
     };

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use anyhow::Context as _;
 use futures::{StreamExt, TryStreamExt};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -25,6 +26,12 @@ use crate::manifest::{ManifestReadError, fetch_manifest};
 use crate::progress::{Progress, format_bytes, mib_per_second, report_progress};
 use crate::store::{S3Error, Store};
 use download::{Download, download_file};
+
+/// Runtime worker threads for `nerve-sidecar restore`. The restore polls every download from
+/// one task (see [`command`]), so a second worker adds no parallelism, only cross-thread
+/// wake-ups: measured on the DCP bench set, one worker cut restore CPU by a further ~15% and
+/// its context switches by half. Revisit if downloads become separate tasks.
+pub const WORKER_THREADS: usize = 1;
 
 /// How to restore; [`RestoreOptions::default`] uses the command-line defaults.
 #[derive(Debug, Clone)]
@@ -300,18 +307,24 @@ pub async fn command(args: RestoreArgs, shutdown: CancellationToken) -> anyhow::
         "restoring",
         stop_reporting.clone(),
     ));
-    let result = restore_generation_with(
-        &store,
-        &args.checkpoint.dir,
-        args.generation,
-        &options,
-        &shutdown,
-        &progress,
-    )
-    .await;
+    // On a runtime worker, not on main's `block_on` thread: the I/O driver runs on the workers,
+    // so polling the downloads on the main thread made every socket event a cross-thread
+    // wake-up (futex plus context switch). Measured on the DCP bench set: ~8% less CPU.
+    let task = {
+        let (dir, generation, shutdown, progress) = (
+            args.checkpoint.dir.clone(),
+            args.generation.clone(),
+            shutdown.clone(),
+            progress.clone(),
+        );
+        tokio::spawn(async move {
+            restore_generation_with(&store, &dir, generation, &options, &shutdown, &progress).await
+        })
+    };
+    let result = task.await;
     stop_reporting.cancel();
     let _ = reporter.await;
-    match result? {
+    match result.context("the restore task stopped")?? {
         RestoreOutcome::Nothing => println!(
             "nothing to restore: job {} has no committed generation under {}; {} left as it is",
             args.checkpoint.store.job,

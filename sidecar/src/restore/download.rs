@@ -16,8 +16,14 @@ use crate::manifest::{ManifestFile, format_crc32c, parse_crc32c};
 use crate::progress::Progress;
 use crate::store::{Operation, Store, with_retries};
 
-/// Bytes gathered from the socket before one positioned write: few syscalls and blocking-pool
-/// hops, and with 16 ranges in flight only a few MiB held.
+/// Bytes gathered from the socket before one positioned write: few syscalls, and with 16 ranges
+/// in flight only a few MiB held.
+///
+/// The write runs on the task itself, not on the blocking pool: copying 256 KiB into the page
+/// cache takes tens of microseconds, while the hop (queueing the closure, waking a pool thread,
+/// waking the task again) cost more CPU than the write and was most of restore's context
+/// switches. Measured on the DCP bench set (2 GiB): ~1.5 -> ~1.2 CPU s per restore. 1 MiB
+/// batches (inline or on the pool) measured no cheaper and hold 4x the memory per range.
 const WRITE_BATCH: usize = 256 * 1024;
 
 pub struct Download<'a> {
@@ -166,24 +172,17 @@ async fn fetch_range(
                         batch.push(chunk);
                     }
                     if batch_len >= WRITE_BATCH || (done && batch_len > 0) {
-                        let chunks = std::mem::take(&mut batch);
-                        let at = offset + written;
-                        let handle = handle.clone();
-                        tokio::task::spawn_blocking(move || {
-                            let mut at = at;
-                            for chunk in chunks {
-                                handle.write_all_at(&chunk, at)?;
-                                at += chunk.len() as u64;
-                            }
-                            std::io::Result::Ok(())
-                        })
-                        .await
-                        .map_err(std::io::Error::other)
-                        .and_then(|r| r)
-                        .map_err(|source| RestoreError::Write {
-                            path: dest.to_path_buf(),
-                            source,
-                        })?;
+                        // Inline, see WRITE_BATCH.
+                        let mut at = offset + written;
+                        for chunk in batch.drain(..) {
+                            handle.write_all_at(&chunk, at).map_err(|source| {
+                                RestoreError::Write {
+                                    path: dest.to_path_buf(),
+                                    source,
+                                }
+                            })?;
+                            at += chunk.len() as u64;
+                        }
                         written += batch_len as u64;
                         progress.add_done(batch_len as u64);
                         counted += batch_len as u64;
