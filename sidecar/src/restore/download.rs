@@ -12,6 +12,7 @@ use futures::{StreamExt, TryStreamExt};
 use tokio::sync::Semaphore;
 
 use super::RestoreError;
+use crate::checksum;
 use crate::manifest::{ManifestFile, format_crc32c, parse_crc32c};
 use crate::progress::Progress;
 use crate::store::{Operation, Store, with_retries};
@@ -50,17 +51,10 @@ pub async fn download_file(
     let handle = {
         let dest = dest.clone();
         let size = file.size;
-        tokio::task::spawn_blocking(move || {
-            let handle = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&dest)?;
-            handle.set_len(size)?;
-            std::io::Result::Ok(handle)
-        })
-        .await
-        .map_err(|e| io_error(std::io::Error::other(e)))?
-        .map_err(io_error)?
+        tokio::task::spawn_blocking(move || create_sized(&dest, size))
+            .await
+            .map_err(|e| io_error(std::io::Error::other(e)))?
+            .map_err(io_error)?
     };
     let handle = Arc::new(handle);
     let ranges = if file.size == 0 {
@@ -88,13 +82,7 @@ pub async fn download_file(
         .buffered(download.concurrency)
         .try_collect()
         .await?;
-    let crc = crcs.iter().enumerate().fold(0, |acc, (i, &(crc, len))| {
-        if i == 0 {
-            crc
-        } else {
-            crc32c::crc32c_combine(acc, crc, usize::try_from(len).unwrap_or(usize::MAX))
-        }
-    });
+    let crc = checksum::crc32c_concat(crcs);
     if parse_crc32c(&file.crc32c) != Some(crc) {
         return Err(RestoreError::ChecksumMismatch {
             path: file.path.clone(),
@@ -109,6 +97,33 @@ pub async fn download_file(
         .map_err(io_error)?;
     download.progress.file_done();
     Ok(())
+}
+
+/// Creates `dest` at its final size with its blocks reserved up front (`fallocate`).
+///
+/// Writing into reserved blocks skips ext4's per-block delayed-allocation bookkeeping, which was
+/// most of the write path's CPU: 2 GiB in 256 KiB `pwrite`s cost 0.20 s of system time into a
+/// reserved file against 0.34 s into a sparse one. A disk too small for the file also fails
+/// here, before any byte of it is fetched. Filesystems without `fallocate` get a sparse file.
+fn create_sized(dest: &Path, size: u64) -> std::io::Result<std::fs::File> {
+    use nix::errno::Errno;
+    use nix::fcntl::{FallocateFlags, fallocate};
+
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dest)?;
+    if let Ok(len) = i64::try_from(size)
+        && len > 0
+    {
+        match fallocate(&file, FallocateFlags::empty(), 0, len) {
+            Ok(()) => return Ok(file),
+            Err(Errno::EOPNOTSUPP | Errno::ENOSYS | Errno::EINVAL) => {}
+            Err(errno) => return Err(errno.into()),
+        }
+    }
+    file.set_len(size)?;
+    Ok(file)
 }
 
 /// GETs `len` bytes at `offset` (with a Range header when the file has several ranges) and
@@ -167,7 +182,7 @@ async fn fetch_range(
                                 expected: file.size,
                             });
                         }
-                        crc = crc32c::crc32c_append(crc, &chunk);
+                        crc = checksum::crc32c_append(crc, &chunk);
                         batch_len += chunk.len();
                         batch.push(chunk);
                     }
