@@ -8,6 +8,7 @@
 //!
 //! It deliberately does not decide *when* to checkpoint; that is `run`'s job.
 
+pub mod checksum;
 pub mod cli;
 pub mod generation;
 pub mod inject;

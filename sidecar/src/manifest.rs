@@ -272,7 +272,7 @@ pub async fn put_manifest(
 ) -> Result<(), S3Error> {
     let key = store.manifest_key(generation);
     let body = serde_json::to_vec_pretty(manifest).unwrap_or_default();
-    let crc = crc32c::crc32c(&body);
+    let crc = crate::checksum::crc32c(&body);
     with_retries("writing the manifest", S3Error::is_retryable, |_| {
         let mut request = store
             .client()

@@ -18,6 +18,7 @@ use tokio::sync::Semaphore;
 
 use super::UploadError;
 use super::scan::LocalFile;
+use crate::checksum;
 use crate::cli::{ChecksumMode, MAX_PART_SIZE, MIN_PART_SIZE};
 use crate::manifest::crc32c_base64;
 use crate::progress::Progress;
@@ -89,7 +90,7 @@ pub fn checksum_range(path: &Path, offset: u64, len: u64) -> std::io::Result<u32
         if n == 0 {
             break;
         }
-        crc = crc32c::crc32c_append(crc, &buf[..n]);
+        crc = checksum::crc32c_append(crc, &buf[..n]);
         seen += n as u64;
     }
     if seen != len {
@@ -113,14 +114,11 @@ pub fn checksum_parts(path: &Path, plan: &PartPlan) -> std::io::Result<Vec<u32>>
 
 /// Whole-file CRC32C from the part CRCs in order.
 pub fn combine_part_crcs(plan: &PartPlan, crcs: &[u32]) -> u32 {
-    crcs.iter().enumerate().fold(0, |acc, (index, &crc)| {
-        let (_, len) = plan.range(index as u64);
-        if index == 0 {
-            crc
-        } else {
-            crc32c::crc32c_combine(acc, crc, usize::try_from(len).unwrap_or(usize::MAX))
-        }
-    })
+    checksum::crc32c_concat(
+        crcs.iter()
+            .enumerate()
+            .map(|(index, &crc)| (crc, plan.range(index as u64).1)),
+    )
 }
 
 /// Multipart uploads created and not yet completed, so a failed run can abort them.
