@@ -62,6 +62,7 @@ impl S3Server {
         let uploads = Uploads::default();
         let store = TestStore {
             fs: Arc::new(fs),
+            root: root.to_path_buf(),
             uploads: uploads.clone(),
         };
         let mut builder = s3s::service::S3ServiceBuilder::new(store);
@@ -199,6 +200,8 @@ impl Uploads {
 
 struct TestStore {
     fs: Arc<s3s_fs::FileSystem>,
+    /// s3s-fs's root: objects are files at `<root>/<bucket>/<key>`.
+    root: PathBuf,
     uploads: Uploads,
 }
 
@@ -247,13 +250,26 @@ impl S3 for TestStore {
         Self: 'async_trait,
     {
         Box::pin(async move {
+            let path = self.root.join(&req.input.bucket).join(&req.input.key);
+            // s3s-fs resolves the object, range and headers; the body is read anew, see
+            // GET_CHUNK.
             let mut response = self.fs.get_object(req).await?;
-            if let Some(body) = response.output.body.take() {
-                response.output.body = Some(StreamingBlob::new(Rechunked {
-                    inner: body,
-                    buf: bytes::BytesMut::new(),
-                    done: false,
-                }));
+            if response.output.body.take().is_some() {
+                let len = response
+                    .output
+                    .content_length
+                    .and_then(|n| u64::try_from(n).ok())
+                    .unwrap_or(0);
+                let offset = response
+                    .output
+                    .content_range
+                    .as_deref()
+                    .and_then(range_start)
+                    .unwrap_or(0);
+                let body = FileBody::open(&path, offset, len)
+                    .await
+                    .map_err(|e| s3_error!(e, InternalError))?;
+                response.output.body = Some(StreamingBlob::new(body));
             }
             Ok(response)
         })
@@ -421,51 +437,58 @@ fn decode_crc32c(value: &str) -> Option<u32> {
     Some(u32::from_be_bytes(bytes.try_into().ok()?))
 }
 
-/// Bytes per GET body chunk. s3s-fs 0.14.1 reads and sends objects 4 KiB at a time, which
-/// makes a 3 GiB download ~800k socket writes -- far smaller than the TLS records and TCP
-/// segments a real store sends -- and would make every client's cost a measure of that.
+/// Bytes per read of a GET body from disk, and so per chunk sent. s3s-fs 0.14.1 reads objects
+/// 4 KiB at a time through `tokio::fs`, each read a hand-off to the blocking pool: ~500k thread
+/// wake-ups per 2 GiB, 7-12 CPU s of the server per 2 GiB download on the bench machine. That
+/// made the server the bottleneck of every client's restore (and most of its noise), and 4 KiB
+/// socket writes are far smaller than the TLS records and TCP segments a real store sends.
 const GET_CHUNK: usize = 256 * 1024;
 
-/// A response body regrouped into [`GET_CHUNK`]-sized chunks.
-struct Rechunked {
-    inner: StreamingBlob,
-    buf: bytes::BytesMut,
-    done: bool,
+/// `first` of a `Content-Range: bytes first-last/size` answer.
+fn range_start(content_range: &str) -> Option<u64> {
+    let (first, _) = content_range.strip_prefix("bytes ")?.split_once('-')?;
+    first.parse().ok()
 }
 
-impl Stream for Rechunked {
+/// An object's bytes `[offset, offset + len)` read from its file in [`GET_CHUNK`] reads.
+struct FileBody {
+    inner: tokio_util::io::ReaderStream<tokio::io::Take<tokio::fs::File>>,
+    remaining: u64,
+}
+
+impl FileBody {
+    async fn open(path: &Path, offset: u64, len: u64) -> io::Result<FileBody> {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        let mut file = tokio::fs::File::open(path).await?;
+        file.seek(io::SeekFrom::Start(offset)).await?;
+        Ok(FileBody {
+            inner: tokio_util::io::ReaderStream::with_capacity(file.take(len), GET_CHUNK),
+            remaining: len,
+        })
+    }
+}
+
+impl Stream for FileBody {
     type Item = Result<Bytes, s3s::StdError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        loop {
-            if self.done {
-                return Poll::Ready(None);
+        match Pin::new(&mut self.inner).poll_next(cx) {
+            Poll::Ready(Some(Ok(bytes))) => {
+                self.remaining = self.remaining.saturating_sub(bytes.len() as u64);
+                Poll::Ready(Some(Ok(bytes)))
             }
-            match Pin::new(&mut self.inner).poll_next(cx) {
-                Poll::Ready(Some(Ok(bytes))) => {
-                    self.buf.extend_from_slice(&bytes);
-                    if self.buf.len() >= GET_CHUNK {
-                        return Poll::Ready(Some(Ok(self.buf.split().freeze())));
-                    }
-                }
-                Poll::Ready(None) => {
-                    self.done = true;
-                    if !self.buf.is_empty() {
-                        return Poll::Ready(Some(Ok(self.buf.split().freeze())));
-                    }
-                }
-                Poll::Ready(Some(Err(err))) => return Poll::Ready(Some(Err(err))),
-                Poll::Pending => return Poll::Pending,
-            }
+            Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(Box::new(err)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
         }
     }
 }
 
-impl ByteStream for Rechunked {
+impl ByteStream for FileBody {
     fn remaining_length(&self) -> RemainingLength {
-        match self.inner.remaining_length().exact() {
-            Some(n) => RemainingLength::new_exact(n + self.buf.len()),
-            None => RemainingLength::unknown(),
+        match usize::try_from(self.remaining) {
+            Ok(n) => RemainingLength::new_exact(n),
+            Err(_) => RemainingLength::unknown(),
         }
     }
 }
