@@ -20,8 +20,10 @@ fn main() -> ExitCode {
     };
     init_logging(cli.log_format);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if matches!(cli.command, Command::Restore(_)) {
-        builder.worker_threads(nerve_sidecar::restore::WORKER_THREADS);
+    if let Command::Restore(args) = &cli.command {
+        builder.worker_threads(nerve_sidecar::restore::worker_threads(
+            args.checkpoint.transfer.concurrency,
+        ));
     }
     let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use tokio::sync::Semaphore;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::RestoreError;
 use crate::checksum;
@@ -27,8 +28,9 @@ use crate::store::{Operation, Store, with_retries};
 /// batches (inline or on the pool) measured no cheaper and hold 4x the memory per range.
 const WRITE_BATCH: usize = 256 * 1024;
 
-pub struct Download<'a> {
-    pub store: &'a Store,
+/// What every range download of one restore shares.
+pub struct Download {
+    pub store: Store,
     pub requests: Arc<Semaphore>,
     pub concurrency: usize,
     pub range_size: u64,
@@ -37,7 +39,7 @@ pub struct Download<'a> {
 
 /// Downloads `file` to `dest`, verifies its size and CRC32C, sets its mode.
 pub async fn download_file(
-    download: &Download<'_>,
+    download: &Arc<Download>,
     file: &ManifestFile,
     dest: PathBuf,
 ) -> Result<(), RestoreError> {
@@ -56,30 +58,32 @@ pub async fn download_file(
             .map_err(|e| io_error(std::io::Error::other(e)))?
             .map_err(io_error)?
     };
-    let handle = Arc::new(handle);
     let ranges = if file.size == 0 {
         0
     } else {
         file.size.div_ceil(download.range_size)
     };
-    // Built up front, not in a `.map` closure, so the future stays `Send` (rust#102211).
-    let fetches: Vec<_> = (0..ranges)
+    let file_ref = Arc::new(FileRef {
+        path: file.path.clone(),
+        key: file.key.clone(),
+        size: file.size,
+        dest: dest.clone(),
+        handle,
+    });
+    // Each range is its own task, so a runtime with several workers fetches, checksums and
+    // writes ranges of one large file in parallel. Spawned lazily (at most `concurrency` per
+    // file at a time) and aborted when dropped, i.e. when another range or file failed.
+    let crcs: Vec<(u32, u64)> = futures::stream::iter(0..ranges)
         .map(|index| {
             let offset = index * download.range_size;
             let len = download.range_size.min(file.size - offset);
-            fetch_range(
-                download,
-                file,
-                &dest,
-                handle.clone(),
-                offset,
-                len,
-                ranges > 1,
-            )
+            let (download, file_ref) = (download.clone(), file_ref.clone());
+            AbortOnDropHandle::new(tokio::spawn(async move {
+                fetch_range(&download, &file_ref, offset, len, ranges > 1).await
+            }))
         })
-        .collect();
-    let crcs: Vec<(u32, u64)> = futures::stream::iter(fetches)
         .buffered(download.concurrency)
+        .map(|joined| joined.map_err(|e| io_error(std::io::Error::other(e)))?)
         .try_collect()
         .await?;
     let crc = checksum::crc32c_concat(crcs);
@@ -126,14 +130,22 @@ fn create_sized(dest: &Path, size: u64) -> std::io::Result<std::fs::File> {
     Ok(file)
 }
 
+/// A file being restored, as its range tasks see it.
+struct FileRef {
+    /// Path in the manifest.
+    path: String,
+    key: String,
+    size: u64,
+    /// Where it is written in staging.
+    dest: PathBuf,
+    handle: std::fs::File,
+}
+
 /// GETs `len` bytes at `offset` (with a Range header when the file has several ranges) and
 /// writes them at that offset; returns the range's CRC32C and length.
-#[allow(clippy::too_many_arguments)]
 async fn fetch_range(
-    download: &Download<'_>,
-    file: &ManifestFile,
-    dest: &Path,
-    handle: Arc<std::fs::File>,
+    download: &Download,
+    file: &FileRef,
     offset: u64,
     len: u64,
     ranged: bool,
@@ -143,10 +155,10 @@ async fn fetch_range(
         .acquire()
         .await
         .map_err(|_| RestoreError::Cancelled("--dir".into()))?;
-    let store = download.store;
+    let store = &download.store;
     let progress = &download.progress;
+    let (handle, dest) = (&file.handle, file.dest.as_path());
     with_retries("downloading", RestoreError::is_retryable, |_| {
-        let handle = handle.clone();
         async move {
             let mut request = store
                 .client()
