@@ -93,6 +93,18 @@ pub enum RestoreError {
         "generation {0} has no manifest (never committed, or pruned); `nerve-sidecar list` shows what exists"
     )]
     NoSuchGeneration(Generation),
+    #[error(
+        "{dir}: {} free on its filesystem, generation {generation} needs {}; free space there \
+         or restore onto a larger volume",
+        format_bytes(*available),
+        format_bytes(*needed)
+    )]
+    NoSpace {
+        dir: PathBuf,
+        generation: Generation,
+        needed: u64,
+        available: u64,
+    },
     #[error("reading the manifest of generation {generation}")]
     Manifest {
         generation: Generation,
@@ -240,6 +252,19 @@ async fn restore(
                 source,
             })?
     };
+    // Both the previous contents and the new generation are on disk until the swap.
+    if let Some(available) = staging.available_bytes()
+        && available < manifest.total_bytes()
+    {
+        let err = RestoreError::NoSpace {
+            dir: dir.to_path_buf(),
+            generation,
+            needed: manifest.total_bytes(),
+            available,
+        };
+        let _ = tokio::task::spawn_blocking(move || staging.discard()).await;
+        return Err(err);
+    }
     let download = Arc::new(Download {
         store: store.clone(),
         requests: Arc::new(Semaphore::new(options.concurrency.max(1))),

@@ -500,6 +500,34 @@ fn a_missing_object_fails_restore_and_names_the_key() {
 }
 
 #[test]
+fn a_generation_larger_than_the_free_space_is_refused_before_anything_is_fetched() {
+    let h = Harness::new();
+    let source = h.path("source");
+    write_checkpoint(&source);
+    let generation = committed_generation(&h.upload("job", &source, &[]));
+    let manifest_path = h.manifest_path("job", &generation);
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest_path).expect("manifest")).expect("json");
+    // 4 PiB: no test machine has that much free, and a real restore would fetch for hours
+    // before the disk filled.
+    manifest["files"][0]["size"] = serde_json::Value::from(1u64 << 52);
+    std::fs::write(&manifest_path, serde_json::to_vec(&manifest).expect("json")).expect("write");
+
+    let dir = h.path("ckpt");
+    write(&dir.join("current.bin"), b"the trainer's current state");
+    let before = tree(&dir);
+    let output = h.restore("job", &dir, &[]);
+    assert!(!output.status.success());
+    let err = stderr(&output);
+    assert!(
+        err.contains("free on its filesystem") && err.contains(&generation),
+        "{err}"
+    );
+    assert_eq!(tree(&dir), before, "--dir untouched");
+    assert_eq!(siblings(&dir), ["ckpt", "source"], "staging removed");
+}
+
+#[test]
 fn a_manifest_with_parent_or_absolute_paths_is_refused() {
     let h = Harness::new();
     let source = h.path("source");

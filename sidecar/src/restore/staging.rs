@@ -25,6 +25,16 @@ pub struct Staging {
 }
 
 impl Staging {
+    /// Bytes an unprivileged writer may still use on the staging filesystem; `None` when the
+    /// filesystem does not say.
+    pub fn available_bytes(&self) -> Option<u64> {
+        let stat = nix::sys::statvfs::statvfs(&self.path).ok()?;
+        if stat.blocks() == 0 {
+            return None; // Some FUSE and virtual filesystems report no sizes at all.
+        }
+        stat.blocks_available().checked_mul(stat.fragment_size())
+    }
+
     /// Picks and creates a fresh staging directory for restoring `generation` into `dir`,
     /// removing leftovers of an earlier interrupted restore.
     pub fn create(dir: &Path, generation: &Generation) -> io::Result<Staging> {
