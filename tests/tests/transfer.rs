@@ -88,6 +88,18 @@ impl Harness {
         self.object(&format!("{PREFIX}/{job}/gen/{generation}.manifest.json"))
     }
 
+    /// Uploads the standard checkpoint (into `source`) as `job`; returns the generation, its
+    /// manifest's path in the store and the manifest, for tests that rewrite it.
+    fn committed_manifest(&self, job: &str) -> (String, PathBuf, serde_json::Value) {
+        let source = self.path("source");
+        write_checkpoint(&source);
+        let generation = committed_generation(&self.upload(job, &source, &[]));
+        let path = self.manifest_path(job, &generation);
+        let manifest =
+            serde_json::from_slice(&std::fs::read(&path).expect("manifest")).expect("json");
+        (generation, path, manifest)
+    }
+
     fn manifests(&self, job: &str) -> Vec<String> {
         let dir = self.object(&format!("{PREFIX}/{job}/gen"));
         let Ok(entries) = std::fs::read_dir(dir) else {
@@ -457,6 +469,19 @@ fn a_store_that_keeps_failing_gives_a_non_zero_exit_no_manifest_and_no_open_uplo
     assert!(uploads.uploads().is_empty(), "{:?}", uploads.uploads());
 }
 
+/// Restores job `job` over a `ckpt` holding the trainer's current state, expects a failure,
+/// checks `ckpt` is as it was and no staging directory is left; returns stderr.
+fn failed_restore_leaves_the_directory(h: &Harness) -> String {
+    let dir = h.path("ckpt");
+    write(&dir.join("current.bin"), b"the trainer's current state");
+    let before = tree(&dir);
+    let output = h.restore("job", &dir, &[]);
+    assert!(!output.status.success());
+    assert_eq!(tree(&dir), before, "--dir untouched");
+    assert_eq!(siblings(&dir), ["ckpt", "source"], "staging removed");
+    stderr(&output)
+}
+
 #[test]
 fn a_corrupted_object_fails_restore_and_leaves_the_directory_as_it_was() {
     let h = Harness::new();
@@ -468,18 +493,11 @@ fn a_corrupted_object_fails_restore_and_leaves_the_directory_as_it_was() {
     bytes[7 * MIB] ^= 0x01;
     std::fs::write(&stored, bytes).expect("tamper");
 
-    let dir = h.path("ckpt");
-    write(&dir.join("current.bin"), b"the trainer's current state");
-    let before = tree(&dir);
-    let output = h.restore("job", &dir, &[]);
-    assert!(!output.status.success());
-    let err = stderr(&output);
+    let err = failed_restore_leaves_the_directory(&h);
     assert!(
         err.contains("model.safetensors") && err.contains("CRC32C"),
         "{err}"
     );
-    assert_eq!(tree(&dir), before, "--dir untouched");
-    assert_eq!(siblings(&dir), ["ckpt", "source"], "staging removed");
 }
 
 #[test]
@@ -502,40 +520,23 @@ fn a_missing_object_fails_restore_and_names_the_key() {
 #[test]
 fn a_generation_larger_than_the_free_space_is_refused_before_anything_is_fetched() {
     let h = Harness::new();
-    let source = h.path("source");
-    write_checkpoint(&source);
-    let generation = committed_generation(&h.upload("job", &source, &[]));
-    let manifest_path = h.manifest_path("job", &generation);
-    let mut manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&manifest_path).expect("manifest")).expect("json");
+    let (generation, manifest_path, mut manifest) = h.committed_manifest("job");
     // 4 PiB: no test machine has that much free, and a real restore would fetch for hours
     // before the disk filled.
     manifest["files"][0]["size"] = serde_json::Value::from(1u64 << 52);
     std::fs::write(&manifest_path, serde_json::to_vec(&manifest).expect("json")).expect("write");
 
-    let dir = h.path("ckpt");
-    write(&dir.join("current.bin"), b"the trainer's current state");
-    let before = tree(&dir);
-    let output = h.restore("job", &dir, &[]);
-    assert!(!output.status.success());
-    let err = stderr(&output);
+    let err = failed_restore_leaves_the_directory(&h);
     assert!(
         err.contains("free on its filesystem") && err.contains(&generation),
         "{err}"
     );
-    assert_eq!(tree(&dir), before, "--dir untouched");
-    assert_eq!(siblings(&dir), ["ckpt", "source"], "staging removed");
 }
 
 #[test]
 fn a_manifest_with_parent_or_absolute_paths_is_refused() {
     let h = Harness::new();
-    let source = h.path("source");
-    write_checkpoint(&source);
-    let generation = committed_generation(&h.upload("job", &source, &[]));
-    let manifest_path = h.manifest_path("job", &generation);
-    let original: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&manifest_path).expect("manifest")).expect("json");
+    let (_, manifest_path, original) = h.committed_manifest("job");
 
     let escape = h.path("escaped.txt");
     for evil in [
