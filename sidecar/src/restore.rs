@@ -25,7 +25,7 @@ use crate::list::list_generations;
 use crate::manifest::{ManifestReadError, fetch_manifest};
 use crate::progress::{Progress, format_bytes, mib_per_second, report_progress};
 use crate::store::{S3Error, Store};
-use download::{Download, download_file};
+use download::{Download, download_file, ranges_per_file};
 
 /// Runtime worker threads for `nerve-sidecar restore`: one per core, but no more than the
 /// requests in flight, since each range is a task and more workers than ranges only wake up to
@@ -269,6 +269,14 @@ async fn restore(
         store: store.clone(),
         requests: Arc::new(Semaphore::new(options.concurrency.max(1))),
         concurrency: options.concurrency.max(1),
+        ranges_per_file: ranges_per_file(
+            options.concurrency.max(1),
+            manifest
+                .files
+                .iter()
+                .filter(|file| file.size > options.range_size.max(1))
+                .count(),
+        ),
         range_size: options.range_size.max(1),
         progress: progress.clone(),
     });

@@ -32,9 +32,27 @@ const WRITE_BATCH: usize = 256 * 1024;
 pub struct Download {
     pub store: Store,
     pub requests: Arc<Semaphore>,
+    /// Files in flight at most.
     pub concurrency: usize,
+    /// Ranges of one file in flight at most, see [`ranges_per_file`].
+    pub ranges_per_file: usize,
     pub range_size: u64,
     pub progress: Progress,
+}
+
+/// Large files fetched side by side, at most: the request budget is shared among this many.
+const FILES_SIDE_BY_SIDE: usize = 4;
+
+/// Ranges of one file in flight at most: all of `concurrency` for a lone large file (one big
+/// shard still gets every stream), shared among up to [`FILES_SIDE_BY_SIDE`] when the
+/// manifest has several, so that writes go to several files at once. Buffered writes to one
+/// file are serialised by the kernel; with every range on one file, one worker wrote while the
+/// other waited. HF bench set (4 x 512 MiB + 1 GiB), 2 cores, 4 alternating runs: 1.33 s wall
+/// and 1.00 CPU s with ranges spread over 4 files, against 1.64 s and 1.53 CPU s with all 16
+/// on one file at a time (s5cmd: 1.61 s, 1.69 CPU s).
+pub fn ranges_per_file(concurrency: usize, large_files: usize) -> usize {
+    let sharing = large_files.clamp(1, FILES_SIDE_BY_SIDE);
+    concurrency.div_ceil(sharing).max(1)
 }
 
 /// Downloads `file` to `dest`, verifies its size and CRC32C, sets its mode.
@@ -72,8 +90,8 @@ pub async fn download_file(
         write_turn: tokio::sync::Mutex::new(()),
     });
     // Each range is its own task, so a runtime with several workers fetches, checksums and
-    // writes ranges of one large file in parallel. Spawned lazily (at most `concurrency` per
-    // file at a time) and aborted when dropped, i.e. when another range or file failed.
+    // writes ranges of one large file in parallel. Spawned lazily (at most `ranges_per_file`
+    // at a time) and aborted when dropped, i.e. when another range or file failed.
     let crcs: Vec<(u32, u64)> = futures::stream::iter(0..ranges)
         .map(|index| {
             let offset = index * download.range_size;
@@ -83,7 +101,7 @@ pub async fn download_file(
                 fetch_range(&download, &file_ref, offset, len, ranges > 1).await
             }))
         })
-        .buffered(download.concurrency)
+        .buffered(download.ranges_per_file)
         .map(|joined| joined.map_err(|e| io_error(std::io::Error::other(e)))?)
         .try_collect()
         .await?;
@@ -247,4 +265,20 @@ async fn fetch_range(
         }
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lone_large_file_gets_every_request_and_several_share_them() {
+        assert_eq!(ranges_per_file(16, 0), 16);
+        assert_eq!(ranges_per_file(16, 1), 16);
+        assert_eq!(ranges_per_file(16, 2), 8);
+        assert_eq!(ranges_per_file(16, 5), 4);
+        assert_eq!(ranges_per_file(16, 500), 4);
+        assert_eq!(ranges_per_file(3, 4), 1);
+        assert_eq!(ranges_per_file(1, 1), 1);
+    }
 }
