@@ -5,7 +5,8 @@
 //! has them: `ListMultipartUploads` (s3s-fs answers NotImplemented), so tests can prove no
 //! multipart upload was left behind; and verification of `x-amz-checksum-crc32c` on
 //! `UploadPart` (s3s-fs checks it on PutObject only), so a part corrupted in flight is refused
-//! with `BadDigest` like AWS does.
+//! with `BadDigest` like AWS does. GET bodies are read from the object's file in 256 KiB
+//! reads rather than s3s-fs's 4 KiB ones (see [`GET_CHUNK`]), so benchmarks measure clients.
 //!
 //! The server runs on its own thread and runtime, so it keeps serving while a test blocks on a
 //! child process; dropping the [`S3Server`] stops it.
