@@ -161,9 +161,9 @@ struct FileRef {
     /// Held while writing. The kernel serialises buffered writes to one file anyway (ext4 and
     /// XFS take the inode lock exclusively), but a writer that finds it taken spins on it while
     /// the holder runs, and the holder runs long when page-cache allocation has to reclaim
-    /// first. Two workers writing ranges of one 512 MiB shard spent most of a 3 GiB restore in
-    /// `rwsem_spin_on_owner` on a machine whose page cache was full: 6.2-7.2 CPU s against
-    /// ~1.2 on an idle one. Waiting here instead lets the worker fetch other ranges meanwhile.
+    /// first: with two workers writing ranges of one 512 MiB shard, `rwsem_spin_on_owner` was
+    /// the top symbol of a slow 3 GiB restore on a machine whose page cache was full. Waiting
+    /// here instead lets the worker fetch other ranges meanwhile.
     write_turn: tokio::sync::Mutex<()>,
 }
 
