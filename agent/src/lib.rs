@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+pub(crate) use nerve_notice::error_chain;
 use nerve_notice::{MetadataClient, Notice};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -207,18 +208,6 @@ async fn kube_client(config: &Config) -> anyhow::Result<kube::Client> {
     kube_config.read_timeout = Some(KUBE_READ_TIMEOUT);
     kube_config.write_timeout = Some(KUBE_READ_TIMEOUT);
     kube::Client::try_from(kube_config).context("building the Kubernetes client")
-}
-
-/// The error and its sources on one line, `outer: inner: innermost`.
-pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(inner) = source {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    text
 }
 
 /// Now, as an RFC 3339 string (Kubernetes timestamps).

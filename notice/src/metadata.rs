@@ -245,7 +245,7 @@ impl FailureLog {
                 streak.failed_polls += 1;
                 if streak.last_logged.elapsed() >= FAILURE_LOG_INTERVAL {
                     tracing::warn!(
-                        error = %chain(err),
+                        error = %error_chain(err),
                         failed_polls = streak.failed_polls,
                         "metadata poll still failing"
                     );
@@ -254,7 +254,7 @@ impl FailureLog {
             }
             (Some(err), _) => {
                 tracing::warn!(
-                    error = %chain(err),
+                    error = %error_chain(err),
                     outcome = err.outcome(),
                     "metadata poll failed; further failures of this kind are summarised every {}s",
                     FAILURE_LOG_INTERVAL.as_secs()
@@ -269,8 +269,9 @@ impl FailureLog {
     }
 }
 
-/// The error and its sources on one line, `outer: inner: innermost`.
-pub(crate) fn chain(err: &dyn StdError) -> String {
+/// The error and its sources on one line, `outer: inner: innermost`: how the agent and the
+/// sidecar log errors they ride out (a retried API call, a failed poll).
+pub fn error_chain(err: &dyn StdError) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(inner) = source {
