@@ -174,7 +174,21 @@ fn is_retryable(err: &UploadError) -> bool {
     err.is_retryable()
 }
 
-async fn part_checksum(path: &Path, offset: u64, len: u64) -> Result<u32, UploadError> {
+/// CRC32C of `len` bytes at `offset` for attempt `attempt` of sending them: the one computed
+/// up front (`known`) on the first attempt; a retry reads the bytes again, so it checksums them
+/// again too.
+async fn part_checksum(
+    path: &Path,
+    offset: u64,
+    len: u64,
+    known: Option<u32>,
+    attempt: u32,
+) -> Result<u32, UploadError> {
+    if let Some(crc) = known
+        && attempt == 1
+    {
+        return Ok(crc);
+    }
     let owned: PathBuf = path.to_path_buf();
     tokio::task::spawn_blocking(move || checksum_range(&owned, offset, len))
         .await
@@ -217,10 +231,7 @@ async fn send_single(
         .await
         .map_err(|_| UploadError::Cancelled)?;
     let crc = with_retries("uploading an object", is_retryable, |attempt| async move {
-        let crc = match known_crc {
-            Some(crc) if attempt == 1 => crc,
-            _ => part_checksum(&file.abs_path, 0, len).await?,
-        };
+        let crc = part_checksum(&file.abs_path, 0, len, known_crc, attempt).await?;
         let mut request = store
             .client()
             .put_object()
@@ -390,10 +401,7 @@ async fn send_part(
         .await
         .map_err(|_| UploadError::Cancelled)?;
     let result = with_retries("uploading a part", is_retryable, |attempt| async move {
-        let crc = match known_crc {
-            Some(crc) if attempt == 1 => crc,
-            _ => part_checksum(&file.abs_path, offset, len).await?,
-        };
+        let crc = part_checksum(&file.abs_path, offset, len, known_crc, attempt).await?;
         let mut request = store
             .client()
             .upload_part()
