@@ -4,8 +4,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use nerve_sidecar::manifest::check_relative_path;
-use nerve_sidecar::{Generation, Manifest};
+use nerve_store::manifest::check_relative_path;
+use nerve_store::{Generation, Manifest};
 
 const PREFIX: &str = "ckpt/job/gen/";
 

@@ -9,33 +9,14 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::store::Destination;
+use nerve_store::generation::Generation;
+use nerve_store::{
+    ChecksumMode, DEFAULT_CONCURRENCY, Destination, MAX_CONCURRENCY, MAX_PART_SIZE, MIN_PART_SIZE,
+    StoreConfig,
+};
 
 /// Exit code for a configuration error (sysexits `EX_USAGE`).
 pub const EXIT_CONFIG: u8 = 64;
-
-/// Requests in flight across all files and parts of one transfer.
-///
-/// bench/transfer --sweep (3 GiB, local s3s-fs server, 2 shared cores): 8, 16 and 32 were
-/// within run-to-run noise of each other; 32 costs ~18 MiB more RSS. 16 keeps enough
-/// connections busy to hide per-request latency against real S3 (tens of ms to first byte)
-/// while staying well under the 64 MiB memory budget (~35 MiB peak measured).
-pub const DEFAULT_CONCURRENCY: usize = 16;
-/// Upper bound for `--concurrency`: every request holds a socket and a buffer, and S3 throttles a
-/// single prefix long before this.
-pub const MAX_CONCURRENCY: usize = 256;
-
-/// Multipart part size when the file is small enough to use it (larger files get larger parts).
-///
-/// Measured with bench/transfer: files up to this size go in one request, and at 32 MiB the
-/// 64 x 32 MiB torch.distributed.checkpoint shards upload in 4.6-5.0 s against 7.6-8.7 s at
-/// 16 MiB (two parts each plus a CompleteMultipartUpload); 512 MiB shards are as fast as at
-/// 16 or 64 MiB, and a retried part stays cheap. Restore uses it as the ranged-GET size.
-pub const DEFAULT_PART_SIZE: u64 = 32 * MIB;
-/// S3's minimum part size (all parts but the last).
-pub const MIN_PART_SIZE: u64 = 5 * MIB;
-/// S3's maximum part size.
-pub const MAX_PART_SIZE: u64 = 5 * 1024 * MIB;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -83,7 +64,7 @@ pub struct StoreArgs {
     pub dest: Destination,
 
     /// Stable name of the training job across pods; generations live under <prefix>/<job>/.
-    #[arg(long, env = "NERVE_JOB", value_parser = parse_job)]
+    #[arg(long, env = "NERVE_JOB", value_parser = nerve_store::s3::check_job_name)]
     pub job: String,
 
     /// Address the bucket in the path (http://host/bucket/key) instead of the host name; most
@@ -94,8 +75,26 @@ pub struct StoreArgs {
     /// Checksum sent with every object and part for the store to verify. `crc32c` works with
     /// AWS and stores that accept x-amz-checksum-crc32c headers; `none` for stores that reject
     /// them. The manifest always records CRC32C per file, and restore always verifies it.
-    #[arg(long, env = "NERVE_CHECKSUM", value_enum, default_value_t = ChecksumMode::Crc32c)]
+    #[arg(long, env = "NERVE_CHECKSUM", default_value = "crc32c", value_parser = parse_checksum())]
     pub checksum: ChecksumMode,
+}
+
+impl StoreArgs {
+    /// The store crate's view of these flags.
+    pub fn config(&self) -> StoreConfig {
+        StoreConfig {
+            dest: self.dest.clone(),
+            job: self.job.clone(),
+            path_style: self.path_style,
+            checksum: self.checksum,
+        }
+    }
+}
+
+fn parse_checksum() -> impl clap::builder::TypedValueParser<Value = ChecksumMode> {
+    use clap::builder::TypedValueParser as _;
+    clap::builder::PossibleValuesParser::new(ChecksumMode::NAMES)
+        .map(|name| name.parse().unwrap_or(ChecksumMode::Crc32c))
 }
 
 /// How hard to push a transfer.
@@ -142,8 +141,8 @@ pub struct RestoreArgs {
     pub checkpoint: CheckpointArgs,
 
     /// Restore this generation instead of the newest committed one.
-    #[arg(long, env = "NERVE_GENERATION", value_parser = crate::generation::Generation::parse)]
-    pub generation: Option<crate::generation::Generation>,
+    #[arg(long, env = "NERVE_GENERATION", value_parser = Generation::parse)]
+    pub generation: Option<Generation>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -168,33 +167,6 @@ pub struct PruneArgs {
     /// Say what would be deleted without deleting anything.
     #[arg(long)]
     pub dry_run: bool,
-}
-
-/// What the store is asked to verify on every upload request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum ChecksumMode {
-    /// Send x-amz-checksum-crc32c (computed by us, not as an aws-chunked trailer).
-    Crc32c,
-    /// Send no checksum header; the manifest's CRC32C is still verified on restore.
-    None,
-}
-
-/// Checks a job name: it becomes one path segment of every key.
-pub fn parse_job(value: &str) -> Result<String, String> {
-    let valid = !value.is_empty()
-        && value.len() <= 128
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-        && value != "."
-        && value != "..";
-    if valid {
-        Ok(value.to_owned())
-    } else {
-        Err(format!(
-            "`{value}` is not a job name: use 1-128 letters, digits, `-`, `_` or `.`"
-        ))
-    }
 }
 
 fn parse_concurrency(value: &str) -> Result<usize, String> {
@@ -283,7 +255,10 @@ mod tests {
             panic!("expected upload")
         };
         assert_eq!(args.checkpoint.transfer.concurrency, DEFAULT_CONCURRENCY);
-        assert_eq!(args.checkpoint.transfer.part_size, DEFAULT_PART_SIZE);
+        assert_eq!(
+            args.checkpoint.transfer.part_size,
+            nerve_store::DEFAULT_PART_SIZE
+        );
         assert_eq!(args.checkpoint.store.dest.bucket, "bucket");
         assert_eq!(args.checkpoint.store.dest.prefix, "some/prefix");
         assert_eq!(args.checkpoint.store.checksum, ChecksumMode::Crc32c);
@@ -291,9 +266,10 @@ mod tests {
 
     #[test]
     fn refuses_job_names_that_would_change_the_key_layout() {
-        assert!(parse_job("a/b").is_err());
-        assert!(parse_job("..").is_err());
-        assert!(parse_job("").is_err());
-        assert!(parse_job("run-2026.11_a").is_ok());
+        let check = nerve_store::s3::check_job_name;
+        assert!(check("a/b").is_err());
+        assert!(check("..").is_err());
+        assert!(check("").is_err());
+        assert!(check("run-2026.11_a").is_ok());
     }
 }

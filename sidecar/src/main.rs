@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use nerve_sidecar::cli::{Cli, Command, EXIT_CONFIG, LogFormat};
+use nerve_sidecar::transfer;
 use tokio_util::sync::CancellationToken;
 
 /// Where Kubernetes looks for a container's last words (`kubectl describe pod`).
@@ -21,7 +22,7 @@ fn main() -> ExitCode {
     init_logging(cli.log_format);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Command::Restore(args) = &cli.command {
-        builder.worker_threads(nerve_sidecar::restore::worker_threads(
+        builder.worker_threads(nerve_store::restore::worker_threads(
             args.checkpoint.transfer.concurrency,
         ));
     }
@@ -34,10 +35,10 @@ fn main() -> ExitCode {
         tokio::spawn(cancel_on_signal(shutdown.clone()));
         match cli.command {
             Command::Run(args) => nerve_sidecar::run::command(*args, shutdown).await,
-            Command::Upload(args) => nerve_sidecar::upload::command(args, shutdown).await,
-            Command::Restore(args) => nerve_sidecar::restore::command(args, shutdown).await,
-            Command::List(args) => nerve_sidecar::list::command(args).await,
-            Command::Prune(args) => nerve_sidecar::prune::command(args).await,
+            Command::Upload(args) => transfer::upload_command(args, shutdown).await,
+            Command::Restore(args) => transfer::restore_command(args, shutdown).await,
+            Command::List(args) => transfer::list_command(args).await,
+            Command::Prune(args) => transfer::prune_command(args).await,
             Command::Inject(args) => nerve_sidecar::inject::inject_command(&args),
             Command::Webhook(args) => nerve_sidecar::inject::serve_webhook(args, shutdown).await,
         }

@@ -6,7 +6,7 @@
 //! the store in sync with each completed periodic checkpoint, so that a notice leaves only the
 //! new bytes to send. One notice leads to at most one checkpoint, however often it is heard.
 //!
-//! It does not move bytes itself (that is [`crate::upload`]) and never kills a process: a
+//! It does not move bytes itself (that is the store crate, [`nerve_store`]) and never kills a process: a
 //! trainer without a handler for the signal is reported, not signalled.
 
 pub mod checkpoint;
@@ -41,8 +41,8 @@ use self::listen::{Channel, Heard, ListenConfig, ListenStatus};
 use self::sync::{SyncConfig, SyncShared};
 use crate::cli::CheckpointArgs;
 use crate::metrics;
-use crate::store::Store;
-use crate::upload::{ManifestContext, UploadOptions, upload_generation};
+use nerve_store::Store;
+use nerve_store::{ManifestContext, UploadOptions, upload_generation};
 
 /// Where Kubernetes looks for a container's last words (`kubectl describe pod`).
 const TERMINATION_LOG: &str = "/dev/termination-log";
@@ -261,7 +261,7 @@ pub async fn run(
     let address = listener
         .local_addr()
         .context("reading the listening address")?;
-    let store = Store::connect(&args.checkpoint.store).await;
+    let store = Store::connect(&args.checkpoint.store.config()).await;
 
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();

@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use nerve_sidecar::cli::{ChecksumMode, StoreArgs};
-use nerve_sidecar::store::{Destination, Store};
-use nerve_sidecar::{Generation, UploadError, UploadOptions};
+use nerve_store::{
+    ChecksumMode, Destination, Generation, Store, StoreConfig, UploadError, UploadOptions,
+};
 use nerve_tests::fault_proxy::{Fault, FaultProxy, Rule};
 use nerve_tests::s3::{ACCESS_KEY, REGION, S3Server, SECRET_KEY};
 use tokio_util::sync::CancellationToken;
@@ -122,13 +122,13 @@ impl Harness {
             .region(aws_sdk_s3::config::Region::new(REGION))
             .load()
             .await;
-        let args = StoreArgs {
+        let config_of_job = StoreConfig {
             dest: Destination::parse(&format!("s3://{BUCKET}/{PREFIX}")).expect("dest"),
             job: job.to_owned(),
             path_style: true,
             checksum: ChecksumMode::Crc32c,
         };
-        Store::from_sdk_config(&config, &args)
+        Store::from_sdk_config(&config, &config_of_job)
     }
 }
 
@@ -653,7 +653,7 @@ async fn a_file_rewritten_during_upload_fails_the_generation_and_commits_nothing
     let upload = tokio::spawn({
         let (store, source) = (store.clone(), source.clone());
         async move {
-            nerve_sidecar::upload_generation(
+            nerve_store::upload_generation(
                 &store,
                 &source,
                 &UploadOptions::default(),
@@ -690,7 +690,7 @@ async fn a_file_rewritten_during_upload_fails_the_generation_and_commits_nothing
         other => panic!("expected FileChanged, got {other:?}"),
     }
     assert!(h.manifests("job").is_empty());
-    let committed = nerve_sidecar::list_generations(&store).await.expect("list");
+    let committed = nerve_store::list_generations(&store).await.expect("list");
     assert!(committed.is_empty());
 }
 
@@ -713,7 +713,7 @@ async fn cancelling_an_upload_aborts_its_multipart_uploads_and_writes_no_manifes
     };
     let upload = tokio::spawn({
         let (store, source, cancel) = (store.clone(), source.clone(), cancel.clone());
-        async move { nerve_sidecar::upload_generation(&store, &source, &options, &cancel).await }
+        async move { nerve_store::upload_generation(&store, &source, &options, &cancel).await }
     });
     let waited = tokio::time::timeout(Duration::from_secs(60), async {
         while proxy.injected().is_empty() {

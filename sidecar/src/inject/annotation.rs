@@ -4,7 +4,7 @@ use std::fmt;
 
 use serde_json::{Map, Value};
 
-use crate::store::Destination;
+use nerve_store::Destination;
 
 /// `s3://bucket/prefix` the checkpoints go to (required).
 pub const ANNOTATION_DEST: &str = "nerve.io/dest";
@@ -146,7 +146,7 @@ pub fn read_annotations(
             None
         }
         None => None,
-        Some(job) => match crate::cli::parse_job(&job) {
+        Some(job) => match nerve_store::s3::check_job_name(&job) {
             Ok(job) => Some(job),
             Err(problem) => {
                 errors.push(AnnotationError::Invalid {

@@ -19,8 +19,8 @@ use super::checkpoint::{self, DirSnapshot};
 use super::deadline::Throughput;
 use super::signal;
 use crate::metrics;
-use crate::store::Store;
-use crate::upload::{ManifestContext, UploadOptions, upload_generation};
+use nerve_store::Store;
+use nerve_store::{ManifestContext, UploadOptions, upload_generation};
 
 /// After a "prepare" notice asked for a sync now: how often to look again until the directory is
 /// in the store (a checkpoint still being written needs its quiet period first).

@@ -17,7 +17,6 @@ use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
 use aws_smithy_types::retry::RetryConfig;
 use aws_smithy_types::timeout::TimeoutConfig;
 
-use crate::cli::{ChecksumMode, StoreArgs};
 use crate::generation::Generation;
 
 /// Attempts per request (first try plus retries) inside the SDK before an error reaches us.
@@ -47,6 +46,62 @@ const MIN_BODY_THROUGHPUT: u64 = 1024 * 1024;
 pub const TRANSFER_ATTEMPTS: u32 = 3;
 /// First delay between our own retry rounds; doubled each round with full jitter.
 const TRANSFER_BACKOFF: Duration = Duration::from_millis(500);
+
+/// Where a job's checkpoints live and how to talk to the store holding them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreConfig {
+    pub dest: Destination,
+    /// Stable name of the training job across pods ([`check_job_name`]).
+    pub job: String,
+    /// Address the bucket in the path (http://host/bucket/key) instead of the host name.
+    pub path_style: bool,
+    pub checksum: ChecksumMode,
+}
+
+/// What the store is asked to verify on every upload request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChecksumMode {
+    /// Send x-amz-checksum-crc32c (computed by us, not as an aws-chunked trailer).
+    Crc32c,
+    /// Send no checksum header; the manifest's checksums are still verified on restore.
+    None,
+}
+
+impl ChecksumMode {
+    /// The names the command line and the environment use.
+    pub const NAMES: [&'static str; 2] = ["crc32c", "none"];
+}
+
+impl std::str::FromStr for ChecksumMode {
+    type Err = String;
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        match value.to_ascii_lowercase().as_str() {
+            "crc32c" => Ok(ChecksumMode::Crc32c),
+            "none" => Ok(ChecksumMode::None),
+            _ => Err(format!(
+                "`{value}` is not a checksum mode; use crc32c or none"
+            )),
+        }
+    }
+}
+
+/// Checks a job name: it becomes one path segment of every key.
+pub fn check_job_name(value: &str) -> Result<String, String> {
+    let valid = !value.is_empty()
+        && value.len() <= 128
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && value != "."
+        && value != "..";
+    if valid {
+        Ok(value.to_owned())
+    } else {
+        Err(format!(
+            "`{value}` is not a job name: use 1-128 letters, digits, `-`, `_` or `.`"
+        ))
+    }
+}
 
 /// `s3://bucket/prefix` as given by `--dest`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,8 +164,8 @@ pub struct Store {
 
 impl Store {
     /// Builds the S3 client from the SDK's environment chain and the flags.
-    pub async fn connect(args: &StoreArgs) -> Store {
-        Store::from_sdk_config(&Store::config_loader().load().await, args)
+    pub async fn connect(config: &StoreConfig) -> Store {
+        Store::from_sdk_config(&Store::config_loader().load().await, config)
     }
 
     /// The SDK configuration loader with the sidecar's transport settings (rustls+ring HTTP
@@ -148,9 +203,9 @@ impl Store {
     }
 
     /// A store from a loaded SDK configuration plus the flags (`--path-style`, `--dest`, ...).
-    pub fn from_sdk_config(shared: &aws_config::SdkConfig, args: &StoreArgs) -> Store {
-        let config = aws_sdk_s3::config::Builder::from(shared)
-            .force_path_style(args.path_style)
+    pub fn from_sdk_config(shared: &aws_config::SdkConfig, config: &StoreConfig) -> Store {
+        let s3_config = aws_sdk_s3::config::Builder::from(shared)
+            .force_path_style(config.path_style)
             // The default retry quota runs dry when many parts fail at once (exactly when a
             // store is throttling a big upload); attempts stay bounded by REQUEST_ATTEMPTS.
             .retry_partition(
@@ -159,23 +214,23 @@ impl Store {
                     .build(),
             )
             .build();
-        Store::with_client(aws_sdk_s3::Client::from_conf(config), args)
+        Store::with_client(aws_sdk_s3::Client::from_conf(s3_config), config)
     }
 
     /// A store over an already configured client (tests, or a caller with its own config).
-    pub fn with_client(client: aws_sdk_s3::Client, args: &StoreArgs) -> Store {
+    pub fn with_client(client: aws_sdk_s3::Client, config: &StoreConfig) -> Store {
         let mut generations_prefix = String::new();
-        if !args.dest.prefix.is_empty() {
-            generations_prefix.push_str(&args.dest.prefix);
+        if !config.dest.prefix.is_empty() {
+            generations_prefix.push_str(&config.dest.prefix);
             generations_prefix.push('/');
         }
-        generations_prefix.push_str(&args.job);
+        generations_prefix.push_str(&config.job);
         generations_prefix.push_str("/gen/");
         Store {
             client,
-            bucket: args.dest.bucket.clone(),
+            bucket: config.dest.bucket.clone(),
             generations_prefix,
-            checksum: args.checksum,
+            checksum: config.checksum,
         }
     }
 

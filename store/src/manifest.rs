@@ -9,9 +9,9 @@ use std::collections::HashSet;
 
 use serde::{Deserialize, Serialize};
 
-use crate::cli::ChecksumMode;
 use crate::generation::Generation;
-use crate::store::{Operation, S3Error, Store, with_retries};
+use crate::s3::ChecksumMode;
+use crate::s3::{Operation, S3Error, Store, with_retries};
 
 /// `<generation>.manifest.json` beside the generation's object folder.
 pub const MANIFEST_SUFFIX: &str = ".manifest.json";

@@ -11,11 +11,9 @@ use std::collections::HashSet;
 
 use aws_sdk_s3::types::{Delete, ObjectIdentifier};
 
-use crate::cli::PruneArgs;
 use crate::generation::Generation;
 use crate::manifest::{MANIFEST_SUFFIX, ManifestReadError, fetch_manifest};
-use crate::progress::format_bytes;
-use crate::store::{Operation, S3Error, Store, with_retries};
+use crate::s3::{Operation, S3Error, Store, with_retries};
 
 /// S3's limit on keys per DeleteObjects request.
 const DELETE_BATCH: usize = 1000;
@@ -240,31 +238,5 @@ async fn delete_keys(store: &Store, keys: &[String]) -> Result<(), PruneError> {
             });
         }
     }
-    Ok(())
-}
-
-/// `nerve-sidecar prune --keep N`.
-pub async fn command(args: PruneArgs) -> anyhow::Result<()> {
-    let store = Store::connect(&args.store).await;
-    let keep = usize::try_from(args.keep).unwrap_or(usize::MAX);
-    let summary = prune_generations(&store, keep, args.dry_run).await?;
-    let verb = if args.dry_run {
-        "would delete"
-    } else {
-        "deleted"
-    };
-    println!(
-        "{verb} {} generations and {} objects ({}), {} {} multipart uploads left open; kept {} generations",
-        summary.generations_deleted.len(),
-        summary.objects_deleted,
-        format_bytes(summary.bytes_deleted),
-        if args.dry_run {
-            "would abort"
-        } else {
-            "aborted"
-        },
-        summary.uploads_aborted,
-        summary.generations_kept.len()
-    );
     Ok(())
 }

@@ -21,16 +21,15 @@ use tokio_util::sync::CancellationToken;
 pub use multipart::{MAX_PARTS, PartPlan, checksum_range, combine_part_crcs};
 pub use scan::{FileStamp, LocalFile, RESERVED_PREFIX, scan_directory};
 
-use crate::ConfigError;
-use crate::cli::{DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE, UploadArgs};
 use crate::generation::Generation;
 use crate::list::newest_generation;
 use crate::manifest::{
     MANIFEST_VERSION, Manifest, ManifestFile, ManifestReadError, fetch_manifest, format_crc32c,
     parse_crc32c, put_manifest,
 };
-use crate::progress::{Progress, format_bytes, mib_per_second, report_progress};
-use crate::store::{S3Error, Store};
+use crate::progress::{Progress, format_bytes, mib_per_second};
+use crate::s3::{S3Error, Store};
+use crate::{DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE};
 use multipart::{OpenUploads, Transfer, checksum_parts, send_file};
 
 /// Longest we spend aborting multipart uploads after a failure: the abort is housekeeping
@@ -460,7 +459,7 @@ async fn abort_open_uploads(store: &Store, generation: &Generation, open: &OpenU
                 match result {
                     Ok(_) => tracing::debug!(%key, "aborted multipart upload"),
                     Err(err) => {
-                        let err = store.error(crate::store::Operation::AbortMultipartUpload, &key, err);
+                        let err = store.error(crate::s3::Operation::AbortMultipartUpload, &key, err);
                         if !err.is_not_found() {
                             tracing::warn!("{err:#}; its parts stay until the bucket's lifecycle rule removes them");
                         }
@@ -475,40 +474,4 @@ async fn abort_open_uploads(store: &Store, generation: &Generation, open: &OpenU
              until the bucket's lifecycle rule removes them"
         );
     }
-}
-
-/// `nerve-sidecar upload`: upload once, print the summary.
-pub async fn command(args: UploadArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let dir = &args.checkpoint.dir;
-    if !dir.is_dir() {
-        return Err(ConfigError(format!(
-            "--dir {} is not a directory; point --dir (NERVE_CHECKPOINT_DIR) at the checkpoint",
-            dir.display()
-        ))
-        .into());
-    }
-    let store = Store::connect(&args.checkpoint.store).await;
-    let options = UploadOptions {
-        concurrency: args.checkpoint.transfer.concurrency,
-        part_size: args.checkpoint.transfer.part_size,
-        context: ManifestContext {
-            step: args.step,
-            node: std::env::var("NODE_NAME").ok(),
-            pod: std::env::var("POD_NAME").ok(),
-            notice: None,
-        },
-    };
-    let progress = Progress::new();
-    let stop_reporting = CancellationToken::new();
-    let reporter = tokio::spawn(report_progress(
-        progress.clone(),
-        "uploading",
-        stop_reporting.clone(),
-    ));
-    let result = upload_generation_with_progress(&store, dir, &options, &shutdown, &progress).await;
-    stop_reporting.cancel();
-    let _ = reporter.await;
-    let summary = result?;
-    println!("{summary}");
-    Ok(())
 }

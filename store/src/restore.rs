@@ -12,19 +12,18 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::Context as _;
 use futures::{StreamExt, TryStreamExt};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 pub use staging::Staging;
 
-use crate::cli::{DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE, RestoreArgs};
 use crate::generation::Generation;
 use crate::list::list_generations;
 use crate::manifest::{ManifestReadError, fetch_manifest};
-use crate::progress::{Progress, format_bytes, mib_per_second, report_progress};
-use crate::store::{S3Error, Store};
+use crate::progress::{Progress, format_bytes, mib_per_second};
+use crate::s3::{S3Error, Store};
+use crate::{DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE};
 use download::{Download, download_file, ranges_per_file};
 
 /// Runtime worker threads for `nerve-sidecar restore`: one per core, but no more than the
@@ -329,47 +328,4 @@ async fn restore(
         bytes: manifest.total_bytes(),
         seconds,
     }))
-}
-
-/// `nerve-sidecar restore`: restore once, print the summary (or say there was nothing).
-pub async fn command(args: RestoreArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let store = Store::connect(&args.checkpoint.store).await;
-    let options = RestoreOptions {
-        concurrency: args.checkpoint.transfer.concurrency,
-        range_size: args.checkpoint.transfer.part_size,
-    };
-    let progress = Progress::new();
-    let stop_reporting = CancellationToken::new();
-    let reporter = tokio::spawn(report_progress(
-        progress.clone(),
-        "restoring",
-        stop_reporting.clone(),
-    ));
-    // On a runtime worker, not on main's `block_on` thread: the I/O driver runs on the workers,
-    // so polling the downloads on the main thread made every socket event a cross-thread
-    // wake-up (futex plus context switch). Measured on the DCP bench set: ~8% less CPU.
-    let task = {
-        let (dir, generation, shutdown, progress) = (
-            args.checkpoint.dir.clone(),
-            args.generation.clone(),
-            shutdown.clone(),
-            progress.clone(),
-        );
-        tokio::spawn(async move {
-            restore_generation_with(&store, &dir, generation, &options, &shutdown, &progress).await
-        })
-    };
-    let result = task.await;
-    stop_reporting.cancel();
-    let _ = reporter.await;
-    match result.context("the restore task stopped")?? {
-        RestoreOutcome::Nothing => println!(
-            "nothing to restore: job {} has no committed generation under {}; {} left as it is",
-            args.checkpoint.store.job,
-            args.checkpoint.store.dest,
-            args.checkpoint.dir.display()
-        ),
-        RestoreOutcome::Restored(summary) => println!("{summary}"),
-    }
-    Ok(())
 }

@@ -19,10 +19,11 @@ use tokio::sync::Semaphore;
 use super::UploadError;
 use super::scan::LocalFile;
 use crate::checksum;
-use crate::cli::{ChecksumMode, MAX_PART_SIZE, MIN_PART_SIZE};
 use crate::manifest::crc32c_base64;
 use crate::progress::Progress;
-use crate::store::{Operation, S3Error, Store, with_retries};
+use crate::s3::ChecksumMode;
+use crate::s3::{Operation, S3Error, Store, with_retries};
+use crate::{MAX_PART_SIZE, MIN_PART_SIZE};
 
 /// S3's limit on parts per multipart upload.
 pub const MAX_PARTS: u64 = 10_000;

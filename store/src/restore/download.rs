@@ -16,7 +16,7 @@ use super::RestoreError;
 use crate::checksum;
 use crate::manifest::{ManifestFile, format_crc32c, parse_crc32c};
 use crate::progress::Progress;
-use crate::store::{Operation, Store, with_retries};
+use crate::s3::{Operation, Store, with_retries};
 
 /// Bytes gathered from the socket before one positioned write: few syscalls, and with 16 ranges
 /// in flight only a few MiB held.
