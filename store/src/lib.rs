@@ -11,7 +11,9 @@
 //! decides *when* to checkpoint and passes this crate its own option types.
 
 pub mod checksum;
+pub mod exclude;
 pub mod generation;
+pub mod layout;
 pub mod list;
 pub mod manifest;
 pub mod metrics;
@@ -19,6 +21,7 @@ pub mod progress;
 pub mod prune;
 pub mod restore;
 pub mod s3;
+pub mod step;
 pub mod upload;
 
 pub use generation::Generation;
