@@ -5,11 +5,14 @@
 //! visible in `--help`. Values are checked while parsing, so a bad setting exits 64 before any
 //! work starts.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
+use nerve_store::exclude::Excludes;
 use nerve_store::generation::Generation;
+use nerve_store::restore::Owner;
+use nerve_store::step::{DEFAULT_STEP_PATTERN, StepPattern};
 use nerve_store::{
     ChecksumMode, DEFAULT_CONCURRENCY, Destination, MAX_CONCURRENCY, MAX_PART_SIZE, MIN_PART_SIZE,
     StoreConfig,
@@ -119,10 +122,67 @@ pub struct CheckpointArgs {
     pub dir: PathBuf,
 
     #[command(flatten)]
+    pub content: ContentArgs,
+
+    #[command(flatten)]
     pub store: StoreArgs,
 
     #[command(flatten)]
     pub transfer: TransferArgs,
+}
+
+/// The done marker's name when `--done-marker` is not given, inside `--dir`; the Nerve trainer
+/// integrations write it there too, so both agree without configuration.
+pub const DEFAULT_DONE_MARKER: &str = ".nerve-done";
+
+/// What under the directory is the checkpoint, when it is complete and which step it holds.
+#[derive(Debug, Clone, Args)]
+pub struct ContentArgs {
+    /// Glob (relative to --dir) of paths that are not checkpoint content: left out of
+    /// completion, upload and restore. Repeatable; the variable takes a comma-separated list.
+    /// Added to the defaults (see --default-excludes).
+    #[arg(long = "exclude", env = "NERVE_EXCLUDE", value_delimiter = ',',
+          value_parser = parse_exclude)]
+    pub exclude: Vec<String>,
+
+    /// Also exclude what trainers log beside their checkpoints: **/events.out.tfevents.*,
+    /// runs/**, lightning_logs/**/events.*, wandb/**, **/*.log.
+    #[arg(long, env = "NERVE_DEFAULT_EXCLUDES", default_value_t = true, action = ArgAction::Set)]
+    pub default_excludes: bool,
+
+    /// File (relative to --dir, or absolute) the trainer writes when a checkpoint is complete,
+    /// with `step=N` (and `reason=notice` when it answers a notice) [default: .nerve-done].
+    /// When given, a notice waits for it; by default it is one sign of completion among others.
+    #[arg(long, env = "NERVE_DONE_MARKER")]
+    pub done_marker: Option<PathBuf>,
+
+    /// Regex naming step checkpoints; its first matching capture group is the step.
+    #[arg(long, env = "NERVE_STEP_FROM", default_value = DEFAULT_STEP_PATTERN,
+          value_parser = StepPattern::parse)]
+    pub step_from: StepPattern,
+}
+
+impl ContentArgs {
+    /// The exclude patterns in force.
+    pub fn excludes(&self) -> Excludes {
+        // Every pattern was checked while parsing.
+        Excludes::new(&self.exclude, self.default_excludes).unwrap_or_default()
+    }
+
+    /// Where the done marker is (given or default), for the checkpoint directory `dir`.
+    pub fn marker_path(&self, dir: &Path) -> PathBuf {
+        dir.join(
+            self.done_marker
+                .as_deref()
+                .unwrap_or(Path::new(DEFAULT_DONE_MARKER)),
+        )
+    }
+}
+
+fn parse_exclude(value: &str) -> Result<String, String> {
+    Excludes::new(&[value.to_owned()], false)
+        .map(|_| value.trim().to_owned())
+        .map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Clone, Args)]
@@ -143,6 +203,16 @@ pub struct RestoreArgs {
     /// Restore this generation instead of the newest committed one.
     #[arg(long, env = "NERVE_GENERATION", value_parser = Generation::parse)]
     pub generation: Option<Generation>,
+
+    /// Owner of the restored files, UID or UID:GID [default: when running as root, the owner
+    /// of --dir (or of its parent), so the trainer can write them; otherwise this user].
+    #[arg(long, env = "NERVE_OWNER", value_parser = Owner::parse)]
+    pub owner: Option<Owner>,
+
+    /// Restore even when --dir holds a checkpoint of the same or a newer step (which is
+    /// otherwise left alone).
+    #[arg(long, env = "NERVE_OVERWRITE")]
+    pub overwrite: bool,
 }
 
 #[derive(Debug, Clone, Args)]

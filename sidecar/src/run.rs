@@ -13,12 +13,13 @@ pub mod checkpoint;
 pub mod deadline;
 pub mod health;
 pub mod listen;
+pub mod response;
 pub mod signal;
 pub mod sync;
+pub mod watch;
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -31,29 +32,22 @@ use nix::sys::signal::Signal;
 use regex::Regex;
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use self::checkpoint::{Completion, CompletionRule, DirSnapshot, MarkerState};
+use self::checkpoint::Content;
 use self::deadline::Throughput;
-use self::listen::{Channel, Heard, ListenConfig, ListenStatus};
+use self::listen::{ListenConfig, ListenStatus};
+use self::response::{Runner, RunnerConfig};
+use self::signal::Scope;
 use self::sync::{SyncConfig, SyncShared};
+use self::watch::TrainerWatch;
 use crate::cli::CheckpointArgs;
-use crate::metrics;
 use nerve_store::Store;
-use nerve_store::{ManifestContext, UploadOptions, upload_generation};
-
-/// Where Kubernetes looks for a container's last words (`kubectl describe pod`).
-const TERMINATION_LOG: &str = "/dev/termination-log";
 
 /// Notices waiting for the run loop; the agent sends a handful at most, and a full channel
 /// only slows the listener down.
 const NOTICE_CHANNEL_CAPACITY: usize = 64;
-
-/// How long a notice waits for a preempted background sync to let go of the store; cancelling
-/// aborts its multipart uploads, which takes a few requests.
-const PREEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Time given to the listener, the sync and the health endpoint to stop after the run loop
 /// ends.
@@ -100,10 +94,10 @@ pub struct RunArgs {
     #[arg(long, env = "NERVE_TARGET", value_parser = parse_regex)]
     pub target: Option<Regex>,
 
-    /// File (relative to --dir, or absolute) whose appearance means the checkpoint is complete.
-    /// Without it: nothing changed for --quiet-period and no file is open for writing.
-    #[arg(long, env = "NERVE_DONE_MARKER")]
-    pub done_marker: Option<PathBuf>,
+    /// The trainer's container: only processes whose environment holds NERVE_CONTAINER with
+    /// this value are signalled (the injector sets it in the trainer container).
+    #[arg(long, env = "NERVE_CONTAINER")]
+    pub container: Option<String>,
 
     /// Without a done marker: how long the directory must stay unchanged to count as complete.
     // 5 s spans a trainer's pause between two files (serialising the next tensor) and is small
@@ -162,69 +156,6 @@ fn parse_regex(value: &str) -> Result<Regex, String> {
     Regex::new(value).map_err(|e| format!("not a valid regex: {e}"))
 }
 
-/// What triggered a checkpoint: a notice from the cloud, or SIGTERM.
-#[derive(Debug, Clone)]
-struct Trigger {
-    id: String,
-    kind: String,
-    emergency: bool,
-    deadline: OffsetDateTime,
-    channel: Channel,
-    /// What the manifest records.
-    record: serde_json::Value,
-}
-
-impl Trigger {
-    fn from_notice(heard: &Heard) -> Trigger {
-        Trigger {
-            id: heard.notice.id.clone(),
-            kind: heard.notice.kind.to_string(),
-            emergency: heard.notice.kind.is_emergency(),
-            deadline: heard.notice.deadline,
-            channel: heard.channel,
-            record: serde_json::to_value(&heard.notice).unwrap_or_default(),
-        }
-    }
-
-    fn sigterm(grace: Duration) -> Trigger {
-        let now = OffsetDateTime::now_utc();
-        let deadline = now + grace;
-        let format = |t: OffsetDateTime| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .unwrap_or_default()
-        };
-        Trigger {
-            id: format!("sigterm/{}", format(now)),
-            kind: "sigterm".to_string(),
-            emergency: true,
-            deadline,
-            channel: Channel::Sigterm,
-            record: serde_json::json!({
-                "id": format!("sigterm/{}", format(now)), "kind": "sigterm", "action": "terminate",
-                "deadline": format(deadline), "detected_at": format(now), "source": "pod",
-            }),
-        }
-    }
-}
-
-/// How a notice's checkpoint ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum CheckpointOutcome {
-    Committed,
-    CutOff,
-    Failed,
-}
-
-impl CheckpointOutcome {
-    fn as_str(self) -> &'static str {
-        match self {
-            CheckpointOutcome::Committed => "committed",
-            CheckpointOutcome::CutOff => "cut-off",
-            CheckpointOutcome::Failed => "failed",
-        }
-    }
-}
-
 /// Runs the sidecar until `shutdown` (SIGTERM), which counts as a notice.
 pub async fn command(args: RunArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let recorder = PrometheusBuilder::new().build_recorder();
@@ -254,6 +185,13 @@ pub async fn run(
         Some(url) => Some(url.clone()),
         None => default_agent_url().map_err(|e| problems.push(e)).ok(),
     };
+    let scope = Scope {
+        target: args.target.clone(),
+        container: args.container.clone(),
+    };
+    if let Err(problem) = scope.check() {
+        problems.push(problem);
+    }
     let Some(agent_url) = agent_url.filter(|_| problems.is_empty()) else {
         return Err(crate::ConfigError(problems.join("\n")).into());
     };
@@ -291,18 +229,26 @@ pub async fn run(
         stop.clone(),
     ));
 
+    let content_args = &args.checkpoint.content;
+    let content = Content {
+        marker: content_args.marker_path(&dir),
+        marker_only: content_args.done_marker.is_some(),
+        dir: dir.clone(),
+        quiet_period: args.quiet_period,
+        excludes: content_args.excludes(),
+        step_pattern: content_args.step_from.clone(),
+    };
     let shared = Arc::new(SyncShared::new(Throughput::assumed(
         args.assumed_throughput as f64,
     )));
     if args.background_sync {
         let config = SyncConfig {
-            dir: dir.clone(),
+            content: content.clone(),
             interval: args.sync_interval,
-            quiet_period: args.quiet_period,
             concurrency: usize::from(args.sync_concurrency),
             part_size: args.checkpoint.transfer.part_size,
             signal: args.signal,
-            target: args.target.clone(),
+            scope: scope.clone(),
             node: args.node_name.clone(),
             pod: args.pod_name.clone(),
         };
@@ -313,33 +259,34 @@ pub async fn run(
             stop.clone(),
         ));
     }
+    let watch = Arc::new(TrainerWatch::default());
+    tracker.spawn(
+        watch
+            .clone()
+            .watch(args.signal, scope.clone(), stop.clone()),
+    );
     tracker.close();
     health_state.ready.store(true, Ordering::Relaxed);
     tracing::info!(%address, agent = %agent_url, dir = %dir.display(), signal = %args.signal,
         background_sync = args.background_sync, "sidecar running");
 
-    let mut runner = Runner {
-        marker: args.done_marker.as_ref().map(|m| dir.join(m)),
-        dir,
-        args,
-        store,
-        shared,
-        handled: HashSet::new(),
-        heard_on: HashSet::new(),
-        emergency_until: None,
+    let config = RunnerConfig {
+        content,
+        signal: args.signal,
+        scope,
+        concurrency: args.checkpoint.transfer.concurrency,
+        part_size: args.checkpoint.transfer.part_size,
+        background_sync: args.background_sync,
+        termination_grace: args.termination_grace,
+        node: args.node_name.clone(),
+        pod: args.pod_name.clone(),
     };
+    let mut runner = Runner::new(config, store, shared, watch);
     loop {
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => {
-                if runner.emergency_handled() {
-                    tracing::info!("SIGTERM: the checkpoint for this notice is already taken; exiting");
-                } else {
-                    tracing::info!("SIGTERM: treating it as a notice");
-                    let trigger = Trigger::sigterm(runner.args.termination_grace);
-                    ::metrics::counter!(metrics::NOTICES, "kind" => "sigterm", "channel" => "sigterm").increment(1);
-                    runner.take_checkpoint(trigger, Instant::now()).await;
-                }
+                runner.hear_sigterm().await;
                 break;
             }
             heard = notices.recv() => {
@@ -384,251 +331,6 @@ fn default_agent_url() -> Result<http::Uri, String> {
         format!("http://{host}:{AGENT_PORT}")
     };
     parse_http_url(&url).map_err(|e| format!("HOST_IP: {e}"))
-}
-
-struct Runner {
-    args: RunArgs,
-    dir: PathBuf,
-    marker: Option<PathBuf>,
-    store: Store,
-    shared: Arc<SyncShared>,
-    /// Ids of notices already acted on.
-    handled: HashSet<String>,
-    /// Notice ids by the channel they were heard on (to log a repeat once per channel).
-    heard_on: HashSet<(String, &'static str)>,
-    /// While an emergency notice's deadline has not passed, another emergency is the same
-    /// machine going away (heard through another channel): no second checkpoint.
-    emergency_until: Option<OffsetDateTime>,
-}
-
-impl Runner {
-    fn emergency_handled(&self) -> bool {
-        self.emergency_until
-            .is_some_and(|until| OffsetDateTime::now_utc() < until)
-    }
-
-    async fn hear(&mut self, heard: Heard) {
-        let received = Instant::now();
-        let first_on_channel = self
-            .heard_on
-            .insert((heard.notice.id.clone(), heard.channel.as_str()));
-        if !self.handled.insert(heard.notice.id.clone()) {
-            if first_on_channel {
-                tracing::info!(id = %heard.notice.id, channel = heard.channel.as_str(),
-                    "notice heard again; already acted on");
-            }
-            return;
-        }
-        let trigger = Trigger::from_notice(&heard);
-        ::metrics::counter!(metrics::NOTICES, "kind" => trigger.kind.clone(), "channel" => trigger.channel.as_str())
-            .increment(1);
-        tracing::warn!(notice = %heard.notice.to_json(), channel = heard.channel.as_str(), "notice");
-        if !trigger.emergency {
-            if self.args.background_sync {
-                tracing::info!(kind = %trigger.kind, "prepare notice: syncing the checkpoint directory now");
-                self.shared.sync_now();
-            }
-            return;
-        }
-        if self.emergency_handled() {
-            tracing::info!(id = %trigger.id, "another emergency notice for a machine already going away; the checkpoint is taken");
-            return;
-        }
-        self.take_checkpoint(trigger, received).await;
-    }
-
-    /// Signal, wait, upload, commit: one checkpoint for `trigger`, heard at `heard`.
-    #[tracing::instrument(skip_all, fields(notice = %trigger.id, channel = trigger.channel.as_str()))]
-    async fn take_checkpoint(&mut self, trigger: Trigger, heard: Instant) -> CheckpointOutcome {
-        self.emergency_until = Some(trigger.deadline.max(OffsetDateTime::now_utc()));
-        let deadline = deadline::deadline_instant(trigger.deadline);
-        self.shared.preempt();
-
-        // Signal first: every millisecond here is a millisecond less for the upload.
-        let use_marker = self.marker.clone();
-        let marker_before = use_marker.as_deref().map(MarkerState::read);
-        let candidates = match signal::find_candidates(self.args.signal, self.args.target.as_ref())
-        {
-            Ok(candidates) => candidates,
-            Err(error) => {
-                tracing::error!(%error, "cannot read /proc to find the trainer");
-                signal::Candidates::default()
-            }
-        };
-        let report = signal::signal_trainers(&candidates, self.args.signal);
-        let signalled = !report.signalled.is_empty();
-        ::metrics::histogram!(metrics::NOTICE_TO_SIGNAL).record(heard.elapsed().as_secs_f64());
-        let notice_to_signal_ms = heard.elapsed().as_secs_f64() * 1000.0;
-        if signalled {
-            ::metrics::counter!(metrics::SIGNALS, "outcome" => "sent")
-                .increment(report.signalled.len() as u64);
-        } else {
-            ::metrics::counter!(metrics::SIGNALS, "outcome" => "no-handler").increment(1);
-            let message = format!(
-                "no process {}handles {}: the trainer was not signalled (it would have been killed) \
-                 and cannot save a fresh checkpoint; uploading what {} holds. Install a handler in the \
-                 trainer or set --signal/--target",
-                self.args
-                    .target
-                    .as_ref()
-                    .map(|t| format!("matching --target {t} "))
-                    .unwrap_or_default(),
-                self.args.signal,
-                self.dir.display()
-            );
-            tracing::error!(
-                skipped = report.skipped.len(),
-                refused = report.refused.len(),
-                "{message}"
-            );
-            write_termination_message(&message);
-        }
-
-        let _guard = match tokio::time::timeout(PREEMPT_TIMEOUT, self.shared.upload_lock.lock())
-            .await
-        {
-            Ok(guard) => Some(guard),
-            Err(_) => {
-                tracing::warn!(
-                    "background sync did not stop within {PREEMPT_TIMEOUT:?}; uploading alongside it"
-                );
-                None
-            }
-        };
-
-        // Wait for the checkpoint. Without a signalled trainer there is no marker to expect.
-        let rule = CompletionRule {
-            marker: if signalled { use_marker } else { None },
-            quiet_period: self.args.quiet_period,
-        };
-        let writers: Vec<i32> = candidates.all().map(|p| p.pid).collect();
-        let synced = self.shared.synced();
-        let throughput = self.shared.throughput();
-        let scan_dir = self.dir.clone();
-        let now_in_dir = tokio::task::spawn_blocking(move || DirSnapshot::scan(&scan_dir))
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or_default();
-        let pending = now_in_dir.bytes_not_in(&synced);
-        tracing::info!(
-            time_left_seconds = deadline::seconds_left(deadline),
-            bytes_not_in_store = pending,
-            expected_upload_seconds = throughput.time_for(pending).as_secs_f64(),
-            throughput_mib_per_second = throughput.bytes_per_second() / (1024.0 * 1024.0),
-            "deadline budget before the trainer's checkpoint (the estimate follows it as it grows)"
-        );
-        let wait_started = Instant::now();
-        let completion = checkpoint::wait_for_checkpoint(
-            &self.dir,
-            &rule,
-            marker_before.unwrap_or(MarkerState::ABSENT),
-            signalled,
-            &writers,
-            |snapshot: &DirSnapshot| {
-                let pending = snapshot.bytes_not_in(&synced);
-                let expected = throughput.time_for(pending);
-                ::metrics::gauge!(metrics::DEADLINE_TIME_LEFT)
-                    .set(deadline::seconds_left(deadline));
-                ::metrics::gauge!(metrics::EXPECTED_UPLOAD).set(expected.as_secs_f64());
-                deadline::checkpoint_cutoff(deadline, pending, &throughput)
-            },
-        )
-        .await;
-        let waited = wait_started.elapsed().as_secs_f64();
-        ::metrics::histogram!(metrics::CHECKPOINT_WAIT).record(waited);
-        if completion == Completion::CutOff {
-            let message = format!(
-                "the checkpoint was not complete {:.1}s before the deadline (left for the upload at {:.0} MiB/s); \
-                 nothing was committed for notice {} and the previous committed generation stays the one restore picks",
-                deadline::seconds_left(deadline),
-                throughput.bytes_per_second() / (1024.0 * 1024.0),
-                trigger.id
-            );
-            tracing::error!(waited_seconds = waited, "{message}");
-            write_termination_message(&message);
-            ::metrics::counter!(metrics::CHECKPOINTS, "outcome" => CheckpointOutcome::CutOff.as_str()).increment(1);
-            return CheckpointOutcome::CutOff;
-        }
-        tracing::info!(
-            completion = completion.as_str(),
-            waited_seconds = waited,
-            "checkpoint complete; uploading"
-        );
-
-        // Upload at full speed, bounded by the deadline: past it the machine is gone anyway.
-        let dir = self.dir.clone();
-        let snapshot = tokio::task::spawn_blocking(move || DirSnapshot::scan(&dir))
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or_default();
-        let options = UploadOptions {
-            concurrency: self.args.checkpoint.transfer.concurrency,
-            part_size: self.args.checkpoint.transfer.part_size,
-            context: ManifestContext {
-                notice: Some(trigger.record.clone()),
-                node: self.args.node_name.clone(),
-                pod: self.args.pod_name.clone(),
-                step: checkpoint::read_training_step(&self.dir),
-            },
-        };
-        let cancel = CancellationToken::new();
-        let timer = tokio::spawn({
-            let cancel = cancel.clone();
-            async move {
-                tokio::time::sleep_until(deadline).await;
-                cancel.cancel();
-            }
-        });
-        let result = upload_generation(&self.store, &self.dir, &options, &cancel).await;
-        timer.abort();
-        let outcome = match result {
-            Ok(summary) => {
-                self.shared
-                    .record_upload(snapshot, summary.bytes_uploaded, summary.seconds);
-                let time_to_safe = heard.elapsed().as_secs_f64();
-                let margin = deadline::seconds_left(deadline);
-                ::metrics::histogram!(metrics::TIME_TO_SAFE).record(time_to_safe);
-                ::metrics::gauge!(metrics::DEADLINE_MARGIN).set(margin);
-                tracing::info!(
-                    generation = %summary.generation,
-                    step = options.context.step,
-                    notice_to_signal_ms,
-                    checkpoint_wait_seconds = waited,
-                    completion = completion.as_str(),
-                    upload_seconds = summary.seconds,
-                    bytes_uploaded = summary.bytes_uploaded,
-                    bytes_reused = summary.bytes_reused,
-                    time_to_safe_seconds = time_to_safe,
-                    deadline_margin_seconds = margin,
-                    "checkpoint committed"
-                );
-                CheckpointOutcome::Committed
-            }
-            Err(error) => {
-                let message = format!(
-                    "uploading the checkpoint for notice {}: {:#}; the previous committed generation stays the one restore picks",
-                    trigger.id,
-                    anyhow::Error::new(error)
-                );
-                tracing::error!("{message}");
-                write_termination_message(&message);
-                CheckpointOutcome::Failed
-            }
-        };
-        ::metrics::counter!(metrics::CHECKPOINTS, "outcome" => outcome.as_str()).increment(1);
-        outcome
-    }
-}
-
-/// Leaves `message` where `kubectl describe pod` shows it, when running in Kubernetes.
-fn write_termination_message(message: &str) {
-    if Path::new(TERMINATION_LOG).exists()
-        && let Err(error) = std::fs::write(TERMINATION_LOG, message)
-    {
-        tracing::debug!(%error, "cannot write {TERMINATION_LOG}");
-    }
 }
 
 #[cfg(test)]

@@ -9,6 +9,8 @@ use futures::{StreamExt, TryStreamExt};
 use tokio_util::sync::CancellationToken;
 
 use nerve_store::progress::{Progress, format_bytes, report_progress};
+use nerve_store::restore::Owner;
+use nerve_store::step::checkpoint_step;
 use nerve_store::{
     Generation, Manifest, ManifestContext, RestoreOptions, RestoreOutcome, Store, UploadOptions,
     fetch_manifest, list_generations, prune_generations, restore_generation_with,
@@ -32,15 +34,28 @@ pub async fn upload_command(args: UploadArgs, shutdown: CancellationToken) -> an
         .into());
     }
     let store = Store::connect(&args.checkpoint.store.config()).await;
+    let content = &args.checkpoint.content;
+    let excludes = content.excludes();
+    let step = args.step.or_else(|| {
+        checkpoint_step(
+            dir,
+            Some(&content.marker_path(dir)),
+            &content.step_from,
+            &excludes,
+        )
+        .map(|s| s.step)
+    });
     let options = UploadOptions {
         concurrency: args.checkpoint.transfer.concurrency,
         part_size: args.checkpoint.transfer.part_size,
         context: ManifestContext {
-            step: args.step,
+            step,
             node: std::env::var("NODE_NAME").ok(),
             pod: std::env::var("POD_NAME").ok(),
             notice: None,
         },
+        excludes,
+        step_pattern: content.step_from.clone(),
     };
     let progress = Progress::new();
     let stop_reporting = CancellationToken::new();
@@ -60,9 +75,16 @@ pub async fn upload_command(args: UploadArgs, shutdown: CancellationToken) -> an
 /// `nerve-sidecar restore`: restore once, print the summary (or say there was nothing).
 pub async fn restore_command(args: RestoreArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let store = Store::connect(&args.checkpoint.store.config()).await;
+    let dir = &args.checkpoint.dir;
+    let content = &args.checkpoint.content;
     let options = RestoreOptions {
         concurrency: args.checkpoint.transfer.concurrency,
         range_size: args.checkpoint.transfer.part_size,
+        excludes: content.excludes(),
+        step_pattern: content.step_from.clone(),
+        marker: Some(content.marker_path(dir)),
+        owner: args.owner.or_else(|| Owner::default_for(dir)),
+        overwrite_newer: args.overwrite,
     };
     let progress = Progress::new();
     let stop_reporting = CancellationToken::new();
@@ -96,6 +118,17 @@ pub async fn restore_command(args: RestoreArgs, shutdown: CancellationToken) -> 
             args.checkpoint.dir.display()
         ),
         RestoreOutcome::Restored(summary) => println!("{summary}"),
+        RestoreOutcome::KeptLocal {
+            generation,
+            generation_step,
+            local,
+        } => println!(
+            "kept {}: it holds step {} ({}), the newest committed generation {generation} holds \
+             step {generation_step}; nothing was restored (--overwrite restores it anyway)",
+            args.checkpoint.dir.display(),
+            local.step,
+            local.source,
+        ),
     }
     Ok(())
 }

@@ -25,7 +25,7 @@ pub mod step;
 pub mod upload;
 
 pub use generation::Generation;
-pub use list::{list_generations, newest_generation};
+pub use list::{Committed, committed_in_step_order, list_generations, newest_generation};
 pub use manifest::{Manifest, ManifestFile, fetch_manifest};
 pub use progress::Progress;
 pub use prune::{PruneSummary, prune_generations};

@@ -1,8 +1,49 @@
 //! Listing a job's committed generations (those whose manifest exists), oldest first.
+//!
+//! A generation id starts with the writer's clock at upload start, so key order is time order
+//! on that writer's clock. "Newest" for restore and prune means the newest *step*: a pod whose
+//! clock is off, or an old pod still uploading after its successor restored and trained on,
+//! must not put an older step in front. [`committed_in_step_order`] orders by the step every
+//! manifest records (in its `x-amz-meta-nerve-step` metadata, read with a HEAD; in its body for
+//! manifests written before that), with time breaking ties, and falls back to time order when
+//! some generation does not know its step.
+
+use futures::{StreamExt, TryStreamExt};
 
 use crate::generation::Generation;
-use crate::manifest::MANIFEST_SUFFIX;
-use crate::s3::{Operation, S3Error, Store};
+use crate::manifest::{MANIFEST_SUFFIX, ManifestReadError, STEP_METADATA, fetch_manifest};
+use crate::s3::{Operation, S3Error, Store, with_retries};
+
+/// Manifest HEADs in flight while reading steps: tiny requests, latency-bound.
+const STEP_LOOKUPS: usize = 16;
+
+/// A committed generation and the training step its manifest records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Committed {
+    pub generation: Generation,
+    pub step: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ListError {
+    #[error("listing committed generations")]
+    List(#[source] S3Error),
+    #[error("reading the step of generation {generation}")]
+    Step {
+        generation: Generation,
+        #[source]
+        source: ManifestReadError,
+    },
+}
+
+impl ListError {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ListError::List(e) => e.is_retryable(),
+            ListError::Step { source, .. } => source.is_retryable(),
+        }
+    }
+}
 
 /// Committed generations of the job, oldest first.
 ///
@@ -39,7 +80,109 @@ pub async fn list_generations(store: &Store) -> Result<Vec<Generation>, S3Error>
     Ok(generations)
 }
 
-/// The newest committed generation, if any.
+/// The most recently started committed generation, if any (what an upload reuses files from).
 pub async fn newest_generation(store: &Store) -> Result<Option<Generation>, S3Error> {
     Ok(list_generations(store).await?.pop())
+}
+
+/// Committed generations, oldest step first (see the module docs).
+pub async fn committed_in_step_order(store: &Store) -> Result<Vec<Committed>, ListError> {
+    let generations = list_generations(store).await.map_err(ListError::List)?;
+    in_step_order(store, generations).await
+}
+
+/// `generations` (committed ones), oldest step first, their steps read from their manifests.
+pub async fn in_step_order(
+    store: &Store,
+    generations: Vec<Generation>,
+) -> Result<Vec<Committed>, ListError> {
+    let mut committed: Vec<Committed> = futures::stream::iter(generations)
+        .map(|generation| async move {
+            let step =
+                manifest_step(store, &generation)
+                    .await
+                    .map_err(|source| ListError::Step {
+                        generation: generation.clone(),
+                        source,
+                    })?;
+            Ok::<_, ListError>(Committed { generation, step })
+        })
+        .buffered(STEP_LOOKUPS)
+        .try_collect()
+        .await?;
+    order_by_step(&mut committed);
+    Ok(committed)
+}
+
+/// By step when every generation has one, time breaking ties; by time otherwise.
+pub fn order_by_step(committed: &mut [Committed]) {
+    if committed.iter().all(|c| c.step.is_some()) {
+        committed.sort_by(|a, b| (a.step, &a.generation).cmp(&(b.step, &b.generation)));
+    } else {
+        committed.sort_by(|a, b| a.generation.cmp(&b.generation));
+    }
+}
+
+/// The step a generation's manifest records: its metadata when the writer set it, its body
+/// otherwise.
+async fn manifest_step(
+    store: &Store,
+    generation: &Generation,
+) -> Result<Option<u64>, ManifestReadError> {
+    let key = store.manifest_key(generation);
+    let head = with_retries(
+        "reading a manifest's step",
+        S3Error::is_retryable,
+        |_| async {
+            store
+                .client()
+                .head_object()
+                .bucket(store.bucket())
+                .key(&key)
+                .send()
+                .await
+                .map_err(|e| store.error(Operation::HeadObject, &key, e))
+        },
+    )
+    .await
+    .map_err(ManifestReadError::Fetch)?;
+    if let Some(step) = head
+        .metadata()
+        .and_then(|m| m.get(STEP_METADATA))
+        .and_then(|v| v.parse().ok())
+    {
+        return Ok(Some(step));
+    }
+    Ok(fetch_manifest(store, generation).await?.step)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn committed(id: &str, step: Option<u64>) -> Committed {
+        Committed {
+            generation: Generation::parse(id).expect("id"),
+            step,
+        }
+    }
+
+    #[test]
+    fn orders_by_step_with_time_breaking_ties_and_by_time_when_a_step_is_missing() {
+        // The second writer's clock is ahead: its older step has the later id.
+        let early = "20261130T010000000Z-00000001";
+        let late = "20261130T020000000Z-00000002";
+        let later = "20261130T030000000Z-00000003";
+        let mut all = vec![
+            committed(early, Some(1055)),
+            committed(late, Some(55)),
+            committed(later, Some(1055)),
+        ];
+        order_by_step(&mut all);
+        let ids: Vec<&str> = all.iter().map(|c| c.generation.as_str()).collect();
+        assert_eq!(ids, [late, early, later]);
+        let mut some = vec![committed(late, None), committed(early, Some(1055))];
+        order_by_step(&mut some);
+        assert_eq!(some[1].generation.as_str(), late);
+    }
 }

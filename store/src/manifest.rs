@@ -1,22 +1,32 @@
 //! The manifest: the commit record of a generation, written last.
 //!
-//! It lists every file of the checkpoint with its relative path, size, mode, CRC32C and the key
-//! holding its bytes (which may belong to an earlier generation when the file did not change).
-//! Readers never trust it blindly: [`Manifest::validate`] refuses paths that would land outside
-//! the checkpoint directory, duplicate paths, and keys outside the job's prefix.
+//! It lists every file of the checkpoint with its relative path, size, mode, checksums (CRC32C
+//! and CRC-64/NVME) and the key holding its bytes (which may belong to an earlier generation
+//! when the file did not change), and every symbolic link with its target inside the
+//! directory. Readers never trust it blindly: [`Manifest::validate`] refuses paths that would
+//! land outside the checkpoint directory, Nerve's reserved names, duplicate paths, keys outside
+//! the job's prefix, links that point outside, and files reached through a link.
 
 use std::collections::HashSet;
 
 use serde::{Deserialize, Serialize};
 
+use crate::checksum::Checksums;
 use crate::generation::Generation;
 use crate::s3::ChecksumMode;
 use crate::s3::{Operation, S3Error, Store, with_retries};
 
 /// `<generation>.manifest.json` beside the generation's object folder.
 pub const MANIFEST_SUFFIX: &str = ".manifest.json";
-/// Format version written by this build; readers refuse newer ones.
+/// Format version of a manifest without links: what every earlier build reads (they ignore the
+/// fields they do not know, such as `crc64nvme`), so a rolling upgrade keeps restoring.
 pub const MANIFEST_VERSION: u32 = 1;
+/// Format version of a manifest that holds symbolic links, which earlier builds cannot restore
+/// (they refuse it and say to upgrade, rather than restore it without its links).
+pub const MANIFEST_VERSION_LINKS: u32 = 2;
+/// User metadata on a manifest object holding its step (`x-amz-meta-nerve-step`), so a listing
+/// can order generations by step with a HEAD per generation instead of reading every manifest.
+pub const STEP_METADATA: &str = "nerve-step";
 /// A manifest bigger than this is not one of ours (a million files is ~200 MiB of JSON).
 pub const MAX_MANIFEST_BYTES: u64 = 256 * 1024 * 1024;
 
@@ -48,8 +58,26 @@ pub struct ManifestFile {
     pub mode: u32,
     /// CRC32C of the whole file, 8 lowercase hex digits.
     pub crc32c: String,
-    /// Full object key holding the bytes.
+    /// CRC-64/NVME of the whole file, 16 lowercase hex digits (absent in manifests written
+    /// before it was recorded; such files are never reused by a later upload).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crc64nvme: Option<String>,
+    /// Full object key holding the bytes (empty for a link).
     pub key: String,
+    /// For a symbolic link: its target, relative to the link's directory and inside the
+    /// checkpoint directory. A link has no bytes of its own (size 0, no key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
+}
+
+impl ManifestFile {
+    /// Both checksums, when the manifest records both.
+    pub fn checksums(&self) -> Option<Checksums> {
+        Some(Checksums {
+            crc32c: parse_crc32c(&self.crc32c)?,
+            crc64nvme: parse_crc64(self.crc64nvme.as_deref()?)?,
+        })
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -70,8 +98,12 @@ pub enum ManifestError {
         key: String,
         prefix: String,
     },
-    #[error("manifest checksum `{crc}` for `{path}` is not 8 hex digits")]
+    #[error("manifest checksum `{crc}` for `{path}` is not 8 (CRC32C) or 16 (CRC-64) hex digits")]
     BadChecksum { path: String, crc: String },
+    #[error(
+        "manifest link `{path}` points to `{target}`, outside the checkpoint directory; refusing to restore it"
+    )]
+    UnsafeLink { path: String, target: String },
 }
 
 impl Manifest {
@@ -86,7 +118,7 @@ impl Manifest {
         generation: &Generation,
         generations_prefix: &str,
     ) -> Result<(), ManifestError> {
-        if self.version > MANIFEST_VERSION {
+        if self.version > MANIFEST_VERSION_LINKS {
             return Err(ManifestError::UnsupportedVersion(self.version));
         }
         if self.generation != generation.as_str() {
@@ -97,8 +129,15 @@ impl Manifest {
         }
         let mut seen = HashSet::with_capacity(self.files.len());
         let mut dirs = HashSet::new();
+        let mut links = HashSet::new();
         for file in &self.files {
             check_relative_path(&file.path)?;
+            if crate::exclude::is_reserved(&file.path) {
+                return Err(ManifestError::UnsafePath {
+                    path: file.path.clone(),
+                    reason: "uses a name Nerve reserves for restore's own files",
+                });
+            }
             if !seen.insert(file.path.as_str()) {
                 return Err(ManifestError::DuplicatePath(file.path.clone()));
             }
@@ -106,6 +145,17 @@ impl Manifest {
             while let Some((dir, _)) = parent.rsplit_once('/') {
                 dirs.insert(dir);
                 parent = dir;
+            }
+            if let Some(target) = &file.link {
+                let link_dir = file.path.rsplit_once('/').map_or("", |(dir, _)| dir);
+                if resolve_link(link_dir, target).is_none() {
+                    return Err(ManifestError::UnsafeLink {
+                        path: file.path.clone(),
+                        target: target.clone(),
+                    });
+                }
+                links.insert(file.path.as_str());
+                continue;
             }
             let key_ok = file
                 .key
@@ -124,6 +174,30 @@ impl Manifest {
                     crc: file.crc32c.clone(),
                 });
             }
+            if let Some(crc) = &file.crc64nvme
+                && parse_crc64(crc).is_none()
+            {
+                return Err(ManifestError::BadChecksum {
+                    path: file.path.clone(),
+                    crc: crc.clone(),
+                });
+            }
+        }
+        // Restore writes files by path: one below a link would be written wherever it points.
+        if let Some(through) = self.files.iter().find(|f| {
+            let mut parent = f.path.as_str();
+            while let Some((dir, _)) = parent.rsplit_once('/') {
+                if links.contains(dir) {
+                    return true;
+                }
+                parent = dir;
+            }
+            false
+        }) {
+            return Err(ManifestError::UnsafePath {
+                path: through.path.clone(),
+                reason: "lies below a symbolic link",
+            });
         }
         // A file that is also a directory of another file: restore could not build both.
         if let Some(clash) = self.files.iter().find(|f| dirs.contains(f.path.as_str())) {
@@ -134,6 +208,26 @@ impl Manifest {
         }
         Ok(())
     }
+}
+
+/// Where a link in `link_dir` (relative to the checkpoint directory) with `target` points,
+/// relative to the checkpoint directory; `None` when it leaves it (or is absolute). Judged on
+/// the path alone, never by following links.
+pub fn resolve_link(link_dir: &str, target: &str) -> Option<String> {
+    if target.starts_with('/') || target.is_empty() || target.contains('\0') {
+        return None;
+    }
+    let mut resolved: Vec<&str> = link_dir.split('/').filter(|s| !s.is_empty()).collect();
+    for segment in target.split('/') {
+        match segment {
+            "" | "." => {}
+            ".." => {
+                resolved.pop()?;
+            }
+            name => resolved.push(name),
+        }
+    }
+    Some(resolved.join("/"))
 }
 
 /// Refuses anything but a plain relative `/`-separated path of normal components.
@@ -280,6 +374,11 @@ pub async fn put_manifest(
             .bucket(store.bucket())
             .key(&key)
             .content_type("application/json")
+            .set_metadata(
+                manifest
+                    .step
+                    .map(|step| [(STEP_METADATA.to_owned(), step.to_string())].into()),
+            )
             .body(aws_sdk_s3::primitives::ByteStream::from(body.clone()));
         if store.checksum_mode() == ChecksumMode::Crc32c {
             request = request.checksum_crc32_c(crc32c_base64(crc));
@@ -313,6 +412,18 @@ pub fn parse_crc32c(value: &str) -> Option<u32> {
     }
 }
 
+pub fn format_crc64(crc: u64) -> String {
+    format!("{crc:016x}")
+}
+
+pub fn parse_crc64(value: &str) -> Option<u64> {
+    if value.len() == 16 {
+        u64::from_str_radix(value, 16).ok()
+    } else {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -326,7 +437,9 @@ mod tests {
                 size: 1,
                 mode: 0o644,
                 crc32c: "00000000".into(),
+                crc64nvme: Some("0000000000000000".into()),
                 key: format!("pre/job/gen/{generation}/{p}"),
+                link: None,
             })
             .collect();
         (
@@ -396,5 +509,68 @@ mod tests {
             m.validate(&g, "pre/job/gen/"),
             Err(ManifestError::ForeignKey { .. })
         ));
+    }
+
+    #[test]
+    fn refuses_the_names_restore_keeps_for_itself() {
+        for reserved in [".nerve-old-20261124T021116123Z-00000001/a", ".nerve-done"] {
+            let (m, g) = manifest(&[reserved]);
+            assert!(
+                matches!(
+                    m.validate(&g, "pre/job/gen/"),
+                    Err(ManifestError::UnsafePath { .. })
+                ),
+                "{reserved}"
+            );
+        }
+        let (m, g) = manifest(&["sub/.nerve-old-x"]);
+        assert_eq!(m.validate(&g, "pre/job/gen/"), Ok(()));
+    }
+
+    #[test]
+    fn accepts_links_inside_and_refuses_links_out_and_files_below_links() {
+        let link = |path: &str, target: &str| ManifestFile {
+            path: path.into(),
+            size: 0,
+            mode: 0o777,
+            crc32c: "00000000".into(),
+            crc64nvme: None,
+            key: String::new(),
+            link: Some(target.into()),
+        };
+        let (mut m, g) = manifest(&["checkpoint-2/model.bin"]);
+        m.files.push(link("last", "checkpoint-2"));
+        m.files.push(link("checkpoint-2/alias.bin", "./model.bin"));
+        assert_eq!(m.validate(&g, "pre/job/gen/"), Ok(()));
+        for (path, target) in [("x", "/etc/passwd"), ("a/x", "../../etc"), ("x", "..")] {
+            let (mut m, g) = manifest(&["checkpoint-2/model.bin"]);
+            m.files.push(link(path, target));
+            assert!(
+                matches!(
+                    m.validate(&g, "pre/job/gen/"),
+                    Err(ManifestError::UnsafeLink { .. })
+                ),
+                "{path} -> {target}"
+            );
+        }
+        // A link to /etc named `etc`, and a file `etc/passwd` written through it.
+        let (mut m, g) = manifest(&["etc/passwd"]);
+        m.files.push(link("etc", "."));
+        assert!(matches!(
+            m.validate(&g, "pre/job/gen/"),
+            Err(ManifestError::UnsafePath {
+                reason: "lies below a symbolic link",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn resolves_link_targets_lexically() {
+        assert_eq!(resolve_link("a/b", "../c").as_deref(), Some("a/c"));
+        assert_eq!(resolve_link("", "a/./b").as_deref(), Some("a/b"));
+        assert_eq!(resolve_link("a", "..").as_deref(), Some(""));
+        assert_eq!(resolve_link("", ".."), None);
+        assert_eq!(resolve_link("", "/abs"), None);
     }
 }

@@ -12,6 +12,7 @@ use std::collections::HashSet;
 use aws_sdk_s3::types::{Delete, ObjectIdentifier};
 
 use crate::generation::Generation;
+use crate::list::in_step_order;
 use crate::manifest::{MANIFEST_SUFFIX, ManifestReadError, fetch_manifest};
 use crate::s3::{Operation, S3Error, Store, with_retries};
 
@@ -45,6 +46,8 @@ pub enum PruneError {
     },
     #[error("deleting objects")]
     Delete(#[source] S3Error),
+    #[error("ordering the committed generations by step; nothing was deleted")]
+    Order(#[source] crate::list::ListError),
     #[error("aborting a multipart upload left open by a killed upload")]
     Abort(#[source] S3Error),
     #[error("building a DeleteObjects request")]
@@ -76,9 +79,18 @@ pub async fn prune_generations(
         })
         .collect();
     committed.sort();
+    // The most recently started commit: objects of later generations belong to an upload in
+    // progress.
     let Some(newest) = committed.last().cloned() else {
         return Ok(PruneSummary::default());
     };
+    // Which to keep goes by step (see `crate::list`), not by the writers' clocks.
+    let committed: Vec<Generation> = in_step_order(store, committed)
+        .await
+        .map_err(PruneError::Order)?
+        .into_iter()
+        .map(|c| c.generation)
+        .collect();
     let split = committed.len().saturating_sub(keep);
     let (deleted, kept) = committed.split_at(split);
 

@@ -1,9 +1,14 @@
 //! Restoring a committed generation into the checkpoint directory.
 //!
 //! The manifest is validated before anything touches the disk (no absolute paths, no `..`, no
-//! duplicates, no keys outside the job). Files are downloaded into a staging directory, every
-//! one verified against the manifest's size and CRC32C, and only then swapped into place; on
-//! any failure the staging directory is removed and `--dir` is left exactly as it was.
+//! duplicates, no keys outside the job, no links out). If `--dir` already holds a checkpoint of
+//! the generation's step or a newer one (a volume that outlived its pod), it is left alone.
+//! Otherwise files are downloaded into a staging directory, every one verified against the
+//! manifest's size and checksums (CRC32C, and CRC-64/NVME where recorded), links recreated,
+//! permissions set without setuid, setgid or sticky bits (and ownership given to the trainer's
+//! user when restore runs as root), the local files excluded from checkpoints (logs) carried
+//! over, and only then swapped into place ([`staging`]); on any failure before the swap the
+//! staging directory is removed and `--dir` is left exactly as it was.
 
 mod download;
 mod staging;
@@ -18,11 +23,13 @@ use tokio_util::sync::CancellationToken;
 
 pub use staging::Staging;
 
+use crate::exclude::Excludes;
 use crate::generation::Generation;
-use crate::list::list_generations;
-use crate::manifest::{ManifestReadError, fetch_manifest};
+use crate::list::{ListError, committed_in_step_order, list_generations};
+use crate::manifest::{Manifest, ManifestReadError, fetch_manifest};
 use crate::progress::{Progress, format_bytes, mib_per_second};
 use crate::s3::{S3Error, Store};
+use crate::step::{Step, StepPattern, checkpoint_step_complete, newest_step_in_paths};
 use crate::{DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE};
 use download::{Download, download_file, ranges_per_file};
 
@@ -44,6 +51,16 @@ pub struct RestoreOptions {
     pub concurrency: usize,
     /// Files larger than this are fetched as parallel ranges of this size.
     pub range_size: u64,
+    /// Local paths that are not checkpoint content: kept across the restore.
+    pub excludes: Excludes,
+    /// Names that carry a step, to read the step of the local checkpoint and the generation's.
+    pub step_pattern: StepPattern,
+    /// The done marker, whose `step=N` says which step the local checkpoint holds.
+    pub marker: Option<PathBuf>,
+    /// Who owns the restored files; `None` leaves them to the restoring process.
+    pub owner: Option<Owner>,
+    /// Restore even over a local checkpoint of the same or a newer step.
+    pub overwrite_newer: bool,
 }
 
 impl Default for RestoreOptions {
@@ -51,7 +68,49 @@ impl Default for RestoreOptions {
         RestoreOptions {
             concurrency: DEFAULT_CONCURRENCY,
             range_size: DEFAULT_PART_SIZE,
+            excludes: Excludes::default(),
+            step_pattern: StepPattern::default(),
+            marker: None,
+            owner: None,
+            overwrite_newer: false,
         }
+    }
+}
+
+/// A user and group to own restored files and directories.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Owner {
+    /// Parses `UID` or `UID:GID` (numbers; the group defaults to the user's number).
+    pub fn parse(value: &str) -> Result<Owner, String> {
+        let (uid, gid) = value.split_once(':').unwrap_or((value, value));
+        match (uid.parse(), gid.parse()) {
+            (Ok(uid), Ok(gid)) => Ok(Owner { uid, gid }),
+            _ => Err(format!(
+                "`{value}` is not an owner; write a numeric UID or UID:GID, e.g. 1000:1000"
+            )),
+        }
+    }
+
+    /// Whom restored files should belong to when nobody said: nobody in particular unless this
+    /// process runs as root, then the owner of `dir` (or of its parent when it does not exist
+    /// yet), which is the trainer's user or its volume's group on every setup we know.
+    pub fn default_for(dir: &Path) -> Option<Owner> {
+        use std::os::unix::fs::MetadataExt;
+        if !nix::unistd::geteuid().is_root() {
+            return None;
+        }
+        let meta = std::fs::metadata(dir)
+            .ok()
+            .or_else(|| std::fs::metadata(dir.parent()?).ok())?;
+        (meta.uid() != 0).then_some(Owner {
+            uid: meta.uid(),
+            gid: meta.gid(),
+        })
     }
 }
 
@@ -60,6 +119,12 @@ pub enum RestoreOutcome {
     /// The job has no committed generation: nothing to restore.
     Nothing,
     Restored(RestoreSummary),
+    /// `--dir` already holds a checkpoint of the generation's step or a newer one: untouched.
+    KeptLocal {
+        generation: Generation,
+        generation_step: u64,
+        local: Step,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -86,8 +151,8 @@ impl std::fmt::Display for RestoreSummary {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
-    #[error("listing committed generations")]
-    List(#[source] S3Error),
+    #[error("finding the newest committed generation")]
+    List(#[source] Box<ListError>),
     #[error(
         "generation {0} has no manifest (never committed, or pruned); `nerve-sidecar list` shows what exists"
     )]
@@ -165,7 +230,8 @@ impl RestoreError {
     /// Fetching again may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            RestoreError::List(e) | RestoreError::Download { source: e, .. } => e.is_retryable(),
+            RestoreError::List(e) => e.is_retryable(),
+            RestoreError::Download { source: e, .. } => e.is_retryable(),
             RestoreError::Manifest { source, .. } => source.is_retryable(),
             RestoreError::Body { .. } => true,
             _ => false,
@@ -205,6 +271,7 @@ pub async fn restore_generation_with(
     let outcome = match &result {
         Ok(RestoreOutcome::Nothing) => "nothing",
         Ok(RestoreOutcome::Restored(_)) => "restored",
+        Ok(RestoreOutcome::KeptLocal { .. }) => "kept-local",
         Err(_) => "failed",
     };
     ::metrics::counter!(crate::metrics::RESTORES, "outcome" => outcome).increment(1);
@@ -221,12 +288,22 @@ async fn restore(
     progress: &Progress,
 ) -> Result<RestoreOutcome, RestoreError> {
     let started = Instant::now();
-    let committed = list_generations(store).await.map_err(RestoreError::List)?;
     let generation = match generation {
-        Some(wanted) if committed.contains(&wanted) => wanted,
-        Some(wanted) => return Err(RestoreError::NoSuchGeneration(wanted)),
-        None => match committed.last() {
-            Some(newest) => newest.clone(),
+        Some(wanted) => {
+            let committed = list_generations(store)
+                .await
+                .map_err(|e| RestoreError::List(Box::new(ListError::List(e))))?;
+            if !committed.contains(&wanted) {
+                return Err(RestoreError::NoSuchGeneration(wanted));
+            }
+            wanted
+        }
+        None => match committed_in_step_order(store)
+            .await
+            .map_err(|e| RestoreError::List(Box::new(e)))?
+            .pop()
+        {
+            Some(newest) => newest.generation,
             None => return Ok(RestoreOutcome::Nothing),
         },
     };
@@ -237,6 +314,11 @@ async fn restore(
                 generation: generation.clone(),
                 source: Box::new(source),
             })?;
+    if !options.overwrite_newer
+        && let Some(kept) = newer_local(dir, &generation, &manifest, options).await
+    {
+        return Ok(kept);
+    }
     progress.add_total(manifest.files.len() as u64, manifest.total_bytes());
     tracing::info!(%generation, files = manifest.files.len(), bytes = manifest.total_bytes(), "restoring");
 
@@ -278,10 +360,12 @@ async fn restore(
         ),
         range_size: options.range_size.max(1),
         progress: progress.clone(),
+        owner: options.owner,
     });
     let fetches: Vec<_> = manifest
         .files
         .iter()
+        .filter(|file| file.link.is_none())
         .map(|file| download_file(&download, file, staging.file_path(&file.path)))
         .collect();
     let work = futures::stream::iter(fetches)
@@ -298,22 +382,34 @@ async fn restore(
             Ok(())
         }
     });
-    if let Err(err) = result {
+    let staging = Arc::new(staging);
+    let finished = match result {
+        Ok(()) => {
+            let (staging, manifest, options) = (staging.clone(), manifest.clone(), options.clone());
+            let owned_dir = dir.to_path_buf();
+            tokio::task::spawn_blocking(move || {
+                finish_staging(&staging, &manifest, &options, &owned_dir)
+            })
+            .await
+            .unwrap_or_else(|e| {
+                Err(RestoreError::Staging {
+                    dir: dir.to_path_buf(),
+                    source: std::io::Error::other(e),
+                })
+            })
+        }
+        Err(err) => Err(err),
+    };
+    if let Err(err) = finished {
         let staging_dir = staging.path.clone();
         let _ = tokio::task::spawn_blocking(move || staging.discard()).await;
         tracing::debug!(path = %staging_dir.display(), "removed the staging directory");
         return Err(err);
     }
-    let swapped = tokio::task::spawn_blocking(move || {
-        let result = staging.swap_into_place();
-        if result.is_err() {
-            staging.discard();
-        }
-        result
-    })
-    .await
-    .map_err(std::io::Error::other)
-    .and_then(|r| r);
+    let swapped = tokio::task::spawn_blocking(move || staging.swap_into_place())
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r);
     swapped.map_err(|source| RestoreError::Swap {
         dir: dir.to_path_buf(),
         source,
@@ -328,4 +424,96 @@ async fn restore(
         bytes: manifest.total_bytes(),
         seconds,
     }))
+}
+
+/// The local checkpoint, when `dir` already holds one of `manifest`'s step or a newer one.
+async fn newer_local(
+    dir: &Path,
+    generation: &Generation,
+    manifest: &Manifest,
+    options: &RestoreOptions,
+) -> Option<RestoreOutcome> {
+    let generation_step = manifest.step.or_else(|| {
+        newest_step_in_paths(
+            manifest.files.iter().map(|f| f.path.as_str()),
+            &options.step_pattern,
+        )
+    })?;
+    let (owned_dir, options) = (dir.to_path_buf(), options.clone());
+    let local = tokio::task::spawn_blocking(move || {
+        checkpoint_step_complete(
+            &owned_dir,
+            options.marker.as_deref(),
+            &options.step_pattern,
+            &options.excludes,
+        )
+    })
+    .await
+    .ok()??;
+    if local.step < generation_step {
+        tracing::info!(%generation, generation_step, local_step = local.step, "the generation is newer than the local checkpoint; restoring it");
+        return None;
+    }
+    Some(RestoreOutcome::KeptLocal {
+        generation: generation.clone(),
+        generation_step,
+        local,
+    })
+}
+
+/// After every file is in staging and verified: the links, the owner of every directory, and
+/// the local files excluded from checkpoints (blocking).
+fn finish_staging(
+    staging: &Staging,
+    manifest: &Manifest,
+    options: &RestoreOptions,
+    dir: &Path,
+) -> Result<(), RestoreError> {
+    let staging_error = |source| RestoreError::Staging {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    for file in &manifest.files {
+        let Some(target) = &file.link else { continue };
+        let at = staging.file_path(&file.path);
+        if let Some(parent) = at.parent() {
+            std::fs::create_dir_all(parent).map_err(staging_error)?;
+        }
+        std::os::unix::fs::symlink(target, &at).map_err(|source| RestoreError::Write {
+            path: at.clone(),
+            source,
+        })?;
+    }
+    if let Some(owner) = options.owner {
+        own_tree(&staging.path, owner).map_err(staging_error)?;
+    }
+    let carried = staging
+        .carry_excluded(&options.excludes)
+        .map_err(staging_error)?;
+    if carried > 0 {
+        tracing::info!(
+            entries = carried,
+            "kept the local files excluded from checkpoints (logs)"
+        );
+    }
+    Ok(())
+}
+
+/// Gives every directory and link under `root` (files got theirs as they were written) to
+/// `owner`.
+fn own_tree(root: &Path, owner: Owner) -> std::io::Result<()> {
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        std::os::unix::fs::lchown(&dir, Some(owner.uid), Some(owner.gid))?;
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let file_type = entry.file_type()?;
+            if file_type.is_dir() {
+                pending.push(entry.path());
+            } else if file_type.is_symlink() {
+                std::os::unix::fs::lchown(entry.path(), Some(owner.uid), Some(owner.gid))?;
+            }
+        }
+    }
+    Ok(())
 }

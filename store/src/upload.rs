@@ -1,10 +1,17 @@
 //! Uploading a checkpoint directory as a new generation, committed by its manifest.
 //!
 //! Every file goes to `<prefix>/<job>/gen/<generation>/<path>` unless the newest committed
-//! generation already holds the same path with the same size and CRC32C, in which case the
-//! manifest points at that object. Files and parts move in parallel under one bound on
+//! generation already holds the same content (same size, CRC32C and CRC-64/NVME), in which case
+//! the manifest points at that object. Files and parts move in parallel under one bound on
 //! requests in flight. The manifest is written last; any failure or cancellation aborts the
 //! run's multipart uploads and writes no manifest, so readers never see a partial generation.
+//!
+//! The directory is live: a trainer keeps writing logs and rotates old checkpoints while the
+//! upload runs. So excluded paths ([`crate::exclude`]) are never read; a file that changes while
+//! it is sent is sent again (up to [`FILE_ATTEMPTS`] times, within the caller's cancellation);
+//! and a file deleted meanwhile drops out of the generation together with the rest of its
+//! step-named checkpoint directory (a `checkpoint-N/` missing a file is not a checkpoint), so
+//! rotation of an older checkpoint never costs the newest one.
 
 mod multipart;
 mod scan;
@@ -19,16 +26,18 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 pub use multipart::{MAX_PARTS, PartPlan, checksum_range, combine_part_crcs};
-pub use scan::{FileStamp, LocalFile, RESERVED_PREFIX, scan_directory};
+pub use scan::{FileStamp, LocalFile, inside_link_target, scan_directory};
 
+use crate::exclude::Excludes;
 use crate::generation::Generation;
 use crate::list::newest_generation;
 use crate::manifest::{
-    MANIFEST_VERSION, Manifest, ManifestFile, ManifestReadError, fetch_manifest, format_crc32c,
-    parse_crc32c, put_manifest,
+    MANIFEST_VERSION, MANIFEST_VERSION_LINKS, Manifest, ManifestFile, ManifestReadError,
+    fetch_manifest, format_crc32c, format_crc64, put_manifest,
 };
 use crate::progress::{Progress, format_bytes, mib_per_second};
 use crate::s3::{S3Error, Store};
+use crate::step::StepPattern;
 use crate::{DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE};
 use multipart::{OpenUploads, Transfer, checksum_parts, send_file};
 
@@ -38,6 +47,10 @@ const ABORT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Files whose unchanged-check reads run at once: checksumming is disk- and CPU-bound, more
 /// readers than cores only thrash.
 const CHECKSUM_READERS: usize = 2;
+/// Times one file is sent before a file that keeps changing fails the upload: a trainer that
+/// rewrites a file twice within its upload is still writing it, and a third try would be as
+/// torn as the first two.
+pub const FILE_ATTEMPTS: u32 = 3;
 
 /// What the manifest records about where the checkpoint came from.
 #[derive(Debug, Clone, Default)]
@@ -58,6 +71,11 @@ pub struct UploadOptions {
     /// Preferred part size; grows for files that would need more than 10,000 parts.
     pub part_size: u64,
     pub context: ManifestContext,
+    /// Paths under the directory that are not checkpoint content.
+    pub excludes: Excludes,
+    /// Names of step checkpoints (`checkpoint-N/`): a file deleted during the upload takes its
+    /// whole step checkpoint out of the generation.
+    pub step_pattern: StepPattern,
 }
 
 impl Default for UploadOptions {
@@ -66,6 +84,8 @@ impl Default for UploadOptions {
             concurrency: DEFAULT_CONCURRENCY,
             part_size: DEFAULT_PART_SIZE,
             context: ManifestContext::default(),
+            excludes: Excludes::default(),
+            step_pattern: StepPattern::default(),
         }
     }
 }
@@ -114,10 +134,16 @@ pub enum UploadError {
     #[error("{0} is not valid UTF-8, which S3 keys must be; rename it")]
     NonUtf8Path(PathBuf),
     #[error(
-        "{path} changed while it was being uploaded (size, time or inode differ); the \
-         generation was not committed — is the trainer still writing the checkpoint?"
+        "{path} changed while it was being uploaded, {FILE_ATTEMPTS} times (size, time or inode \
+         differ); the generation was not committed — is the trainer still writing the \
+         checkpoint? If it is a log, exclude it (--exclude)"
     )]
     FileChanged { path: String },
+    #[error(
+        "{dir} holds no checkpoint files (every file is excluded, or was deleted during the \
+         upload); nothing was committed"
+    )]
+    Empty { dir: PathBuf },
     #[error("{path} is {size} bytes, more than S3 holds in one object (10,000 parts of 5 GiB)")]
     TooLarge { path: String, size: u64 },
     #[error("uploading {path}")]
@@ -207,8 +233,8 @@ async fn upload(
         open_uploads: OpenUploads::default(),
     };
     let work = async {
-        let owned_dir = dir.to_path_buf();
-        let files = tokio::task::spawn_blocking(move || scan_directory(&owned_dir))
+        let (owned_dir, excludes) = (dir.to_path_buf(), options.excludes.clone());
+        let files = tokio::task::spawn_blocking(move || scan_directory(&owned_dir, &excludes))
             .await
             .map_err(|e| UploadError::ReadDir {
                 path: dir.to_path_buf(),
@@ -231,10 +257,12 @@ async fn upload(
             .map(|f| (f.path.as_str(), f))
             .collect();
         // Content that moved: a trainer writes each checkpoint into a new `checkpoint-N/`, and
-        // the files that did not change (frozen weights) are found by size and checksum.
+        // the files that did not change (frozen weights) are found by size and checksums.
         let mut previous_by_size: HashMap<u64, Vec<&ManifestFile>> = HashMap::new();
         for file in previous.iter().flat_map(|m| m.files.iter()) {
-            previous_by_size.entry(file.size).or_default().push(file);
+            if file.link.is_none() {
+                previous_by_size.entry(file.size).or_default().push(file);
+            }
         }
         transfer
             .progress
@@ -268,11 +296,11 @@ async fn upload(
                 )
             })
             .collect();
-        let entries: Vec<(ManifestFile, bool)> = futures::stream::iter(uploads)
+        let outcomes: Vec<FileOutcome> = futures::stream::iter(uploads)
             .buffered(transfer.concurrency)
             .try_collect()
             .await?;
-        Ok::<_, UploadError>(entries)
+        Ok::<_, UploadError>(outcomes)
     };
     let result = tokio::select! {
         result = work => result,
@@ -282,7 +310,17 @@ async fn upload(
         Ok(_) if cancel.is_cancelled() => Err(UploadError::Cancelled),
         other => other,
     };
-    let entries = match result {
+    let entries = result.and_then(|outcomes| {
+        let entries = without_vanished(outcomes, &options.step_pattern);
+        if entries.is_empty() {
+            Err(UploadError::Empty {
+                dir: dir.to_path_buf(),
+            })
+        } else {
+            Ok(entries)
+        }
+    });
+    let entries = match entries {
         Ok(entries) => entries,
         Err(err) => {
             abort_open_uploads(store, &generation, &transfer.open_uploads).await;
@@ -300,8 +338,13 @@ async fn upload(
             bytes_uploaded += entry.size;
         }
     }
+    let has_links = entries.iter().any(|(entry, _)| entry.link.is_some());
     let manifest = Manifest {
-        version: MANIFEST_VERSION,
+        version: if has_links {
+            MANIFEST_VERSION_LINKS
+        } else {
+            MANIFEST_VERSION
+        },
         generation: generation.to_string(),
         job: job_of(store),
         created_at,
@@ -341,12 +384,215 @@ fn job_of(store: &Store) -> String {
         .to_owned()
 }
 
-/// Uploads (or reuses) one file; returns its manifest entry and whether it was reused.
+/// What became of one file of the upload.
+enum FileOutcome {
+    /// Its manifest entry, and whether its bytes were reused from an earlier generation.
+    Stored(ManifestFile, bool),
+    /// Deleted (or turned into something else) while the upload ran: not part of it.
+    Vanished(String),
+}
+
+/// The manifest entries of `outcomes`, without the files that vanished and without every file
+/// of a step checkpoint (`checkpoint-N/`) one of whose files vanished.
+fn without_vanished(
+    outcomes: Vec<FileOutcome>,
+    step_pattern: &StepPattern,
+) -> Vec<(ManifestFile, bool)> {
+    let gone: Vec<String> = outcomes
+        .iter()
+        .filter_map(|outcome| match outcome {
+            FileOutcome::Vanished(path) => Some(step_checkpoint_of(path, step_pattern)),
+            FileOutcome::Stored(..) => None,
+        })
+        .collect();
+    for dropped in &gone {
+        tracing::info!(path = %dropped, "left out of the generation: deleted while it was being uploaded");
+    }
+    outcomes
+        .into_iter()
+        .filter_map(|outcome| match outcome {
+            FileOutcome::Stored(entry, reused) => Some((entry, reused)),
+            FileOutcome::Vanished(_) => None,
+        })
+        .filter(|(entry, _)| {
+            !gone
+                .iter()
+                .any(|g| entry.path == *g || entry.path.starts_with(&format!("{g}/")))
+        })
+        .collect()
+}
+
+/// The deepest step-named directory holding `path` (`checkpoint-7` for
+/// `checkpoint-7/optimizer.pt`), or the path itself outside any.
+fn step_checkpoint_of(path: &str, step_pattern: &StepPattern) -> String {
+    let segments: Vec<&str> = path.split('/').collect();
+    (1..segments.len())
+        .rev()
+        .find(|&end| step_pattern.step_in_name(segments[end - 1]).is_some())
+        .map_or_else(|| path.to_owned(), |end| segments[..end].join("/"))
+}
+
+/// A checkpoint file opened for its upload and proven to be the file the scan found (same
+/// device and inode), so what is read is that file even if the path is swapped for a link
+/// meanwhile. Its bytes are read through `/proc/self/fd/N`, a name for this open file that
+/// the SDK can reopen for every part and retry, and that keeps working after the file is
+/// deleted (the deletion is noticed afterwards).
+struct OpenedFile {
+    _file: std::fs::File,
+    read_path: PathBuf,
+}
+
+/// Why a file could not be opened as the scanned one.
+enum OpenFailure {
+    /// Deleted since the scan.
+    Gone,
+    /// Replaced by another file or a link since the scan.
+    Replaced,
+    Io(std::io::Error),
+}
+
+impl OpenedFile {
+    fn open(file: &LocalFile, stamp: &FileStamp) -> Result<OpenedFile, OpenFailure> {
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        use std::os::unix::io::AsRawFd;
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+            .open(&file.abs_path);
+        let opened = match opened {
+            Ok(opened) => opened,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(OpenFailure::Gone),
+            // O_NOFOLLOW on a link.
+            Err(e) if e.raw_os_error() == Some(nix::libc::ELOOP) => {
+                return Err(OpenFailure::Replaced);
+            }
+            Err(e) => return Err(OpenFailure::Io(e)),
+        };
+        let meta = opened.metadata().map_err(OpenFailure::Io)?;
+        if meta.dev() != stamp.device || meta.ino() != stamp.inode || !meta.is_file() {
+            return Err(OpenFailure::Replaced);
+        }
+        let by_fd = PathBuf::from(format!("/proc/self/fd/{}", opened.as_raw_fd()));
+        // Without /proc (not Linux, or not mounted) the path itself, checked again after.
+        let read_path = if by_fd.exists() {
+            by_fd
+        } else {
+            file.abs_path.clone()
+        };
+        Ok(OpenedFile {
+            _file: opened,
+            read_path,
+        })
+    }
+}
+
+/// Uploads (or reuses) one file, or records one link; sends it again when it changed while
+/// being sent, and reports it gone when it was deleted.
 async fn upload_file(
     transfer: &Transfer<'_>,
     generation: &Generation,
     file: &LocalFile,
     previous: Vec<&ManifestFile>,
+    part_size: u64,
+    checksum_readers: &Semaphore,
+) -> Result<FileOutcome, UploadError> {
+    if let Some(target) = &file.link {
+        transfer.progress.file_done();
+        return Ok(FileOutcome::Stored(
+            ManifestFile {
+                path: file.path.clone(),
+                size: 0,
+                mode: file.stamp.permissions(),
+                crc32c: format_crc32c(0),
+                crc64nvme: None,
+                key: String::new(),
+                link: Some(target.clone()),
+            },
+            false,
+        ));
+    }
+    let mut stamp = file.stamp;
+    for attempt in 1..=FILE_ATTEMPTS {
+        if attempt > 1 {
+            stamp = match FileStamp::of(&file.abs_path) {
+                Ok(now) => now,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Ok(FileOutcome::Vanished(file.path.clone()));
+                }
+                Err(source) => {
+                    return Err(UploadError::ReadFile {
+                        path: file.abs_path.clone(),
+                        source,
+                    });
+                }
+            };
+            // Now a link, a directory or a device: not the file that was being uploaded.
+            if stamp.mode & nix::libc::S_IFMT != nix::libc::S_IFREG {
+                return Ok(FileOutcome::Vanished(file.path.clone()));
+            }
+        }
+        let opened = match OpenedFile::open(file, &stamp) {
+            Ok(opened) => opened,
+            Err(OpenFailure::Gone) => return Ok(FileOutcome::Vanished(file.path.clone())),
+            Err(OpenFailure::Replaced) => {
+                tracing::info!(path = %file.path, attempt, "replaced since it was found; sending the new file");
+                continue;
+            }
+            Err(OpenFailure::Io(source)) => {
+                return Err(UploadError::ReadFile {
+                    path: file.abs_path.clone(),
+                    source,
+                });
+            }
+        };
+        let sized = LocalFile {
+            stamp,
+            ..file.clone()
+        };
+        let (entry, reused) = send_or_reuse(
+            transfer,
+            generation,
+            &sized,
+            &opened,
+            &previous,
+            part_size,
+            checksum_readers,
+        )
+        .await?;
+        // The bytes read and sent must be the bytes of one version of the file.
+        match FileStamp::of(&file.abs_path) {
+            Ok(after) if after == stamp => {
+                transfer.progress.file_done();
+                return Ok(FileOutcome::Stored(entry, reused));
+            }
+            Ok(_) => {
+                tracing::info!(path = %file.path, attempt, "changed while it was being sent; sending it again");
+                ::metrics::counter!(crate::metrics::RETRIES).increment(1);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(FileOutcome::Vanished(file.path.clone()));
+            }
+            Err(source) => {
+                return Err(UploadError::ReadFile {
+                    path: file.abs_path.clone(),
+                    source,
+                });
+            }
+        }
+    }
+    Err(UploadError::FileChanged {
+        path: file.path.clone(),
+    })
+}
+
+/// Sends `file` (read through `opened`) unless one of `previous` holds the same content;
+/// returns its manifest entry and whether it was reused.
+async fn send_or_reuse(
+    transfer: &Transfer<'_>,
+    generation: &Generation,
+    file: &LocalFile,
+    opened: &OpenedFile,
+    previous: &[&ManifestFile],
     part_size: u64,
     checksum_readers: &Semaphore,
 ) -> Result<(ManifestFile, bool), UploadError> {
@@ -362,7 +608,7 @@ async fn upload_file(
             .acquire()
             .await
             .map_err(|_| UploadError::Cancelled)?;
-        let path = file.abs_path.clone();
+        let path = opened.read_path.clone();
         let crcs = tokio::task::spawn_blocking(move || checksum_parts(&path, &plan))
             .await
             .map_err(|e| UploadError::ReadFile {
@@ -376,7 +622,7 @@ async fn upload_file(
         let crc = combine_part_crcs(&plan, &crcs);
         if let Some(same) = previous
             .iter()
-            .find(|p| p.size == file.stamp.size && parse_crc32c(&p.crc32c) == Some(crc))
+            .find(|p| p.size == file.stamp.size && p.checksums() == Some(crc))
         {
             reuse = Some((same.key.clone(), crc));
         } else {
@@ -390,31 +636,20 @@ async fn upload_file(
         }
         None => {
             let key = transfer.store.object_key(generation, &file.path);
-            let crc = send_file(transfer, file, &key, plan, known_crcs).await?;
+            let crc = send_file(transfer, file, &opened.read_path, &key, plan, known_crcs).await?;
             (key, crc, false)
         }
     };
-    // The bytes read and sent must be the bytes of one version of the file.
-    let after = FileStamp::of(&file.abs_path).map_err(|source| UploadError::ReadFile {
-        path: file.abs_path.clone(),
-        source,
-    })?;
-    if after != file.stamp {
-        return Err(UploadError::FileChanged {
-            path: file.path.clone(),
-        });
-    }
-    transfer.progress.file_done();
-    Ok((
-        ManifestFile {
-            path: file.path.clone(),
-            size: file.stamp.size,
-            mode: file.stamp.mode,
-            crc32c: format_crc32c(crc),
-            key,
-        },
-        reused,
-    ))
+    let entry = ManifestFile {
+        path: file.path.clone(),
+        size: file.stamp.size,
+        mode: file.stamp.permissions(),
+        crc32c: format_crc32c(crc.crc32c),
+        crc64nvme: Some(format_crc64(crc.crc64nvme)),
+        key,
+        link: None,
+    };
+    Ok((entry, reused))
 }
 
 /// Aborts every multipart upload this run opened, plus any the store lists under this

@@ -33,6 +33,8 @@ pub enum Fault {
     Stall(Duration),
     /// Flip one byte in the middle of the body on its way to the server.
     Corrupt,
+    /// Hold the request this long, then forward it as usual (a slow store).
+    Delay(Duration),
 }
 
 /// Which requests a fault applies to, and how many times.
@@ -267,6 +269,7 @@ async fn serve_connection(
                 tokio::time::sleep(duration).await;
                 return Ok(());
             }
+            Some(Fault::Delay(duration)) => tokio::time::sleep(duration).await,
             _ => {}
         }
         upstream_write.write_all(&head).await?;

@@ -871,29 +871,54 @@ fn hostile_manifests_are_refused_with_the_reason_and_nothing_on_disk_changes() {
 }
 
 #[test]
-fn a_symlink_in_the_checkpoint_is_uploaded_as_the_file_it_points_to_and_restored_as_a_file() {
+fn links_inside_the_checkpoint_stay_links_and_links_out_of_it_never_reach_the_store() {
+    use std::os::unix::fs::symlink;
     let world = World::new("symlink");
     let dir = world.dir("checkpoint");
-    let mut content = write_checkpoint(&dir, 5, 64 * 1024);
+    let content = write_checkpoint(&dir, 5, 64 * 1024);
     let outside = world.dir("outside");
-    std::fs::write(outside.join("target.bin"), b"linked bytes").expect("write");
-    std::os::unix::fs::symlink(outside.join("target.bin"), dir.join("link.bin")).expect("symlink");
-    std::os::unix::fs::symlink(outside.join("missing.bin"), dir.join("dangling.bin"))
-        .expect("symlink");
+    let secret = b"the bytes of a file outside the checkpoint";
+    std::fs::write(outside.join("secret"), secret).expect("write");
+    // `ln -s /some/secret ckpt/x`, a link to a directory outside, a dangling one.
+    symlink(outside.join("secret"), dir.join("x")).expect("symlink");
+    symlink(&outside, dir.join("outside-dir")).expect("symlink");
+    symlink(outside.join("missing.bin"), dir.join("dangling.bin")).expect("symlink");
+    // Links within the checkpoint: relative to a file, absolute to a directory.
+    symlink("model.bin", dir.join("last.bin")).expect("symlink");
+    symlink(dir.join("optim"), dir.join("optim-latest")).expect("symlink");
     let output = world.upload(&world.s3().endpoint(), &dir);
     assert!(output.status.success(), "upload: {}", stderr(&output));
-    content.insert("link.bin".into(), b"linked bytes".to_vec());
-    let restored = world.dir("restored");
-    assert!(world.restored_tree(&restored) == content);
+
+    let stored = read_tree(&world.gen_dir());
     assert!(
-        !restored.join("link.bin").is_symlink(),
-        "restored as a plain file"
+        stored
+            .values()
+            .all(|bytes| !bytes.windows(secret.len()).any(|w| w == secret)),
+        "the target of a link out of the checkpoint reached the store"
+    );
+    let restored = world.dir("restored");
+    let output = world.restore(&restored);
+    assert!(output.status.success(), "restore: {}", stderr(&output));
+    for (path, bytes) in &content {
+        let at = restored.join(path);
+        assert!(!at.is_symlink(), "{path}");
+        assert_eq!(&std::fs::read(&at).expect("read"), bytes, "{path}");
+    }
+    assert_eq!(
+        std::fs::read_link(restored.join("last.bin")).expect("a link"),
+        Path::new("model.bin")
     );
     assert_eq!(
-        std::fs::read(outside.join("target.bin")).expect("read"),
-        b"linked bytes",
-        "the link's target is untouched"
+        std::fs::read_link(restored.join("optim-latest")).expect("a link"),
+        Path::new("optim"),
+        "an absolute link inside the checkpoint is restored relative, so it points into --dir"
     );
+    for skipped in ["x", "outside-dir", "dangling.bin"] {
+        assert!(
+            std::fs::symlink_metadata(restored.join(skipped)).is_err(),
+            "{skipped} was restored"
+        );
+    }
 }
 
 #[test]

@@ -635,19 +635,23 @@ fn restoring_a_job_with_nothing_committed_exits_zero_and_says_so() {
     assert!(!dir.exists());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_file_rewritten_during_upload_fails_the_generation_and_commits_nothing() {
-    let h = Harness::new();
+/// Uploads `source` through `proxy`, whose first `stalls` PUTs of `grows.bin` are held for a
+/// while before they reach the server; during each one the file is appended to, as a trainer
+/// still writing would.
+async fn upload_while_a_file_grows(
+    h: &Harness,
+    stalls: usize,
+) -> (Result<nerve_store::UploadSummary, UploadError>, Vec<u8>) {
     let proxy = FaultProxy::start(h.server.addr()).expect("proxy");
-    // Hold the first PUT of the file long enough to rewrite it underneath the upload.
     proxy.add_rule(
-        Rule::new(Fault::Stall(Duration::from_secs(8)))
+        Rule::new(Fault::Delay(Duration::from_secs(1)))
             .method("PUT")
             .path_contains("grows.bin")
-            .times(1),
+            .times(stalls),
     );
     let source = h.path("source");
-    write(&source.join("grows.bin"), &pseudo_random(MIB, 20));
+    let mut grows = pseudo_random(MIB, 20);
+    write(&source.join("grows.bin"), &grows);
     write(&source.join("other.bin"), &pseudo_random(MIB, 21));
     let store = h.store(&proxy.endpoint(), "job").await;
     let upload = tokio::spawn({
@@ -662,36 +666,65 @@ async fn a_file_rewritten_during_upload_fails_the_generation_and_commits_nothing
             .await
         }
     });
-    let waited = tokio::time::timeout(Duration::from_secs(60), async {
-        while proxy.injected().is_empty() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
-    assert!(
-        waited.is_ok(),
-        "the upload never reached the stalled request"
-    );
-    {
+    for stall in 1..=stalls {
+        let waited = tokio::time::timeout(Duration::from_secs(60), async {
+            while proxy.injected().len() < stall {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(
+            waited.is_ok(),
+            "the upload never reached stalled request {stall}"
+        );
         use std::io::Write;
-        let mut file = std::fs::OpenOptions::new()
+        let line = format!("the trainer is still writing ({stall})\n");
+        std::fs::OpenOptions::new()
             .append(true)
             .open(source.join("grows.bin"))
-            .expect("open");
-        file.write_all(b"the trainer is still writing")
+            .expect("open")
+            .write_all(line.as_bytes())
             .expect("append");
+        grows.extend_from_slice(line.as_bytes());
     }
     let result = tokio::time::timeout(COMMAND_TIMEOUT, upload)
         .await
         .expect("upload finishes")
         .expect("task");
+    (result, grows)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_rewritten_during_upload_is_sent_again_and_committed_with_its_new_bytes() {
+    let h = Harness::new();
+    let (result, grows) = upload_while_a_file_grows(&h, 1).await;
+    let summary = result.expect("the upload retries the file and commits");
+    assert_eq!(summary.files, 2);
+    let restored = h.path("restored");
+    let output = h.sidecar(
+        &h.server.endpoint(),
+        "job",
+        "restore",
+        &["--dir", restored.to_str().expect("utf-8")],
+    );
+    assert!(output.status.success(), "restore: {}", stderr(&output));
+    assert_eq!(
+        std::fs::read(restored.join("grows.bin")).expect("read"),
+        grows,
+        "the generation holds the file as it was after the rewrite"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_that_keeps_changing_fails_the_generation_and_commits_nothing() {
+    let h = Harness::new();
+    let (result, _) =
+        upload_while_a_file_grows(&h, nerve_store::upload::FILE_ATTEMPTS as usize).await;
     match result {
         Err(UploadError::FileChanged { path }) => assert_eq!(path, "grows.bin"),
         other => panic!("expected FileChanged, got {other:?}"),
     }
     assert!(h.manifests("job").is_empty());
-    let committed = nerve_store::list_generations(&store).await.expect("list");
-    assert!(committed.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

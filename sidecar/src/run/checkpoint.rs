@@ -1,15 +1,28 @@
-//! Knowing when the checkpoint is complete.
+//! Knowing when the checkpoint is complete, judged on the checkpoint and not on everything
+//! under the directory.
 //!
-//! Either the `--done-marker` file appears (or is rewritten) after the trainer was signalled, or,
-//! without a marker, nothing under the directory changed for a quiet period and no candidate
-//! process holds a file there open for writing (`/proc/PID/fd` + the `flags` of
-//! `/proc/PID/fdinfo/N`). Both are bounded by a cut-off derived from the notice's deadline.
+//! Three signs, checked every [`POLL_INTERVAL`]:
+//! - the done marker appeared or was rewritten after the trainer was signalled (with
+//!   `--done-marker` given, only this counts);
+//! - otherwise, the newest step checkpoint (`checkpoint-N/`, ...; the whole directory when there
+//!   is none) stayed unchanged for the quiet period, no candidate process holds a file of it
+//!   open for writing (`/proc/PID/fd` + the `flags` of `/proc/PID/fdinfo/N`), and its layout's
+//!   own last-written file is there ([`nerve_store::layout`]). For a layout Nerve does not
+//!   recognise, the signalled trainer must still be alive: a trainer that died mid-save leaves a
+//!   quiet directory that is torn.
+//!
+//! Paths excluded from checkpoints (TensorBoard events, logs) never count: a logger holding its
+//! file open for the whole run does not block a checkpoint. Everything is bounded by a cut-off
+//! derived from the notice's deadline.
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use nerve_store::exclude::Excludes;
+use nerve_store::layout::{Evidence, judge_checkpoint};
+use nerve_store::step::{StepPattern, newest_step_entry};
 use tokio::time::Instant;
 
 /// How often the directory is looked at while waiting: small against the quiet period and the
@@ -23,6 +36,32 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// `O_ACCMODE` bits of the `flags:` line in `/proc/PID/fdinfo/N` (octal in the file).
 const O_ACCMODE: u32 = 0o3;
 
+/// What the sidecar knows about the checkpoint directory it guards.
+#[derive(Debug, Clone)]
+pub struct Content {
+    pub dir: PathBuf,
+    /// The done marker (given with `--done-marker`, or the default `.nerve-done`).
+    pub marker: PathBuf,
+    /// `--done-marker` was given: a notice waits for the marker and nothing else.
+    pub marker_only: bool,
+    pub quiet_period: Duration,
+    pub excludes: Excludes,
+    pub step_pattern: StepPattern,
+}
+
+impl Content {
+    /// The checkpoint completion is judged on: the newest step checkpoint, or the directory.
+    pub fn target(&self) -> PathBuf {
+        newest_step_entry(&self.dir, &self.step_pattern, &self.excludes)
+            .map_or_else(|| self.dir.clone(), |entry| entry.abs_path)
+    }
+
+    /// A snapshot of the checkpoint files under the directory (exclusions applied).
+    pub fn snapshot(&self) -> DirSnapshot {
+        DirSnapshot::scan(&self.dir, &self.excludes).unwrap_or_default()
+    }
+}
+
 /// Size and modification time of one file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileStamp {
@@ -30,33 +69,42 @@ pub struct FileStamp {
     pub modified: SystemTime,
 }
 
-/// Every regular file under a directory, by relative path.
+/// Every checkpoint file under a directory, by relative path.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DirSnapshot {
     pub files: BTreeMap<PathBuf, FileStamp>,
 }
 
 impl DirSnapshot {
-    /// Walks `dir`; a missing directory is an empty snapshot. Files that vanish mid-walk are
-    /// skipped: the next snapshot sees the directory as it settled.
-    pub fn scan(dir: &Path) -> std::io::Result<DirSnapshot> {
+    /// Walks `dir` without following links, leaving out what `excludes` excludes; a missing
+    /// directory is an empty snapshot. Files that vanish mid-walk are skipped: the next
+    /// snapshot sees the directory as it settled.
+    pub fn scan(dir: &Path, excludes: &Excludes) -> std::io::Result<DirSnapshot> {
         let mut snapshot = DirSnapshot::default();
-        let mut pending = vec![dir.to_path_buf()];
-        while let Some(current) = pending.pop() {
+        let mut pending = vec![(dir.to_path_buf(), String::new())];
+        while let Some((current, rel_dir)) = pending.pop() {
             let entries = match fs::read_dir(&current) {
                 Ok(entries) => entries,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(e),
             };
             for entry in entries.flatten() {
+                let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                    continue;
+                };
+                let rel = if rel_dir.is_empty() {
+                    name
+                } else {
+                    format!("{rel_dir}/{name}")
+                };
                 let Ok(meta) = entry.metadata() else { continue };
-                let path = entry.path();
                 if meta.is_dir() {
-                    pending.push(path);
-                } else if meta.is_file() {
-                    let relative = path.strip_prefix(dir).unwrap_or(&path).to_path_buf();
+                    if !excludes.excludes_dir(&rel) {
+                        pending.push((entry.path(), rel));
+                    }
+                } else if meta.is_file() && !excludes.excludes_file(&rel) {
                     snapshot.files.insert(
-                        relative,
+                        PathBuf::from(rel),
                         FileStamp {
                             size: meta.len(),
                             modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
@@ -85,10 +133,23 @@ impl DirSnapshot {
     pub fn newest(&self) -> Option<SystemTime> {
         self.files.values().map(|f| f.modified).max()
     }
+
+    /// The files under `prefix` (relative), for judging one checkpoint of the directory.
+    pub fn under(&self, prefix: &Path) -> DirSnapshot {
+        DirSnapshot {
+            files: self
+                .files
+                .iter()
+                .filter(|(path, _)| path.starts_with(prefix))
+                .map(|(path, stamp)| (path.clone(), *stamp))
+                .collect(),
+        }
+    }
 }
 
-/// The files under `dir` that any of `pids` holds open for writing.
-pub fn open_for_writing(dir: &Path, pids: &[i32]) -> Vec<(i32, PathBuf)> {
+/// The checkpoint files under `dir` that any of `pids` holds open for writing (excluded paths,
+/// such as a logger's event file, do not count).
+pub fn open_for_writing(dir: &Path, pids: &[i32], excludes: &Excludes) -> Vec<(i32, PathBuf)> {
     let dir = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
     let mut found = Vec::new();
     for &pid in pids {
@@ -101,7 +162,13 @@ pub fn open_for_writing(dir: &Path, pids: &[i32]) -> Vec<(i32, PathBuf)> {
             let Ok(target) = fs::read_link(entry.path()) else {
                 continue;
             };
-            if !target.starts_with(&dir) {
+            let Ok(relative) = target.strip_prefix(&dir) else {
+                continue;
+            };
+            if relative
+                .to_str()
+                .is_some_and(|rel| excludes.excludes_file(rel))
+            {
                 continue;
             }
             let fdinfo = PathBuf::from(format!("/proc/{pid}/fdinfo")).join(entry.file_name());
@@ -124,6 +191,21 @@ fn parse_fdinfo_flags(text: &str) -> Option<u32> {
         .and_then(|value| u32::from_str_radix(value.trim(), 8).ok())
 }
 
+/// Whether any of `pids` is still running (not exited, not a zombie).
+pub fn any_alive(pids: &[i32]) -> bool {
+    pids.iter().any(|pid| {
+        fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                // The state follows the command name, which is in parentheses and may hold
+                // spaces.
+                let after = stat.rsplit_once(')')?.1;
+                after.split_whitespace().next().map(str::to_owned)
+            })
+            .is_some_and(|state| !matches!(state.as_str(), "Z" | "X" | "x"))
+    })
+}
+
 /// The done marker's state, to tell a new marker from one left by an earlier checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MarkerState(Option<SystemTime>);
@@ -139,120 +221,149 @@ impl MarkerState {
                 .map(|m| m.modified().unwrap_or(SystemTime::UNIX_EPOCH)),
         )
     }
+
+    /// A marker is there and it is not the one `before` saw.
+    pub fn is_new_since(self, before: MarkerState) -> bool {
+        self.0.is_some() && self != before
+    }
+
+    pub fn modified(self) -> Option<SystemTime> {
+        self.0
+    }
 }
 
 /// How the checkpoint was judged complete, or why waiting stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Completion {
     /// The done marker appeared.
     Marker,
-    /// Quiet for the quiet period, nothing open for writing.
-    Quiet,
+    /// Quiet for the quiet period, nothing open for writing, and the layout's evidence.
+    Quiet(Evidence),
+    /// The trainer is gone and the checkpoint cannot be shown whole: never committed.
+    Torn(String),
     /// The cut-off came first: the checkpoint is not known to be complete.
     CutOff,
 }
 
 impl Completion {
-    pub fn as_str(self) -> &'static str {
+    pub fn as_str(&self) -> &'static str {
         match self {
             Completion::Marker => "marker",
-            Completion::Quiet => "quiet",
+            Completion::Quiet(_) => "quiet",
+            Completion::Torn(_) => "torn",
             Completion::CutOff => "cut-off",
         }
     }
+
+    pub fn is_complete(&self) -> bool {
+        matches!(self, Completion::Marker | Completion::Quiet(_))
+    }
 }
 
-/// What to wait for.
-#[derive(Debug, Clone)]
-pub struct CompletionRule {
-    /// Absolute path of the done marker, if the trainer writes one.
-    pub marker: Option<PathBuf>,
-    pub quiet_period: Duration,
+/// The trainer processes a wait is about.
+#[derive(Debug, Clone, Default)]
+pub struct Writers {
+    /// Every candidate process: files they hold open for writing are being written.
+    pub pids: Vec<i32>,
+    /// The processes that were signalled: the ones expected to write the checkpoint.
+    pub signalled: Vec<i32>,
 }
 
-/// Waits until the checkpoint in `dir` is complete or `cutoff(snapshot)` passes.
+/// Judges the checkpoint as it is now, once the directory is quiet and nothing writes to it:
+/// `Some` when done (complete or torn), `None` when the trainer that is still alive may yet
+/// complete it.
+pub fn judge_quiet_checkpoint(target: &Path, trainer_alive: bool) -> Option<Completion> {
+    let evidence = judge_checkpoint(target);
+    match evidence {
+        Evidence::Complete { .. } => Some(Completion::Quiet(evidence)),
+        Evidence::Unrecognised if trainer_alive => Some(Completion::Quiet(evidence)),
+        Evidence::Unrecognised => Some(Completion::Torn(format!(
+            "the trainer exited after the signal and {} has no recognised layout to show it is \
+             whole (write a done marker from the trainer, see docs/trainers.md)",
+            target.display()
+        ))),
+        Evidence::Incomplete { .. } if !trainer_alive => Some(Completion::Torn(format!(
+            "the trainer exited after the signal and {} is a {evidence}: its save did not finish",
+            target.display()
+        ))),
+        Evidence::Incomplete { .. } => None,
+    }
+}
+
+/// Waits until the checkpoint in `content.dir` is complete or `cutoff(snapshot)` passes.
 ///
-/// `marker_before` is the marker's state before the trainer was signalled; `signalled` says
-/// whether any process was signalled (when none was, there is nothing to wait for but quiet).
-/// `writers` are the processes whose open files count; `cutoff` gets each fresh snapshot so it
-/// can re-estimate the upload time as the checkpoint grows.
+/// `marker_before` is the marker's state before the trainer was signalled. `cutoff` gets each
+/// fresh snapshot so it can re-estimate the upload time as the checkpoint grows.
 pub async fn wait_for_checkpoint(
-    dir: &Path,
-    rule: &CompletionRule,
+    content: &Content,
     marker_before: MarkerState,
-    signalled: bool,
-    writers: &[i32],
+    writers: &Writers,
     mut cutoff: impl FnMut(&DirSnapshot) -> Instant,
 ) -> Completion {
     let started = Instant::now();
-    let mut previous: Option<DirSnapshot> = None;
+    let mut previous: Option<(PathBuf, DirSnapshot)> = None;
     let mut last_change = started;
     let mut changed_since_signal = false;
     loop {
-        let scan_dir = dir.to_path_buf();
-        let snapshot = tokio::task::spawn_blocking(move || DirSnapshot::scan(&scan_dir))
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or_default();
+        let look = content.clone();
+        let (target, snapshot) = tokio::task::spawn_blocking(move || {
+            let target = look.target();
+            let snapshot = look.snapshot();
+            (target, snapshot)
+        })
+        .await
+        .unwrap_or_default();
         let now = Instant::now();
-        if let Some(marker) = &rule.marker {
-            let state = MarkerState::read(marker);
-            if state.0.is_some() && state != marker_before {
-                return Completion::Marker;
-            }
-        } else {
-            if previous.as_ref().is_some_and(|p| *p != snapshot) {
+        if MarkerState::read(&content.marker).is_new_since(marker_before) {
+            return Completion::Marker;
+        }
+        if !content.marker_only {
+            if previous
+                .as_ref()
+                .is_some_and(|p| *p != (target.clone(), snapshot.clone()))
+            {
                 last_change = now;
                 changed_since_signal = true;
             }
-            let started_writing =
-                changed_since_signal || !signalled || now - started >= START_TIMEOUT;
-            if started_writing && now - last_change >= rule.quiet_period {
-                let writing = open_for_writing(dir, writers);
+            let started_writing = changed_since_signal
+                || writers.signalled.is_empty()
+                || now - started >= START_TIMEOUT
+                || !any_alive(&writers.signalled);
+            if started_writing && now - last_change >= content.quiet_period {
+                let writing = open_for_writing(&target, &writers.pids, &content.excludes);
                 if writing.is_empty() {
-                    return Completion::Quiet;
+                    let alive = writers.signalled.is_empty() || any_alive(&writers.signalled);
+                    if let Some(done) = judge_quiet_checkpoint(&target, alive) {
+                        return done;
+                    }
+                } else {
+                    tracing::debug!(?writing, "quiet, but files are still open for writing");
                 }
-                tracing::debug!(?writing, "quiet, but files are still open for writing");
             }
         }
         if now >= cutoff(&snapshot) {
             return Completion::CutOff;
         }
-        previous = Some(snapshot);
+        previous = Some((target, snapshot));
         tokio::time::sleep(POLL_INTERVAL).await;
     }
-}
-
-/// The training step of the newest `checkpoint-N/` holding a `trainer_state.json` with
-/// `global_step`, as the Hugging Face Trainer writes it.
-pub fn read_training_step(dir: &Path) -> Option<u64> {
-    let mut newest: Option<(u64, PathBuf)> = None;
-    for entry in fs::read_dir(dir).ok()?.flatten() {
-        let name = entry.file_name();
-        let Some(n) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("checkpoint-"))
-            .and_then(|n| n.parse::<u64>().ok())
-        else {
-            continue;
-        };
-        if newest.as_ref().is_none_or(|(best, _)| n > *best) {
-            newest = Some((n, entry.path()));
-        }
-    }
-    let (n, path) = newest?;
-    let state = fs::read(path.join("trainer_state.json")).ok();
-    let step = state
-        .and_then(|raw| serde_json::from_slice::<serde_json::Value>(&raw).ok())
-        .and_then(|v| v.get("global_step").and_then(serde_json::Value::as_u64));
-    Some(step.unwrap_or(n))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::Write;
+
+    fn content(dir: &Path, marker_only: bool) -> Content {
+        Content {
+            dir: dir.to_path_buf(),
+            marker: dir.join("DONE"),
+            marker_only,
+            quiet_period: Duration::from_millis(300),
+            excludes: Excludes::default(),
+            step_pattern: StepPattern::default(),
+        }
+    }
 
     #[test]
     fn reads_the_access_mode_from_fdinfo_flags() {
@@ -264,69 +375,119 @@ mod tests {
     }
 
     #[test]
-    fn finds_a_file_this_process_holds_open_for_writing_and_not_one_open_for_reading() {
+    fn finds_a_file_this_process_holds_open_for_writing_and_not_a_log_or_a_reader() {
         let dir = tempfile::tempdir().unwrap();
         let me = std::process::id() as i32;
+        let excludes = Excludes::default();
         let mut writing = fs::File::create(dir.path().join("optimizer.pt")).unwrap();
         writing.write_all(b"partial").unwrap();
-        let found = open_for_writing(dir.path(), &[me]);
+        let _log = fs::File::create(dir.path().join("train.log")).unwrap();
+        let found = open_for_writing(dir.path(), &[me], &excludes);
         assert_eq!(found.len(), 1);
         assert!(found[0].1.ends_with("optimizer.pt"));
         drop(writing);
         let _reading = fs::File::open(dir.path().join("optimizer.pt")).unwrap();
-        assert!(open_for_writing(dir.path(), &[me]).is_empty());
+        assert!(open_for_writing(dir.path(), &[me], &excludes).is_empty());
     }
 
     #[test]
-    fn counts_only_bytes_that_changed_since_the_synced_snapshot() {
+    fn counts_only_checkpoint_bytes_that_changed_since_the_synced_snapshot() {
         let dir = tempfile::tempdir().unwrap();
+        let excludes = Excludes::default();
         fs::write(dir.path().join("a"), vec![1u8; 10]).unwrap();
-        let synced = DirSnapshot::scan(dir.path()).unwrap();
+        let synced = DirSnapshot::scan(dir.path(), &excludes).unwrap();
         fs::create_dir(dir.path().join("sub")).unwrap();
         fs::write(dir.path().join("sub/b"), vec![2u8; 7]).unwrap();
-        let now = DirSnapshot::scan(dir.path()).unwrap();
+        fs::create_dir(dir.path().join("runs")).unwrap();
+        fs::write(dir.path().join("runs/events.out.tfevents.1"), vec![3u8; 99]).unwrap();
+        let now = DirSnapshot::scan(dir.path(), &excludes).unwrap();
         assert_eq!(now.total_bytes(), 17);
         assert_eq!(now.bytes_not_in(&synced), 7);
     }
 
     #[test]
-    fn reads_the_step_of_the_newest_checkpoint() {
-        let dir = tempfile::tempdir().unwrap();
-        for (name, step) in [("checkpoint-9", 9), ("checkpoint-120", 120)] {
-            fs::create_dir(dir.path().join(name)).unwrap();
-            fs::write(
-                dir.path().join(name).join("trainer_state.json"),
-                format!("{{\"global_step\": {step}}}"),
-            )
-            .unwrap();
-        }
-        assert_eq!(read_training_step(dir.path()), Some(120));
+    fn this_process_is_alive_and_a_reaped_child_is_not() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        child.wait().unwrap();
+        assert!(any_alive(&[std::process::id() as i32]));
+        assert!(!any_alive(&[pid]));
     }
 
     #[tokio::test]
     async fn a_marker_left_from_before_the_signal_does_not_count() {
         let dir = tempfile::tempdir().unwrap();
-        let marker = dir.path().join("DONE");
-        fs::write(&marker, "old").unwrap();
-        let before = MarkerState::read(&marker);
-        let rule = CompletionRule {
-            marker: Some(marker.clone()),
-            quiet_period: Duration::from_secs(1),
-        };
+        let content = content(dir.path(), true);
+        fs::write(&content.marker, "old").unwrap();
+        let before = MarkerState::read(&content.marker);
+        let writers = Writers::default();
         let deadline = Instant::now() + Duration::from_millis(400);
-        let outcome = wait_for_checkpoint(dir.path(), &rule, before, true, &[], |_| deadline).await;
+        let outcome = wait_for_checkpoint(&content, before, &writers, |_| deadline).await;
         assert_eq!(outcome, Completion::CutOff);
-        fs::remove_file(&marker).unwrap();
+        fs::remove_file(&content.marker).unwrap();
         let writer = tokio::spawn({
-            let marker = marker.clone();
+            let marker = content.marker.clone();
             async move {
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 fs::write(marker, "new").unwrap();
             }
         });
         let far = Instant::now() + Duration::from_secs(60);
-        let outcome = wait_for_checkpoint(dir.path(), &rule, before, true, &[], |_| far).await;
+        let outcome = wait_for_checkpoint(&content, before, &writers, |_| far).await;
         writer.await.unwrap();
         assert_eq!(outcome, Completion::Marker);
+    }
+
+    #[tokio::test]
+    async fn a_log_held_open_beside_a_finished_checkpoint_does_not_hold_it_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let content = content(dir.path(), false);
+        let checkpoint = dir.path().join("checkpoint-3");
+        fs::create_dir(&checkpoint).unwrap();
+        fs::write(checkpoint.join("model.safetensors"), b"m").unwrap();
+        fs::write(checkpoint.join("trainer_state.json"), b"{}").unwrap();
+        fs::create_dir_all(dir.path().join("runs/today")).unwrap();
+        let mut log =
+            fs::File::create(dir.path().join("runs/today/events.out.tfevents.1")).unwrap();
+        let writers = Writers {
+            pids: vec![std::process::id() as i32],
+            signalled: vec![],
+        };
+        let logging = tokio::spawn(async move {
+            for _ in 0..20 {
+                log.write_all(b"scalar").unwrap();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        let far = Instant::now() + Duration::from_secs(30);
+        let outcome = wait_for_checkpoint(&content, MarkerState::ABSENT, &writers, |_| far).await;
+        assert!(
+            matches!(outcome, Completion::Quiet(Evidence::Complete { .. })),
+            "{outcome:?}"
+        );
+        logging.abort();
+    }
+
+    #[tokio::test]
+    async fn a_torn_checkpoint_of_a_trainer_that_died_is_never_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let content = content(dir.path(), false);
+        let checkpoint = dir.path().join("checkpoint-58");
+        fs::create_dir(&checkpoint).unwrap();
+        fs::write(checkpoint.join("model.safetensors"), b"whole").unwrap();
+        fs::write(checkpoint.join("optimizer.pt"), b"trunc").unwrap();
+        let mut dead = std::process::Command::new("true").spawn().unwrap();
+        let pid = dead.id() as i32;
+        dead.wait().unwrap();
+        let writers = Writers {
+            pids: vec![pid],
+            signalled: vec![pid],
+        };
+        let far = Instant::now() + Duration::from_secs(30);
+        let outcome = wait_for_checkpoint(&content, MarkerState::ABSENT, &writers, |_| far).await;
+        let Completion::Torn(why) = outcome else {
+            panic!("{outcome:?}")
+        };
+        assert!(why.contains("without trainer_state.json"), "{why}");
     }
 }

@@ -2,9 +2,18 @@
 //!
 //! The sidecar shares the pod's process namespace. A process is a candidate when it is not the
 //! sidecar, not one of its descendants, not PID 1 (the pause process), not a zombie or kernel
-//! thread, and its command line matches `--target` (when given). A candidate is signalled only
+//! thread, its command line matches `--target` (when given), and it runs in the trainer's
+//! container (when `--container` names it: the injector sets `NERVE_CONTAINER=<name>` in the
+//! trainer container's environment, which its processes inherit). A candidate is signalled only
 //! when it has a handler installed for the signal (its bit in `SigCgt` of `/proc/PID/status`):
 //! a process without one would be killed by the default action, losing the very state we want.
+//!
+//! Go programs (a mesh proxy, a secrets agent) show a handler for every signal and still exit
+//! on most of them, so an unrestricted scan must not signal across containers: without
+//! `--target` or `--container`, when the processes that handle the signal sit in more than one
+//! container (cgroup), none is signalled and the sidecar says how to name the trainer. Where the
+//! scan would cover a whole host (PID 1 is the host's init: systemd on bare EC2, or a `hostPID`
+//! pod), `run` refuses to start without one of them.
 
 use std::collections::HashMap;
 use std::fs;
@@ -17,12 +26,68 @@ use regex::Regex;
 /// Where the kernel shows processes.
 const PROC: &str = "/proc";
 
+/// The environment variable naming a container, set in the trainer container by the injector.
+pub const CONTAINER_ENV: &str = "NERVE_CONTAINER";
+
+/// Which processes may be the trainer.
+#[derive(Debug, Clone, Default)]
+pub struct Scope {
+    /// `--target`: a regex on the command line.
+    pub target: Option<Regex>,
+    /// `--container`: the value of [`CONTAINER_ENV`] in the trainer's environment.
+    pub container: Option<String>,
+}
+
+impl Scope {
+    fn is_restricted(&self) -> bool {
+        self.target.is_some() || self.container.is_some()
+    }
+
+    /// Refuses a scope that would reach every process of a host.
+    pub fn check(&self) -> Result<(), String> {
+        if self.is_restricted() || !pid_one_is_host_init() {
+            return Ok(());
+        }
+        Err("--target (or --container) is required here: this process sees the whole host's              processes (PID 1 is the host's init: systemd on bare EC2, or a hostPID pod), and              signalling every process with a handler would reach programs that are not the              trainer; set --target to a regex on the trainer's command line, e.g.              --target 'python.*train'"
+            .to_owned())
+    }
+
+    fn admits(&self, pid: i32, command: &str) -> bool {
+        if self.target.as_ref().is_some_and(|t| !t.is_match(command)) {
+            return false;
+        }
+        match &self.container {
+            Some(name) => read_environ_var(pid, CONTAINER_ENV).as_deref() == Some(name.as_str()),
+            None => true,
+        }
+    }
+}
+
+/// PID 1 is systemd or init: this PID namespace is a host's, not a container's or a pod's.
+fn pid_one_is_host_init() -> bool {
+    fs::read_to_string(Path::new(PROC).join("1").join("comm"))
+        .is_ok_and(|comm| matches!(comm.trim(), "systemd" | "init"))
+}
+
+/// The value of `name` in a process's environment (readable for the same user, or with
+/// CAP_SYS_PTRACE).
+fn read_environ_var(pid: i32, name: &str) -> Option<String> {
+    let raw = fs::read(Path::new(PROC).join(pid.to_string()).join("environ")).ok()?;
+    raw.split(|b| *b == 0).find_map(|entry| {
+        let entry = std::str::from_utf8(entry).ok()?;
+        let (key, value) = entry.split_once('=')?;
+        (key == name).then(|| value.to_owned())
+    })
+}
+
 /// One process of the pod, as read from `/proc`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodProcess {
     pub pid: i32,
     /// The command line, arguments joined by spaces.
     pub command: String,
+    /// Its cgroup (`/proc/PID/cgroup`): one per container in a pod.
+    pub cgroup: String,
 }
 
 /// The candidates of one scan, split by whether they handle the signal.
@@ -47,6 +112,9 @@ pub struct SignalReport {
     pub skipped: Vec<PodProcess>,
     /// Candidates the kernel refused to signal (`EPERM`: another user, no `CAP_KILL`).
     pub refused: Vec<(PodProcess, nix::Error)>,
+    /// Without `--target`/`--container`, handlers were found in several containers: nobody was
+    /// signalled.
+    pub ambiguous: bool,
 }
 
 /// Status fields of one process that matter here.
@@ -102,7 +170,7 @@ fn read_command(pid: i32) -> Option<String> {
 }
 
 /// Scans `/proc` for the processes that could be the trainer.
-pub fn find_candidates(signal: Signal, target: Option<&Regex>) -> std::io::Result<Candidates> {
+pub fn find_candidates(signal: Signal, scope: &Scope) -> std::io::Result<Candidates> {
     let me = std::process::id() as i32;
     let mut statuses = HashMap::new();
     for entry in fs::read_dir(PROC)? {
@@ -143,10 +211,16 @@ pub fn find_candidates(signal: Signal, target: Option<&Regex>) -> std::io::Resul
         let Some(command) = read_command(pid) else {
             continue;
         };
-        if target.is_some_and(|target| !target.is_match(&command)) {
+        if !scope.admits(pid, &command) {
             continue;
         }
-        let process = PodProcess { pid, command };
+        let cgroup = fs::read_to_string(Path::new(PROC).join(pid.to_string()).join("cgroup"))
+            .unwrap_or_default();
+        let process = PodProcess {
+            pid,
+            command,
+            cgroup,
+        };
         if catches(status.caught, signal) {
             candidates.handling.push(process);
         } else {
@@ -156,13 +230,33 @@ pub fn find_candidates(signal: Signal, target: Option<&Regex>) -> std::io::Resul
     Ok(candidates)
 }
 
-/// Sends `signal` to every candidate that handles it; never to one that does not.
+/// Sends `signal` to every candidate that handles it; never to one that does not, and, in an
+/// unrestricted `scope`, to none when the handlers sit in several containers.
 #[tracing::instrument(skip_all, fields(signal = %signal))]
-pub fn signal_trainers(candidates: &Candidates, signal: Signal) -> SignalReport {
+pub fn signal_trainers(candidates: &Candidates, signal: Signal, scope: &Scope) -> SignalReport {
     let mut report = SignalReport {
         skipped: candidates.not_handling.clone(),
         ..SignalReport::default()
     };
+    let containers: std::collections::BTreeSet<&str> = candidates
+        .handling
+        .iter()
+        .map(|p| p.cgroup.as_str())
+        .collect();
+    if !scope.is_restricted() && containers.len() > 1 {
+        let found: Vec<String> = candidates
+            .handling
+            .iter()
+            .map(|p| format!("{} `{}`", p.pid, p.command))
+            .collect();
+        tracing::error!(
+            processes = %found.join(", "),
+            "processes in {} containers handle {signal}; signalling none of them (a sidecar such as              a mesh proxy would exit). Name the trainer with --target or --container              (the nerve.io/container annotation)",
+            containers.len()
+        );
+        report.ambiguous = true;
+        return report;
+    }
     for process in &candidates.handling {
         match kill(Pid::from_raw(process.pid), signal) {
             Ok(()) => {
@@ -241,12 +335,59 @@ mod tests {
             .arg("30")
             .spawn()
             .unwrap();
-        let candidates = find_candidates(Signal::SIGUSR1, None).unwrap();
+        let candidates = find_candidates(Signal::SIGUSR1, &Scope::default()).unwrap();
         let pids: Vec<i32> = candidates.all().map(|p| p.pid).collect();
         child.kill().unwrap();
         child.wait().unwrap();
         assert!(!pids.contains(&(std::process::id() as i32)));
         assert!(!pids.contains(&(child.id() as i32)));
         assert!(!pids.contains(&1));
+    }
+
+    #[test]
+    fn a_container_scope_admits_only_processes_whose_environment_names_it() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .env(CONTAINER_ENV, "trainer")
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let scope = |name: &str| Scope {
+            target: None,
+            container: Some(name.to_owned()),
+        };
+        // Until the child has exec'd, /proc shows the parent's environment.
+        let started = std::time::Instant::now();
+        while read_command(pid).is_none_or(|c| !c.starts_with("sleep"))
+            && started.elapsed() < std::time::Duration::from_secs(10)
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let admitted = scope("trainer").admits(pid, "sleep 30");
+        let other = scope("istio-proxy").admits(pid, "sleep 30");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(admitted);
+        assert!(!other);
+    }
+
+    #[test]
+    fn handlers_in_two_containers_are_not_signalled_without_a_scope() {
+        let process = |pid: i32, cgroup: &str| PodProcess {
+            pid,
+            command: "x".into(),
+            cgroup: cgroup.into(),
+        };
+        // PIDs that cannot exist: a signal sent by mistake would fail loudly, not hit anyone.
+        let candidates = Candidates {
+            handling: vec![
+                process(i32::MAX - 1, "0::/kubepods/pod1/trainer"),
+                process(i32::MAX - 2, "0::/kubepods/pod1/istio-proxy"),
+            ],
+            not_handling: vec![],
+        };
+        let report = signal_trainers(&candidates, Signal::SIGUSR1, &Scope::default());
+        assert!(report.ambiguous);
+        assert!(report.signalled.is_empty() && report.refused.is_empty());
     }
 }

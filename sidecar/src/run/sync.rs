@@ -5,19 +5,18 @@
 //! it at once: the upload in flight is cancelled (its multipart uploads aborted, no manifest
 //! written) and the notice's upload runs at full speed.
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use nerve_store::step::checkpoint_step;
 use nix::sys::signal::Signal;
-use regex::Regex;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::checkpoint::{self, DirSnapshot};
+use super::checkpoint::{self, Content, DirSnapshot, MarkerState};
 use super::deadline::Throughput;
-use super::signal;
+use super::signal::{self, Scope};
 use crate::metrics;
 use nerve_store::Store;
 use nerve_store::{ManifestContext, UploadOptions, upload_generation};
@@ -99,13 +98,12 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Settings of the background sync.
 #[derive(Debug, Clone)]
 pub struct SyncConfig {
-    pub dir: PathBuf,
+    pub content: Content,
     pub interval: Duration,
-    pub quiet_period: Duration,
     pub concurrency: usize,
     pub part_size: u64,
     pub signal: Signal,
-    pub target: Option<Regex>,
+    pub scope: Scope,
     pub node: Option<String>,
     pub pod: Option<String>,
 }
@@ -131,9 +129,8 @@ pub async fn sync_in_background(
             _ = tokio::time::sleep(wait) => {}
             _ = shared.wake.notified() => urgent = true,
         }
-        let dir = config.dir.clone();
-        let Ok(Ok(snapshot)) = tokio::task::spawn_blocking(move || DirSnapshot::scan(&dir)).await
-        else {
+        let content = config.content.clone();
+        let Ok(snapshot) = tokio::task::spawn_blocking(move || content.snapshot()).await else {
             continue;
         };
         if snapshot.files.is_empty() || snapshot == shared.synced() {
@@ -145,7 +142,11 @@ pub async fn sync_in_background(
         }
         let since = *unsynced_since.get_or_insert_with(Instant::now);
         ::metrics::gauge!(metrics::BACKGROUND_SYNC_LAG).set(since.elapsed().as_secs_f64());
-        if shared.is_paused() || !is_complete(&config, &snapshot, previous.as_ref()) {
+        let judged = {
+            let (config, snapshot, previous) = (config.clone(), snapshot.clone(), previous.clone());
+            tokio::task::spawn_blocking(move || is_complete(&config, &snapshot, previous.as_ref()))
+        };
+        if shared.is_paused() || !judged.await.unwrap_or(false) {
             previous = Some(snapshot);
             continue;
         }
@@ -156,6 +157,7 @@ pub async fn sync_in_background(
         }
         let token = cancel.child_token();
         *lock(&shared.in_flight) = Some(token.clone());
+        let content = &config.content;
         let options = UploadOptions {
             concurrency: config.concurrency,
             part_size: config.part_size,
@@ -163,14 +165,22 @@ pub async fn sync_in_background(
                 notice: None,
                 node: config.node.clone(),
                 pod: config.pod.clone(),
-                step: checkpoint::read_training_step(&config.dir),
+                step: checkpoint_step(
+                    &content.dir,
+                    Some(&content.marker),
+                    &content.step_pattern,
+                    &content.excludes,
+                )
+                .map(|s| s.step),
             },
+            excludes: content.excludes.clone(),
+            step_pattern: content.step_pattern.clone(),
         };
         tracing::info!(
             bytes = snapshot.bytes_not_in(&shared.synced()),
             "background sync of a completed checkpoint"
         );
-        let result = upload_generation(&store, &config.dir, &options, &token).await;
+        let result = upload_generation(&store, &content.dir, &options, &token).await;
         lock(&shared.in_flight).take();
         match result {
             Ok(summary) => {
@@ -197,7 +207,9 @@ pub async fn sync_in_background(
 }
 
 /// A periodic checkpoint is complete when the directory did not change since the last look,
-/// nothing in it is younger than the quiet period, and no candidate process writes there.
+/// no candidate process writes to it, and either the done marker was written after its files
+/// or nothing in it is younger than the quiet period and its layout shows it whole
+/// ([`checkpoint::judge_quiet_checkpoint`]) (blocking).
 fn is_complete(
     config: &SyncConfig,
     snapshot: &DirSnapshot,
@@ -206,17 +218,30 @@ fn is_complete(
     if previous != Some(snapshot) {
         return false;
     }
+    let content = &config.content;
+    let marked = MarkerState::read(&content.marker)
+        .modified()
+        .is_some_and(|marker| snapshot.newest().is_none_or(|newest| marker >= newest));
     let settled = snapshot.newest().is_none_or(|newest| {
         SystemTime::now()
             .duration_since(newest)
-            .is_ok_and(|age| age >= config.quiet_period)
+            .is_ok_and(|age| age >= content.quiet_period)
     });
-    if !settled {
+    // `--done-marker` makes a notice wait for the marker; periodic saves may not write one.
+    if !marked && !settled {
         return false;
     }
-    let pids: Vec<i32> = match signal::find_candidates(config.signal, config.target.as_ref()) {
+    let pids: Vec<i32> = match signal::find_candidates(config.signal, &config.scope) {
         Ok(candidates) => candidates.all().map(|p| p.pid).collect(),
         Err(_) => Vec::new(),
     };
-    checkpoint::open_for_writing(&config.dir, &pids).is_empty()
+    let target = content.target();
+    if !checkpoint::open_for_writing(&target, &pids, &content.excludes).is_empty() {
+        return false;
+    }
+    // A periodic save: the trainer is training on, so an unrecognised layout that is quiet and
+    // not open for writing counts, as it always has; a recognised one must show it is whole.
+    marked
+        || checkpoint::judge_quiet_checkpoint(&target, true)
+            .is_some_and(|judged| judged.is_complete())
 }

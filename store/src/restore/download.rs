@@ -12,9 +12,10 @@ use futures::{StreamExt, TryStreamExt};
 use tokio::sync::Semaphore;
 use tokio_util::task::AbortOnDropHandle;
 
+use super::Owner;
 use super::RestoreError;
-use crate::checksum;
-use crate::manifest::{ManifestFile, format_crc32c, parse_crc32c};
+use crate::checksum::Checksums;
+use crate::manifest::{ManifestFile, format_crc32c, format_crc64, parse_crc32c};
 use crate::progress::Progress;
 use crate::s3::{Operation, Store, with_retries};
 
@@ -38,6 +39,8 @@ pub struct Download {
     pub ranges_per_file: usize,
     pub range_size: u64,
     pub progress: Progress,
+    /// Who owns each restored file, when restore runs with more privilege than the trainer.
+    pub owner: Option<Owner>,
 }
 
 /// Large files fetched side by side, at most: the request budget is shared among this many.
@@ -55,7 +58,8 @@ pub fn ranges_per_file(concurrency: usize, large_files: usize) -> usize {
     concurrency.div_ceil(sharing).max(1)
 }
 
-/// Downloads `file` to `dest`, verifies its size and CRC32C, sets its mode.
+/// Downloads `file` to `dest`, verifies its size and checksums, sets its permissions (never
+/// setuid, setgid or sticky) and owner.
 pub async fn download_file(
     download: &Arc<Download>,
     file: &ManifestFile,
@@ -92,7 +96,7 @@ pub async fn download_file(
     // Each range is its own task, so a runtime with several workers fetches, checksums and
     // writes ranges of one large file in parallel. Spawned lazily (at most `ranges_per_file`
     // at a time) and aborted when dropped, i.e. when another range or file failed.
-    let crcs: Vec<(u32, u64)> = futures::stream::iter(0..ranges)
+    let crcs: Vec<(Checksums, u64)> = futures::stream::iter(0..ranges)
         .map(|index| {
             let offset = index * download.range_size;
             let len = download.range_size.min(file.size - offset);
@@ -105,19 +109,29 @@ pub async fn download_file(
         .map(|joined| joined.map_err(|e| io_error(std::io::Error::other(e)))?)
         .try_collect()
         .await?;
-    let crc = checksum::crc32c_concat(crcs);
-    if parse_crc32c(&file.crc32c) != Some(crc) {
-        return Err(RestoreError::ChecksumMismatch {
-            path: file.path.clone(),
-            key: file.key.clone(),
-            expected: file.crc32c.clone(),
-            actual: format_crc32c(crc),
-        });
+    let crc = Checksums::concat(crcs);
+    let mismatch = |expected: &str, actual: String| RestoreError::ChecksumMismatch {
+        path: file.path.clone(),
+        key: file.key.clone(),
+        expected: expected.to_owned(),
+        actual,
+    };
+    if parse_crc32c(&file.crc32c) != Some(crc.crc32c) {
+        return Err(mismatch(&file.crc32c, format_crc32c(crc.crc32c)));
     }
-    let mode = file.mode & 0o7777;
+    if let Some(expected) = &file.crc64nvme
+        && *expected != format_crc64(crc.crc64nvme)
+    {
+        return Err(mismatch(expected, format_crc64(crc.crc64nvme)));
+    }
+    let mode = file.mode & 0o777;
     tokio::fs::set_permissions(&dest, std::fs::Permissions::from_mode(mode))
         .await
         .map_err(io_error)?;
+    if let Some(owner) = download.owner {
+        std::os::unix::fs::fchown(&file_ref.handle, Some(owner.uid), Some(owner.gid))
+            .map_err(io_error)?;
+    }
     download.progress.file_done();
     Ok(())
 }
@@ -168,14 +182,14 @@ struct FileRef {
 }
 
 /// GETs `len` bytes at `offset` (with a Range header when the file has several ranges) and
-/// writes them at that offset; returns the range's CRC32C and length.
+/// writes them at that offset; returns the range's checksums and length.
 async fn fetch_range(
     download: &Download,
     file: &FileRef,
     offset: u64,
     len: u64,
     ranged: bool,
-) -> Result<(u32, u64), RestoreError> {
+) -> Result<(Checksums, u64), RestoreError> {
     let _permit = download
         .requests
         .acquire()
@@ -199,7 +213,7 @@ async fn fetch_range(
                 source: store.error(Operation::GetObject, &file.key, e),
             })?;
             let mut body = response.body;
-            let mut crc = 0u32;
+            let mut crc = Checksums::default();
             let mut written = 0u64;
             let mut batch: Vec<Bytes> = Vec::new();
             let mut batch_len = 0usize;
@@ -220,7 +234,7 @@ async fn fetch_range(
                                 expected: file.size,
                             });
                         }
-                        crc = checksum::crc32c_append(crc, &chunk);
+                        crc = crc.append(&chunk);
                         batch_len += chunk.len();
                         batch.push(chunk);
                     }

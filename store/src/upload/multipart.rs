@@ -1,9 +1,11 @@
 //! Sending one file: a single PutObject for small files, a multipart upload for large ones.
 //!
 //! Bytes are streamed from disk at their offsets (`ByteStream::read_from().offset().length()`),
-//! so memory does not depend on file or part size. Each part's CRC32C is computed by reading
-//! the range first and sent as `x-amz-checksum-crc32c`, so the store verifies what arrived; the
-//! part CRCs combine into the whole-file CRC the manifest records. Reading twice is also what
+//! so memory does not depend on file or part size. They are read through the file the upload
+//! opened and checked (`read_path`, see [`super::OpenedFile`]), never by following the
+//! checkpoint path again. Each part's checksums are computed by reading the range first; its
+//! CRC32C is sent as `x-amz-checksum-crc32c`, so the store verifies what arrived, and the part
+//! checksums combine into the whole-file ones the manifest records. Reading twice is also what
 //! catches a file rewritten mid-upload: the store refuses a part whose bytes no longer match.
 
 use std::collections::HashMap;
@@ -18,7 +20,7 @@ use tokio::sync::Semaphore;
 
 use super::UploadError;
 use super::scan::LocalFile;
-use crate::checksum;
+use crate::checksum::Checksums;
 use crate::manifest::crc32c_base64;
 use crate::progress::Progress;
 use crate::s3::ChecksumMode;
@@ -77,21 +79,21 @@ impl PartPlan {
     }
 }
 
-/// CRC32C of `len` bytes of `path` from `offset` (blocking).
-pub fn checksum_range(path: &Path, offset: u64, len: u64) -> std::io::Result<u32> {
+/// Checksums of `len` bytes of `path` from `offset` (blocking).
+pub fn checksum_range(path: &Path, offset: u64, len: u64) -> std::io::Result<Checksums> {
     use std::io::{Seek, SeekFrom};
     let mut file = std::fs::File::open(path)?;
     file.seek(SeekFrom::Start(offset))?;
     let mut reader = file.take(len);
     let mut buf = vec![0u8; READ_BUFFER];
-    let mut crc = 0;
+    let mut crc = Checksums::default();
     let mut seen = 0u64;
     loop {
         let n = reader.read(&mut buf)?;
         if n == 0 {
             break;
         }
-        crc = checksum::crc32c_append(crc, &buf[..n]);
+        crc = crc.append(&buf[..n]);
         seen += n as u64;
     }
     if seen != len {
@@ -103,8 +105,8 @@ pub fn checksum_range(path: &Path, offset: u64, len: u64) -> std::io::Result<u32
     Ok(crc)
 }
 
-/// CRC32C of every part of a file in one sequential read (blocking).
-pub fn checksum_parts(path: &Path, plan: &PartPlan) -> std::io::Result<Vec<u32>> {
+/// Checksums of every part of a file in one sequential read (blocking).
+pub fn checksum_parts(path: &Path, plan: &PartPlan) -> std::io::Result<Vec<Checksums>> {
     (0..plan.parts)
         .map(|index| {
             let (offset, len) = plan.range(index);
@@ -113,9 +115,9 @@ pub fn checksum_parts(path: &Path, plan: &PartPlan) -> std::io::Result<Vec<u32>>
         .collect()
 }
 
-/// Whole-file CRC32C from the part CRCs in order.
-pub fn combine_part_crcs(plan: &PartPlan, crcs: &[u32]) -> u32 {
-    checksum::crc32c_concat(
+/// Whole-file checksums from the part checksums in order.
+pub fn combine_part_crcs(plan: &PartPlan, crcs: &[Checksums]) -> Checksums {
+    Checksums::concat(
         crcs.iter()
             .enumerate()
             .map(|(index, &crc)| (crc, plan.range(index as u64).1)),
@@ -154,37 +156,47 @@ pub struct Transfer<'a> {
     pub open_uploads: OpenUploads,
 }
 
-/// Sends `file` to `key`; returns the whole-file CRC32C. `known_crcs` are part CRCs computed
-/// earlier (by the unchanged-file check), to avoid a third read.
+/// Sends `file`, read through `read_path`, to `key`; returns the whole-file checksums.
+/// `known_crcs` are part checksums computed earlier (by the unchanged-file check), to avoid a
+/// third read.
 pub async fn send_file(
     transfer: &Transfer<'_>,
     file: &LocalFile,
+    read_path: &Path,
     key: &str,
     plan: PartPlan,
-    known_crcs: Option<Vec<u32>>,
-) -> Result<u32, UploadError> {
+    known_crcs: Option<Vec<Checksums>>,
+) -> Result<Checksums, UploadError> {
+    let source = Source { file, read_path };
     if plan.is_multipart() {
-        send_multipart(transfer, file, key, plan, known_crcs).await
+        send_multipart(transfer, source, key, plan, known_crcs).await
     } else {
         let known = known_crcs.and_then(|c| c.first().copied());
-        send_single(transfer, file, key, known).await
+        send_single(transfer, source, key, known).await
     }
+}
+
+/// A file being sent: what the manifest calls it, and where its bytes are read.
+#[derive(Clone, Copy)]
+struct Source<'a> {
+    file: &'a LocalFile,
+    read_path: &'a Path,
 }
 
 fn is_retryable(err: &UploadError) -> bool {
     err.is_retryable()
 }
 
-/// CRC32C of `len` bytes at `offset` for attempt `attempt` of sending them: the one computed
-/// up front (`known`) on the first attempt; a retry reads the bytes again, so it checksums them
-/// again too.
+/// Checksums of `len` bytes at `offset` for attempt `attempt` of sending them: the ones
+/// computed up front (`known`) on the first attempt; a retry reads the bytes again, so it
+/// checksums them again too.
 async fn part_checksum(
     path: &Path,
     offset: u64,
     len: u64,
-    known: Option<u32>,
+    known: Option<Checksums>,
     attempt: u32,
-) -> Result<u32, UploadError> {
+) -> Result<Checksums, UploadError> {
     if let Some(crc) = known
         && attempt == 1
     {
@@ -217,14 +229,15 @@ async fn body(path: &Path, offset: u64, len: u64) -> Result<ByteStream, UploadEr
         })
 }
 
-#[tracing::instrument(skip_all, fields(key = %key, size = file.stamp.size), err(Display))]
+#[tracing::instrument(skip_all, fields(key = %key, size = source.file.stamp.size), err(Display))]
 async fn send_single(
     transfer: &Transfer<'_>,
-    file: &LocalFile,
+    source: Source<'_>,
     key: &str,
-    known_crc: Option<u32>,
-) -> Result<u32, UploadError> {
+    known_crc: Option<Checksums>,
+) -> Result<Checksums, UploadError> {
     let store = transfer.store;
+    let (file, read_path) = (source.file, source.read_path);
     let len = file.stamp.size;
     let _permit = transfer
         .requests
@@ -232,16 +245,16 @@ async fn send_single(
         .await
         .map_err(|_| UploadError::Cancelled)?;
     let crc = with_retries("uploading an object", is_retryable, |attempt| async move {
-        let crc = part_checksum(&file.abs_path, 0, len, known_crc, attempt).await?;
+        let crc = part_checksum(read_path, 0, len, known_crc, attempt).await?;
         let mut request = store
             .client()
             .put_object()
             .bucket(store.bucket())
             .key(key)
             .content_length(i64::try_from(len).unwrap_or(i64::MAX))
-            .body(body(&file.abs_path, 0, len).await?);
+            .body(body(read_path, 0, len).await?);
         if store.checksum_mode() == ChecksumMode::Crc32c {
-            request = request.checksum_crc32_c(crc32c_base64(crc));
+            request = request.checksum_crc32_c(crc32c_base64(crc.crc32c));
         }
         request
             .customize()
@@ -259,15 +272,16 @@ async fn send_single(
     Ok(crc)
 }
 
-#[tracing::instrument(skip_all, fields(key = %key, size = file.stamp.size, parts = plan.parts), err(Display))]
+#[tracing::instrument(skip_all, fields(key = %key, size = source.file.stamp.size, parts = plan.parts), err(Display))]
 async fn send_multipart(
     transfer: &Transfer<'_>,
-    file: &LocalFile,
+    source: Source<'_>,
     key: &str,
     plan: PartPlan,
-    known_crcs: Option<Vec<u32>>,
-) -> Result<u32, UploadError> {
+    known_crcs: Option<Vec<Checksums>>,
+) -> Result<Checksums, UploadError> {
     let store = transfer.store;
+    let file = source.file;
     let with_checksums = store.checksum_mode() == ChecksumMode::Crc32c;
     let upload_id = {
         let _permit = transfer
@@ -314,14 +328,14 @@ async fn send_multipart(
     let sends: Vec<_> = (0..plan.parts)
         .map(|index| {
             let known = known_crcs.and_then(|c| c.get(usize::try_from(index).ok()?).copied());
-            send_part(transfer, file, key, upload_id, plan, index, known)
+            send_part(transfer, source, key, upload_id, plan, index, known)
         })
         .collect();
-    let parts: Vec<(CompletedPart, u32)> = futures::stream::iter(sends)
+    let parts: Vec<(CompletedPart, Checksums)> = futures::stream::iter(sends)
         .buffered(transfer.concurrency)
         .try_collect()
         .await?;
-    let crcs: Vec<u32> = parts.iter().map(|(_, crc)| *crc).collect();
+    let crcs: Vec<Checksums> = parts.iter().map(|(_, crc)| *crc).collect();
     let completed: Vec<CompletedPart> = parts.into_iter().map(|(part, _)| part).collect();
 
     let _permit = transfer
@@ -386,14 +400,15 @@ async fn send_multipart(
 
 async fn send_part(
     transfer: &Transfer<'_>,
-    file: &LocalFile,
+    source: Source<'_>,
     key: &str,
     upload_id: &str,
     plan: PartPlan,
     index: u64,
-    known_crc: Option<u32>,
-) -> Result<(CompletedPart, u32), UploadError> {
+    known_crc: Option<Checksums>,
+) -> Result<(CompletedPart, Checksums), UploadError> {
     let store = transfer.store;
+    let read_path = source.read_path;
     let (offset, len) = plan.range(index);
     let part_number = i32::try_from(index + 1).unwrap_or(i32::MAX);
     let _permit = transfer
@@ -402,7 +417,7 @@ async fn send_part(
         .await
         .map_err(|_| UploadError::Cancelled)?;
     let result = with_retries("uploading a part", is_retryable, |attempt| async move {
-        let crc = part_checksum(&file.abs_path, offset, len, known_crc, attempt).await?;
+        let crc = part_checksum(read_path, offset, len, known_crc, attempt).await?;
         let mut request = store
             .client()
             .upload_part()
@@ -411,8 +426,9 @@ async fn send_part(
             .upload_id(upload_id)
             .part_number(part_number)
             .content_length(i64::try_from(len).unwrap_or(i64::MAX))
-            .body(body(&file.abs_path, offset, len).await?);
-        let checksum = (store.checksum_mode() == ChecksumMode::Crc32c).then(|| crc32c_base64(crc));
+            .body(body(read_path, offset, len).await?);
+        let checksum =
+            (store.checksum_mode() == ChecksumMode::Crc32c).then(|| crc32c_base64(crc.crc32c));
         if let Some(checksum) = &checksum {
             request = request.checksum_crc32_c(checksum);
         }
@@ -478,6 +494,10 @@ mod tests {
         let plan = PartPlan::for_file(data.len() as u64, 5 * MIB).expect("plan");
         assert_eq!(plan.parts, 3);
         let crcs = checksum_parts(&path, &plan).expect("crcs");
-        assert_eq!(combine_part_crcs(&plan, &crcs), crc32c::crc32c(&data));
+        assert_eq!(combine_part_crcs(&plan, &crcs), Checksums::of(&data));
+        assert_eq!(
+            combine_part_crcs(&plan, &crcs).crc32c,
+            crc32c::crc32c(&data)
+        );
     }
 }
