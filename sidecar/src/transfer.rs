@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use futures::{StreamExt, TryStreamExt};
 use tokio_util::sync::CancellationToken;
 
+use nerve_store::list::{Committed, order_by_step};
 use nerve_store::progress::{Progress, format_bytes, report_progress};
 use nerve_store::restore::Owner;
 use nerve_store::step::checkpoint_step;
@@ -144,17 +145,30 @@ pub async fn list_command(args: ListArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let manifests: Vec<(Generation, Manifest)> = futures::stream::iter(generations)
-        .map(|generation| {
-            let store = &store;
-            async move {
-                let manifest = fetch_manifest(store, &generation).await?;
-                anyhow::Ok((generation, manifest))
-            }
+    let mut manifests: std::collections::HashMap<Generation, Manifest> =
+        futures::stream::iter(generations)
+            .map(|generation| {
+                let store = &store;
+                async move {
+                    let manifest = fetch_manifest(store, &generation).await?;
+                    anyhow::Ok((generation, manifest))
+                }
+            })
+            .buffered(MANIFEST_FETCHES)
+            .try_collect()
+            .await?;
+    // The order restore and prune use: by step, time breaking ties.
+    let mut order: Vec<Committed> = manifests
+        .iter()
+        .map(|(generation, manifest)| Committed {
+            generation: generation.clone(),
+            step: manifest.step,
         })
-        .buffered(MANIFEST_FETCHES)
-        .try_collect()
-        .await?;
+        .collect();
+    order_by_step(&mut order);
+    let manifests = order
+        .into_iter()
+        .filter_map(|c| manifests.remove_entry(&c.generation));
     if !args.json {
         println!(
             "{:<30} {:>7} {:>11} {:>10}  created",

@@ -806,6 +806,34 @@ fn hostile_manifests_are_refused_with_the_reason_and_nothing_on_disk_changes() {
             "not valid manifest JSON",
         ),
         (
+            "restore's own reserved name",
+            Box::new(|w, g| {
+                let name = ".nerve-old-20261124T020000000Z-00000001/a.bin";
+                manifest_of(w, g, vec![entry(w, g, name, b"payload")])
+            }),
+            "reserves for restore's own files",
+        ),
+        (
+            "link out of the directory",
+            Box::new(|w, g| {
+                let mut link = entry(w, g, "etc", b"");
+                link["link"] = json!("../../../etc");
+                link["key"] = json!("");
+                manifest_of(w, g, vec![link])
+            }),
+            "outside the checkpoint directory",
+        ),
+        (
+            "file written through a link",
+            Box::new(|w, g| {
+                let mut link = entry(w, g, "sub", b"");
+                link["link"] = json!(".");
+                link["key"] = json!("");
+                manifest_of(w, g, vec![link, entry(w, g, "sub/a.bin", b"payload")])
+            }),
+            "lies below a symbolic link",
+        ),
+        (
             "newer format",
             Box::new(|w, g| {
                 let mut m = manifest_of(w, g, vec![entry(w, g, "a.bin", b"payload")]);

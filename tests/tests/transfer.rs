@@ -769,3 +769,142 @@ async fn cancelling_an_upload_aborts_its_multipart_uploads_and_writes_no_manifes
     assert!(h.server.incomplete_uploads().is_empty(), "aborted");
     assert!(h.manifests("job").is_empty());
 }
+
+#[test]
+fn restore_picks_the_newest_step_not_the_newest_clock() {
+    let h = Harness::new();
+    let source = h.path("source");
+    write(&source.join("weights.bin"), &pseudo_random(MIB, 40));
+    let newer_step = committed_generation(&h.upload("job", &source, &["--step", "1055"]));
+    let newer_state = h.path("newer-state");
+    assert_success(&h.restore("job", &newer_state, &[]));
+    // A pod whose clock runs ahead (or an old pod still uploading) commits an older step later.
+    write(&source.join("weights.bin"), &pseudo_random(MIB, 41));
+    let older_step = committed_generation(&h.upload("job", &source, &["--step", "55"]));
+    assert!(older_step > newer_step, "the later upload has the later id");
+
+    let restored = h.path("restored");
+    assert_success(&h.restore("job", &restored, &[]));
+    assert_same_tree(&newer_state, &restored);
+    let listing = stdout(&h.sidecar(&h.server.endpoint(), "job", "list", &["--json"]));
+    let steps: Vec<u64> = listing
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).expect("json")["step"]
+                .as_u64()
+                .expect("step")
+        })
+        .collect();
+    assert_eq!(
+        steps,
+        [55, 1055],
+        "list shows generations oldest step first"
+    );
+}
+
+/// `data` with its last four bytes changed so that its CRC32C is `target`. A CRC is affine in
+/// the data over GF(2), and four free bytes reach every 32-bit value: solve for them.
+fn forge_crc32c(mut data: Vec<u8>, target: u32) -> Vec<u8> {
+    let n = data.len();
+    data[n - 4..].fill(0);
+    let zeros = crc32c::crc32c(&vec![0u8; n]);
+    let needed = crc32c::crc32c(&data) ^ target;
+    // Row i: which window bits flip result bit i, and (bit 32) whether bit i must flip.
+    let mut rows = [0u64; 32];
+    for bit in 0..32 {
+        let mut unit = vec![0u8; n];
+        unit[n - 4 + bit / 8] = 1 << (bit % 8);
+        let effect = crc32c::crc32c(&unit) ^ zeros;
+        for (i, row) in rows.iter_mut().enumerate() {
+            *row |= u64::from((effect >> i) & 1) << bit;
+        }
+    }
+    for (i, row) in rows.iter_mut().enumerate() {
+        *row |= u64::from((needed >> i) & 1) << 32;
+    }
+    for column in 0..32 {
+        let pivot = (column..32)
+            .find(|&r| rows[r] >> column & 1 == 1)
+            .expect("invertible");
+        rows.swap(column, pivot);
+        for r in 0..32 {
+            if r != column && rows[r] >> column & 1 == 1 {
+                rows[r] ^= rows[column];
+            }
+        }
+    }
+    for (bit, row) in rows.iter().enumerate() {
+        if row >> 32 & 1 == 1 {
+            data[n - 4 + bit / 8] |= 1 << (bit % 8);
+        }
+    }
+    data
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_whose_crc32c_matches_an_earlier_one_is_uploaded_not_reused() {
+    let h = Harness::new();
+    let source = h.path("source");
+    let earlier = pseudo_random(MIB, 50);
+    write(&source.join("shard.bin"), &earlier);
+    let store = h.store(&h.server.endpoint(), "job").await;
+    let cancel = CancellationToken::new();
+    nerve_store::upload_generation(&store, &source, &UploadOptions::default(), &cancel)
+        .await
+        .expect("first upload");
+    // Same path, same size, same CRC32C, different bytes: one shard among many of a sharded
+    // optimizer state is a 1-in-4-billion coincidence per pair.
+    let later = forge_crc32c(pseudo_random(MIB, 51), crc32c::crc32c(&earlier));
+    assert_eq!(crc32c::crc32c(&later), crc32c::crc32c(&earlier));
+    assert_ne!(later, earlier);
+    write(&source.join("shard.bin"), &later);
+    let second =
+        nerve_store::upload_generation(&store, &source, &UploadOptions::default(), &cancel)
+            .await
+            .expect("second upload");
+    assert_eq!(second.bytes_reused, 0, "reused an object with other bytes");
+    assert_eq!(second.bytes_uploaded, MIB as u64);
+    let restored = h.path("restored");
+    assert_success(&h.restore("job", &restored, &[]));
+    assert_eq!(
+        std::fs::read(restored.join("shard.bin")).expect("read"),
+        later
+    );
+}
+
+#[test]
+fn restore_never_restores_setuid_bits_and_gives_root_restored_files_to_the_directory_owner() {
+    use std::os::unix::fs::MetadataExt;
+    let h = Harness::new();
+    let (_, manifest_path, mut manifest) = h.committed_manifest("job");
+    // A bucket writer plants a setuid, setgid, sticky file.
+    manifest["files"][0]["mode"] = serde_json::json!(0o7755);
+    std::fs::write(&manifest_path, serde_json::to_vec(&manifest).expect("json")).expect("write");
+    let path = manifest["files"][0]["path"]
+        .as_str()
+        .expect("path")
+        .to_owned();
+    let dir = h.path("owned");
+    std::fs::create_dir(&dir).expect("mkdir");
+    let running_as_root = nix::unistd::geteuid().is_root();
+    if running_as_root {
+        std::os::unix::fs::chown(&dir, Some(1000), Some(1000)).expect("chown");
+    }
+    assert_success(&h.restore("job", &dir, &[]));
+    let meta = std::fs::metadata(dir.join(&path)).expect("restored");
+    assert_eq!(meta.mode() & 0o7777, 0o755, "special bits were restored");
+    if running_as_root {
+        let owners: Vec<(u32, u32)> = tree(&dir)
+            .iter()
+            .map(|(p, _, _)| {
+                let m = std::fs::metadata(dir.join(p)).expect("meta");
+                (m.uid(), m.gid())
+            })
+            .collect();
+        assert!(owners.iter().all(|o| *o == (1000, 1000)), "{owners:?}");
+        let top = std::fs::metadata(&dir).expect("dir");
+        assert_eq!((top.uid(), top.gid()), (1000, 1000));
+    } else {
+        eprintln!("SKIPPED the ownership half: not running as root");
+    }
+}

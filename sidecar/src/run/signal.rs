@@ -45,7 +45,11 @@ impl Scope {
 
     /// Refuses a scope that would reach every process of a host.
     pub fn check(&self) -> Result<(), String> {
-        if self.is_restricted() || !pid_one_is_host_init() {
+        self.check_on(pid_one_is_host_init())
+    }
+
+    fn check_on(&self, host_wide: bool) -> Result<(), String> {
+        if self.is_restricted() || !host_wide {
             return Ok(());
         }
         Err("--target (or --container) is required here: this process sees the whole host's              processes (PID 1 is the host's init: systemd on bare EC2, or a hostPID pod), and              signalling every process with a handler would reach programs that are not the              trainer; set --target to a regex on the trainer's command line, e.g.              --target 'python.*train'"
@@ -389,5 +393,26 @@ mod tests {
         let report = signal_trainers(&candidates, Signal::SIGUSR1, &Scope::default());
         assert!(report.ambiguous);
         assert!(report.signalled.is_empty() && report.refused.is_empty());
+    }
+
+    #[test]
+    fn a_host_wide_process_table_needs_a_target_or_a_container() {
+        let open = Scope::default();
+        let err = open.check_on(true).unwrap_err();
+        assert!(err.contains("--target"), "{err}");
+        assert!(
+            open.check_on(false).is_ok(),
+            "a pod's or container's own namespace"
+        );
+        let targeted = Scope {
+            target: Regex::new("python.*train").ok(),
+            container: None,
+        };
+        assert!(targeted.check_on(true).is_ok());
+        let contained = Scope {
+            target: None,
+            container: Some("trainer".into()),
+        };
+        assert!(contained.check_on(true).is_ok());
     }
 }

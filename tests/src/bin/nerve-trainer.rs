@@ -67,6 +67,24 @@ struct Args {
     /// Load and verify the newest checkpoint, print `resumed`, and exit.
     #[arg(long)]
     verify: bool,
+    /// Keep this file (relative to --dir) open for writing for the whole run and append a line
+    /// every step, as a TensorBoard or text logger does.
+    #[arg(long)]
+    log_open: Option<PathBuf>,
+    /// Create a symbolic link at start: `NAME=TARGET` makes `<dir>/NAME` point to TARGET.
+    #[arg(long, value_parser = parse_link)]
+    link: Vec<(PathBuf, PathBuf)>,
+    /// On the signal, write the done marker right after the checkpoint and delete older
+    /// checkpoints (--save-total-limit) this long after it, instead of before it.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    rotate_after_marker: Option<Duration>,
+}
+
+fn parse_link(value: &str) -> Result<(PathBuf, PathBuf), String> {
+    let (name, target) = value
+        .split_once('=')
+        .ok_or_else(|| format!("`{value}` is not NAME=TARGET"))?;
+    Ok((PathBuf::from(name), PathBuf::from(target)))
 }
 
 fn emit(event: serde_json::Value) {
@@ -130,6 +148,24 @@ async fn train(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
 
+    for (name, target) in &args.link {
+        std::os::unix::fs::symlink(target, args.dir.join(name))?;
+    }
+    let mut log = match &args.log_open {
+        Some(relative) => {
+            let path = args.dir.join(relative);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)?,
+            )
+        }
+        None => None,
+    };
     // Installing the handler is what sets the SIGUSR1 bit in SigCgt of /proc/PID/status.
     let mut usr1 = if args.no_handler {
         None
@@ -148,7 +184,7 @@ async fn train(args: Args) -> anyhow::Result<()> {
         hang: false,
     };
     if args.checkpoint_at_start {
-        save(&args, &shape, step, "periodic", options).await?;
+        save(&args, &shape, step, "periodic", options, true).await?;
     }
     let mut steps = tokio::time::interval(args.step_time);
     steps.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -167,19 +203,31 @@ async fn train(args: Args) -> anyhow::Result<()> {
             }
         };
         tokio::select! {
-            _ = steps.tick() => step += 1,
+            _ = steps.tick() => {
+                step += 1;
+                if let Some(log) = log.as_mut() {
+                    writeln!(log, "step {step}")?;
+                    log.flush()?;
+                }
+            }
             _ = periodic => {
-                save(&args, &shape, step, "periodic", options).await?;
+                save(&args, &shape, step, "periodic", options, true).await?;
                 next_periodic = args.period.map(|p| tokio::time::Instant::now() + p);
             }
             _ = signalled => {
                 emit(json!({"event": "signal", "signal": "SIGUSR1", "step": step}));
                 let options = WriteOptions { hang: args.hang_on_checkpoint, ..options };
-                save(&args, &shape, step, "signal", options).await?;
+                let rotate_later = args.rotate_after_marker.is_some();
+                let written = save(&args, &shape, step, "signal", options, !rotate_later).await?;
                 if let Some(marker) = &args.done_marker {
                     let marker = args.dir.join(marker);
                     std::fs::write(&marker, json!({"step": step}).to_string())?;
                     emit(json!({"event": "done-marker", "path": marker, "step": step}));
+                }
+                if let Some(delay) = args.rotate_after_marker {
+                    tokio::time::sleep(delay).await;
+                    rotate(&args.dir, args.save_total_limit, &written)?;
+                    emit(json!({"event": "rotated", "step": step}));
                 }
                 if args.exit_after_checkpoint {
                     emit(json!({"event": "exit", "step": step}));
@@ -190,13 +238,15 @@ async fn train(args: Args) -> anyhow::Result<()> {
     }
 }
 
+/// Writes the checkpoint of `step`; deletes older ones beyond the limit when `rotate_now`.
 async fn save(
     args: &Args,
     shape: &StateShape,
     step: u64,
     reason: &str,
     options: WriteOptions,
-) -> anyhow::Result<()> {
+    rotate_now: bool,
+) -> anyhow::Result<PathBuf> {
     let started = Instant::now();
     let dir = args.dir.clone();
     let shape = *shape;
@@ -208,8 +258,10 @@ async fn save(
         "path": written.path, "bytes": written.bytes, "digest": written.digest,
         "seconds": started.elapsed().as_secs_f64()}),
     );
-    rotate(&args.dir, args.save_total_limit, &written.path)?;
-    Ok(())
+    if rotate_now {
+        rotate(&args.dir, args.save_total_limit, &written.path)?;
+    }
+    Ok(written.path)
 }
 
 /// Deletes the oldest checkpoints beyond `limit`, never the one just written.

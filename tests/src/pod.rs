@@ -1,0 +1,365 @@
+//! A simulated training pod for end-to-end tests: its processes (trainer, sidecar, agent) with
+//! their output collected, its checkpoint directory, and the stand-ins around it (the S3
+//! server, the metadata service).
+//!
+//! Tests share one process namespace, unlike pods: every sidecar gets a `--target` that matches
+//! only its own trainer (the checkpoint directory is unique per test).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use time::OffsetDateTime;
+
+use crate::imds::MetadataSimulator;
+use crate::s3::S3Server;
+
+/// Generous bounds: the machine running the tests may be loaded; none of them is a speed claim.
+pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+pub const CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(90);
+pub const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub const BUCKET: &str = "ckpt";
+pub const PREFIX: &str = "jobs";
+
+/// A child process whose output lines are collected, killed when the test ends.
+pub struct Proc {
+    pub name: &'static str,
+    pub child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    pub fn spawn(name: &'static str, command: &mut Command) -> Proc {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stdout = child.stdout.take().expect("stdout");
+        let stderr = child.stderr.take().expect("stderr");
+        for reader in [
+            Box::new(stdout) as Box<dyn std::io::Read + Send>,
+            Box::new(stderr),
+        ] {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(reader).lines().map_while(Result::ok) {
+                    lines.lock().expect("output lines").push(line);
+                }
+            });
+        }
+        Proc { name, child, lines }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn output(&self) -> String {
+        self.lines.lock().expect("output lines").join("\n")
+    }
+
+    /// JSON lines of the output (trainer events, JSON logs).
+    pub fn json_lines(&self) -> Vec<Value> {
+        self.lines
+            .lock()
+            .expect("output lines")
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Waits for a JSON line `pick` accepts.
+    pub fn wait_json(&self, what: &str, timeout: Duration, pick: impl Fn(&Value) -> bool) -> Value {
+        wait_for(what, timeout, || self.json_lines().into_iter().find(&pick))
+            .unwrap_or_else(|| panic!("{what}; {} said:\n{}", self.name, self.output()))
+    }
+
+    /// A log line's message (tracing's JSON format: `fields.message`).
+    pub fn log(&self, message: &str, timeout: Duration) -> Value {
+        self.wait_json(&format!("log `{message}`"), timeout, |v| {
+            v["fields"]["message"].as_str() == Some(message)
+        })
+    }
+
+    pub fn has_log(&self, message: &str) -> Option<Value> {
+        self.json_lines()
+            .into_iter()
+            .find(|v| v["fields"]["message"].as_str() == Some(message))
+    }
+
+    pub fn event(&self, event: &str, timeout: Duration) -> Value {
+        self.wait_json(&format!("trainer event `{event}`"), timeout, |v| {
+            v["event"].as_str() == Some(event)
+        })
+    }
+
+    pub fn send(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), signal)
+            .unwrap_or_else(|e| panic!("signalling {}: {e}", self.name));
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let child = &mut self.child;
+        wait_for("process exit", timeout, || child.try_wait().ok().flatten())
+            .unwrap_or_else(|| panic!("{} did not exit; it said:\n{}", self.name, self.output()))
+    }
+
+    pub fn is_alive(&mut self) -> bool {
+        self.child.try_wait().ok().flatten().is_none()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- {} output ---\n{}", self.name, self.output());
+        }
+    }
+}
+
+pub fn wait_for<T>(
+    _what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> Option<T> {
+    let until = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return Some(value);
+        }
+        if Instant::now() >= until {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One test's world: S3, the metadata service, a checkpoint directory, a job.
+pub struct Rig {
+    pub s3: S3Server,
+    pub imds: MetadataSimulator,
+    pub work: tempfile::TempDir,
+    pub dir: PathBuf,
+    pub job: String,
+}
+
+impl Rig {
+    pub fn new(job: &str) -> Rig {
+        let s3 = S3Server::start().expect("S3 server");
+        s3.create_bucket(BUCKET).expect("bucket");
+        let imds = MetadataSimulator::start();
+        let work = tempfile::Builder::new()
+            .prefix("nerve-run-")
+            .tempdir()
+            .expect("temp dir");
+        let dir = work.path().join("checkpoints");
+        std::fs::create_dir(&dir).expect("checkpoint dir");
+        Rig {
+            s3,
+            imds,
+            work,
+            dir,
+            job: job.to_owned(),
+        }
+    }
+
+    /// A regex matching this test's trainers only.
+    pub fn target(&self) -> String {
+        format!(
+            "nerve-trainer .*--dir {}( |$)",
+            self.dir.display().to_string().replace('.', "\\.")
+        )
+    }
+
+    pub fn trainer(&self, dir: &Path, extra: &[&str]) -> Proc {
+        self.trainer_with_env(dir, extra, &[])
+    }
+
+    /// A trainer with extra environment variables (a container's, say).
+    pub fn trainer_with_env(&self, dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Proc {
+        Proc::spawn(
+            "nerve-trainer",
+            Command::new(crate::binary_path("nerve-trainer"))
+                .arg("--dir")
+                .arg(dir)
+                .args(["--size", "6MiB", "--step-time", "10ms"])
+                .args(extra)
+                .envs(env.iter().copied()),
+        )
+    }
+
+    pub fn store_args(&self) -> Vec<String> {
+        vec![
+            "--dest".into(),
+            format!("s3://{BUCKET}/{PREFIX}"),
+            "--job".into(),
+            self.job.clone(),
+            "--path-style".into(),
+        ]
+    }
+
+    /// The real agent against the simulator; returns it and its stream URL.
+    pub fn agent(&self) -> (Proc, String) {
+        let agent = Proc::spawn(
+            "nerve-agent",
+            Command::new(crate::binary_path("nerve-agent"))
+                .args(["--log-format", "json", "--kubernetes", "off"])
+                .args(["--listen", "127.0.0.1:0", "--poll-interval", "200ms"])
+                .args(["--metadata-url", &self.imds.url()])
+                .env("RUST_LOG", "info"),
+        );
+        let line = agent.log(
+            "nerve-agent serving the notice stream, metrics and health",
+            STARTUP_TIMEOUT,
+        );
+        let addr = line["fields"]["addr"].as_str().expect("addr").to_owned();
+        (agent, format!("http://{addr}"))
+    }
+
+    pub fn sidecar(&self, agent_url: &str, extra: &[&str]) -> Proc {
+        self.sidecar_with_env(agent_url, extra, &[])
+    }
+
+    /// A sidecar with extra environment variables (`AWS_ENDPOINT_URL` of a proxy, say).
+    pub fn sidecar_with_env(&self, agent_url: &str, extra: &[&str], env: &[(&str, &str)]) -> Proc {
+        let mut command = Command::new(crate::binary_path("nerve-sidecar"));
+        command
+            .args(["--log-format", "json", "run", "--dir"])
+            .arg(&self.dir)
+            .args(self.store_args())
+            .args(["--agent-url", agent_url, "--metadata-url", &self.imds.url()])
+            .args(["--poll-interval", "200ms", "--listen", "127.0.0.1:0"])
+            .args(["--target", &self.target(), "--quiet-period", "2s"])
+            .args(["--part-size", "5MiB", "--concurrency", "4"])
+            .args(extra)
+            .envs(self.s3.client_env())
+            .envs(env.iter().copied())
+            .env("RUST_LOG", "info,aws=warn,hyper=warn");
+        let sidecar = Proc::spawn("nerve-sidecar", &mut command);
+        sidecar.log("sidecar running", STARTUP_TIMEOUT);
+        sidecar
+    }
+
+    /// Committed manifests, oldest first.
+    pub fn manifests(&self) -> Vec<Value> {
+        let gen_dir = self
+            .s3
+            .root()
+            .join(BUCKET)
+            .join(PREFIX)
+            .join(&self.job)
+            .join("gen");
+        let mut names: Vec<_> = std::fs::read_dir(&gen_dir)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.ends_with(".manifest.json") && !n.starts_with('.'))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+            .into_iter()
+            .filter_map(|n| std::fs::read(gen_dir.join(n)).ok())
+            .filter_map(|raw| serde_json::from_slice(&raw).ok())
+            .collect()
+    }
+
+    pub fn wait_manifests(&self, count: usize, timeout: Duration, sidecar: &Proc) -> Vec<Value> {
+        wait_for("manifests", timeout, || {
+            let manifests = self.manifests();
+            (manifests.len() >= count).then_some(manifests)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "expected {count} committed generations, found {}; sidecar said:\n{}",
+                self.manifests().len(),
+                sidecar.output()
+            )
+        })
+    }
+
+    /// `nerve-sidecar <command> --dir <dir> <store flags> <extra>` to completion.
+    pub fn sidecar_command(
+        &self,
+        command: &str,
+        dir: &Path,
+        extra: &[&str],
+    ) -> std::process::Output {
+        Command::new(crate::binary_path("nerve-sidecar"))
+            .args([command, "--dir"])
+            .arg(dir)
+            .args(self.store_args())
+            .args(extra)
+            .envs(self.s3.client_env())
+            .output()
+            .unwrap_or_else(|e| panic!("running nerve-sidecar {command}: {e}"))
+    }
+
+    /// `nerve-sidecar restore` into a fresh directory, then the trainer's `--verify` on it.
+    pub fn restore_and_verify(&self) -> Value {
+        let restored = self.work.path().join(format!(
+            "restored-{}",
+            OffsetDateTime::now_utc().unix_timestamp_nanos()
+        ));
+        std::fs::create_dir(&restored).expect("restore dir");
+        let output = self.sidecar_command("restore", &restored, &[]);
+        assert!(
+            output.status.success(),
+            "restore failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let mut verify = self.trainer(&restored, &["--verify"]);
+        let status = verify.wait_exit(EXIT_TIMEOUT);
+        assert!(status.success(), "verify failed:\n{}", verify.output());
+        verify.event("resumed", Duration::from_secs(5))
+    }
+}
+
+/// A plain HTTP/1.1 GET: status code and body.
+pub fn http_get(address: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// A port nothing listens on: an agent that is down.
+pub fn closed_port_url() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    drop(listener);
+    format!("http://{addr}")
+}
+
+pub fn in_seconds(seconds: i64) -> OffsetDateTime {
+    OffsetDateTime::now_utc() + time::Duration::seconds(seconds)
+}
