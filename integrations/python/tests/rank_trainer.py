@@ -22,7 +22,9 @@ from file_collective import FileCollective
 
 
 def emit(event: str, **fields) -> None:
-    print(json.dumps({"event": event, **fields}), flush=True)
+    # One write per line: ranks that share a pipe (torchrun's stdout) never interleave within one.
+    sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
+    sys.stdout.flush()
 
 
 def main() -> None:

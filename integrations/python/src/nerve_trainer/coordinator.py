@@ -93,8 +93,13 @@ class SaveCoordinator:
 
     # ---- signal handling ------------------------------------------------------------------
 
-    def install_handlers(self) -> None:
-        """Installs the handlers; the main thread only (Python's rule for `signal.signal`)."""
+    def install_handlers(self, chain_previous: bool = True) -> None:
+        """Installs the handlers; the main thread only (Python's rule for `signal.signal`).
+
+        A handler found in place is called after ours records the request (`chain_previous`);
+        `chain_previous=False` replaces it instead, keeping what ours chained to before (for a
+        framework whose own SIGTERM handling would stop the run without the save).
+        """
         if not self.active:
             return
         if threading.current_thread() is not threading.main_thread():
@@ -105,10 +110,11 @@ class SaveCoordinator:
         assert self.settings is not None
         wanted = {self.settings.notice_signal: Request.SAVE, signal.SIGTERM: Request.SAVE_AND_STOP}
         for signum, level in wanted.items():
-            previous = signal.getsignal(signum)
-            if getattr(previous, "nerve_coordinator", None) is self:
+            current = signal.getsignal(signum)
+            if getattr(current, "nerve_coordinator", None) is self:
                 continue
-            self._previous_handlers[signum] = previous
+            if chain_previous:
+                self._previous_handlers[signum] = current
             signal.signal(signum, self._handler_for(level))
 
     def _handler_for(self, level: Request) -> Callable:

@@ -17,6 +17,12 @@ from pathlib import Path
 from typing import Optional
 
 
+# Top-level names starting with this are the sidecar's own and never part of a generation: the
+# marker's temporary file is never uploaded, even by a scan that lands mid-write. (The default
+# marker, `.nerve-done`, has the prefix too: the marker is not restored with the checkpoint.)
+TEMPORARY_PREFIX = ".nerve-tmp-"
+
+
 class Reason(str, Enum):
     """Why a checkpoint was saved, as the marker tells the sidecar."""
 
@@ -93,13 +99,14 @@ def make_durable(checkpoint: Path, up_to: Path) -> int:
 def write_marker(marker_path: Path, marker: Marker) -> None:
     """Writes the marker atomically and durably: temp file, fsync, rename, fsync of the directory.
 
-    The temporary name is unique per host and process, so several writers of the same marker path
+    The temporary name starts with the prefix the sidecar never uploads, and is unique per host
+    and process, so several writers of the same marker path
     (node-local rank 0 of every node on a shared file system) never interleave their bytes: the
     last rename wins, and they all carry the same step.
     """
     marker_path.parent.mkdir(parents=True, exist_ok=True)
     temporary = marker_path.with_name(
-        f".{marker_path.name}.{socket.gethostname()}.{os.getpid()}.tmp"
+        f"{TEMPORARY_PREFIX}{marker_path.name}.{socket.gethostname()}.{os.getpid()}"
     )
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
