@@ -7,6 +7,7 @@ pub mod apiserver;
 pub mod demo;
 pub mod fault_proxy;
 pub mod imds;
+pub mod process;
 pub mod s3;
 pub mod trainer;
 
