@@ -1,8 +1,11 @@
-"""The done marker, the settings the injector passes, and `saved`'s refusals, in one process."""
+"""The done marker, the settings the injector passes, `saved`'s refusals, and what importing the
+package loads."""
 
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import tempfile
 import unittest
 from pathlib import Path
@@ -113,6 +116,16 @@ class SavedRefuses(unittest.TestCase):
         with self.assertRaises(SystemExit) as exit:
             coordinator.stop()
         self.assertEqual(exit.exception.code, 143)
+
+
+class Package(unittest.TestCase):
+    def test_importing_it_imports_no_framework_even_where_they_are_installed(self) -> None:
+        loaded = subprocess.run(
+            [sys.executable, "-c", "import sys, nerve_trainer; print(sorted({m.split('.')[0] for m in sys.modules}))"],
+            capture_output=True, text=True, check=True,
+        ).stdout
+        for framework in ("torch", "transformers", "lightning", "numpy"):
+            self.assertNotIn(f"'{framework}'", loaded)
 
 
 if __name__ == "__main__":

@@ -196,6 +196,9 @@ class SaveCoordinator:
         self._agreed = None
         if agreed > Request.NONE:
             self._answered = heard_count
+            if self._heard.count == heard_count:
+                # The next request's wait is measured from its own signal.
+                self._heard.first_at = None
         if reason is None:
             reason = Reason.NOTICE if agreed > Request.NONE else Reason.PERIODIC
         if agreed == Request.SAVE_AND_STOP:

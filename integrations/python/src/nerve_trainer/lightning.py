@@ -30,6 +30,7 @@ from typing import Dict, Optional
 
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .coordinator import CheckpointOutsideDirectory, SaveCoordinator, install
@@ -145,5 +146,5 @@ class NerveCallback(Callback):
         """With AsyncCheckpointIO, `save_checkpoint` returns before the file is written; its
         teardown waits for the pending writes (it starts a new executor at the next save)."""
         checkpoint_io = getattr(trainer.strategy, "checkpoint_io", None)
-        if type(checkpoint_io).__name__ == "AsyncCheckpointIO":
+        if isinstance(checkpoint_io, AsyncCheckpointIO):
             checkpoint_io.teardown()
