@@ -3,6 +3,7 @@ package loads."""
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,6 +34,7 @@ class OtherRank:
 class DoneMarker(unittest.TestCase):
     def setUp(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="nerve-marker-"))
+        self.addCleanup(shutil.rmtree, self.dir)
 
     def test_the_marker_is_key_value_lines_the_sidecar_reads(self) -> None:
         marker = Marker(step=1055, reason=Reason.NOTICE, rank=0, path="checkpoint-1055")
@@ -87,12 +89,14 @@ class SettingsFromTheEnvironment(unittest.TestCase):
 class SavedRefuses(unittest.TestCase):
     def setUp(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="nerve-saved-"))
+        self.addCleanup(shutil.rmtree, self.dir)
 
     def coordinator(self, collective) -> nerve_trainer.SaveCoordinator:
         return nerve_trainer.SaveCoordinator(Settings.resolve({}, checkpoint_dir=self.dir), collective=collective)
 
     def test_a_checkpoint_outside_the_uploaded_directory_is_refused_with_the_fix(self) -> None:
         outside = Path(tempfile.mkdtemp(prefix="nerve-elsewhere-"))
+        self.addCleanup(shutil.rmtree, outside)
         with self.assertRaisesRegex(nerve_trainer.CheckpointOutsideDirectory, "NERVE_CHECKPOINT_DIR.*save under it"):
             self.coordinator(nerve_trainer.SingleProcess()).saved(5, outside)
         self.assertIsNone(read_marker(self.dir / DEFAULT_DONE_MARKER))
