@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -30,6 +31,7 @@ def installed(*modules: str) -> bool:
 class FrameworkRun(unittest.TestCase):
     def setUp(self) -> None:
         self.work = Path(tempfile.mkdtemp(prefix="nerve-framework-test-"))
+        self.addCleanup(shutil.rmtree, self.work, ignore_errors=True)
         self.checkpoints = self.work / "ckpt"
         self.checkpoints.mkdir()
         self.marker_path = self.checkpoints / ".nerve-done"
