@@ -8,6 +8,7 @@ pub mod demo;
 pub mod fault_proxy;
 pub mod imds;
 pub mod pod;
+pub mod process;
 pub mod s3;
 pub mod trainer;
 

@@ -5,16 +5,15 @@
 //! Tests share one process namespace, unlike pods: every sidecar gets a `--target` that matches
 //! only its own trainer (the checkpoint directory is unique per test).
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use serde_json::Value;
 use time::OffsetDateTime;
 
 use crate::imds::MetadataSimulator;
+pub use crate::process::{Proc, wait_for};
 use crate::s3::S3Server;
 
 /// Generous bounds: the machine running the tests may be loaded; none of them is a speed claim.
@@ -24,124 +23,6 @@ pub const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub const BUCKET: &str = "ckpt";
 pub const PREFIX: &str = "jobs";
-
-/// A child process whose output lines are collected, killed when the test ends.
-pub struct Proc {
-    pub name: &'static str,
-    pub child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl Proc {
-    pub fn spawn(name: &'static str, command: &mut Command) -> Proc {
-        let mut child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let stdout = child.stdout.take().expect("stdout");
-        let stderr = child.stderr.take().expect("stderr");
-        for reader in [
-            Box::new(stdout) as Box<dyn std::io::Read + Send>,
-            Box::new(stderr),
-        ] {
-            let lines = lines.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(reader).lines().map_while(Result::ok) {
-                    lines.lock().expect("output lines").push(line);
-                }
-            });
-        }
-        Proc { name, child, lines }
-    }
-
-    pub fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    pub fn output(&self) -> String {
-        self.lines.lock().expect("output lines").join("\n")
-    }
-
-    /// JSON lines of the output (trainer events, JSON logs).
-    pub fn json_lines(&self) -> Vec<Value> {
-        self.lines
-            .lock()
-            .expect("output lines")
-            .iter()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
-
-    /// Waits for a JSON line `pick` accepts.
-    pub fn wait_json(&self, what: &str, timeout: Duration, pick: impl Fn(&Value) -> bool) -> Value {
-        wait_for(what, timeout, || self.json_lines().into_iter().find(&pick))
-            .unwrap_or_else(|| panic!("{what}; {} said:\n{}", self.name, self.output()))
-    }
-
-    /// A log line's message (tracing's JSON format: `fields.message`).
-    pub fn log(&self, message: &str, timeout: Duration) -> Value {
-        self.wait_json(&format!("log `{message}`"), timeout, |v| {
-            v["fields"]["message"].as_str() == Some(message)
-        })
-    }
-
-    pub fn has_log(&self, message: &str) -> Option<Value> {
-        self.json_lines()
-            .into_iter()
-            .find(|v| v["fields"]["message"].as_str() == Some(message))
-    }
-
-    pub fn event(&self, event: &str, timeout: Duration) -> Value {
-        self.wait_json(&format!("trainer event `{event}`"), timeout, |v| {
-            v["event"].as_str() == Some(event)
-        })
-    }
-
-    pub fn send(&self, signal: nix::sys::signal::Signal) {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), signal)
-            .unwrap_or_else(|e| panic!("signalling {}: {e}", self.name));
-    }
-
-    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let child = &mut self.child;
-        wait_for("process exit", timeout, || child.try_wait().ok().flatten())
-            .unwrap_or_else(|| panic!("{} did not exit; it said:\n{}", self.name, self.output()))
-    }
-
-    pub fn is_alive(&mut self) -> bool {
-        self.child.try_wait().ok().flatten().is_none()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("--- {} output ---\n{}", self.name, self.output());
-        }
-    }
-}
-
-pub fn wait_for<T>(
-    _what: &str,
-    timeout: Duration,
-    mut check: impl FnMut() -> Option<T>,
-) -> Option<T> {
-    let until = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check() {
-            return Some(value);
-        }
-        if Instant::now() >= until {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 /// One test's world: S3, the metadata service, a checkpoint directory, a job.
 pub struct Rig {
