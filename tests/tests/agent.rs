@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use nerve_notice::{NoticeKind, StreamEvent};
+use nerve_notice::{Cloud, Notice, NoticeKind, StreamEvent};
 use nerve_tests::agent_process::{AgentProcess, metric_value, spot_id, wait_for};
 use nerve_tests::apiserver::ApiServer;
 use nerve_tests::imds::{Fault, MaintenanceEvent, MetadataSimulator, TokenPolicy};
@@ -294,14 +294,21 @@ async fn cordons_taints_annotates_and_records_an_event_with_one_exact_patch() {
     let api = start_api();
     let agent = start_agent(&sim, Some(&api), &[]);
     agent.wait_ready().await;
+    let mut watch = agent.watch().await;
+    watch.next().await;
     let version = api.resource_version();
     let deadline = in_two_minutes();
+    // Notice times carry milliseconds.
+    let set_at = OffsetDateTime::now_utc() - Duration::from_millis(1);
     sim.set_spot_interruption("terminate", deadline);
     assert!(
         api.wait_until(WAIT, |api| !api.events().is_empty()).await,
         "log:\n{}",
         agent.log()
     );
+    let StreamEvent::Notice { notice: streamed } = watch.next().await else {
+        panic!("expected the notice on the stream");
+    };
 
     let writes = api.writes();
     let patch = &writes[0];
@@ -325,8 +332,19 @@ async fn cordons_taints_annotates_and_records_an_event_with_one_exact_patch() {
         .as_str()
         .unwrap()
         .to_owned();
-    let notice: Value = serde_json::from_str(&notice_json).unwrap();
-    assert_eq!(notice["id"], spot_id(deadline));
+    // The annotation is the notice, every field of it, exactly as the stream sent it.
+    let annotated: Notice = serde_json::from_str(&notice_json).unwrap();
+    assert_eq!(annotated, streamed);
+    assert_eq!(annotated.id, spot_id(deadline));
+    assert_eq!(annotated.kind, NoticeKind::SpotInterruption);
+    assert_eq!(annotated.action, "terminate");
+    assert_eq!(annotated.deadline, deadline);
+    assert_eq!(annotated.source, Cloud::Aws);
+    assert!(
+        set_at <= annotated.detected_at && annotated.detected_at <= OffsetDateTime::now_utc(),
+        "detected at {} (notice set at {set_at})",
+        annotated.detected_at
+    );
     assert_eq!(
         body,
         json!({
@@ -402,6 +420,51 @@ async fn keeps_a_taint_added_concurrently_when_the_patch_conflicts() {
         wait_for(WAIT, || async {
             agent
                 .metric("nerve_agent_node_actions_total{action=\"cordon\",outcome=\"conflict\"}")
+                .await
+                == 1.0
+        })
+        .await
+    );
+}
+
+#[tokio::test]
+async fn keeps_a_taint_added_concurrently_when_the_uncordon_conflicts() {
+    let sim = MetadataSimulator::start();
+    let api = start_api();
+    let agent = start_agent(&sim, Some(&api), &[]);
+    agent.wait_ready().await;
+    sim.set_spot_interruption("terminate", in_two_minutes());
+    assert!(
+        api.wait_until(WAIT, |api| api.unschedulable()).await,
+        "log:\n{}",
+        agent.log()
+    );
+    // Someone taints the node between the agent's read and its uncordon patch: an
+    // unconditional patch would write back the taints it read and lose this one.
+    let added = json!({"key": "team", "value": "ml", "effect": "NoSchedule"});
+    let change = added.clone();
+    api.change_node_before_next_write(move |node| {
+        node["spec"]["taints"].as_array_mut().unwrap().push(change);
+    });
+    let patches = |api: &ApiServer| api.writes().iter().filter(|w| w.method == "PATCH").count();
+    let cordon_patches = patches(&api);
+    sim.clear_spot_interruption();
+    assert!(
+        api.wait_until(WAIT, |api| !api.unschedulable()).await,
+        "log:\n{}",
+        agent.log()
+    );
+    assert_eq!(api.taints(), vec![gpu_taint(), added]);
+    assert_eq!(
+        patches(&api) - cordon_patches,
+        2,
+        "the conflicting uncordon is read again and retried once"
+    );
+    assert!(api.annotations().get("nerve.io/cordoned-by").is_none());
+    assert!(
+        wait_for(WAIT, || async {
+            agent
+                .metric("nerve_agent_node_actions_total{action=\"uncordon\",outcome=\"conflict\"}")
                 .await
                 == 1.0
         })
@@ -531,6 +594,13 @@ async fn streams_at_once_while_the_api_server_is_down_and_cordons_when_it_is_bac
     assert_eq!(patches, 3, "two refused with 500, the third applied");
 }
 
+/// The Retry-After of the disruption budget in the drain test: longer than the agent's 1 s retry
+/// of an eviction refused without one, so the gap shows which of the two the agent waited.
+const WEB_RETRY_AFTER: Duration = Duration::from_secs(3);
+/// The agent's cap on one Retry-After (agent/src/node/drain.rs): a gap this long means the
+/// header was not honoured but capped.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(10);
+
 #[tokio::test]
 async fn drains_with_evictions_honouring_budgets_and_skipping_node_and_checkpointing_pods() {
     let sim = MetadataSimulator::start();
@@ -550,7 +620,7 @@ async fn drains_with_evictions_honouring_budgets_and_skipping_node_and_checkpoin
     let mut elsewhere = api.pod_on_node("default", "elsewhere", "web");
     elsewhere["spec"]["nodeName"] = json!("another-node");
     api.add_pod(elsewhere);
-    api.refuse_eviction("web", 1, 1);
+    api.refuse_eviction("web", 1, WEB_RETRY_AFTER.as_secs());
 
     let agent = start_agent(&sim, Some(&api), &["--drain"]);
     agent.wait_ready().await;
@@ -563,12 +633,18 @@ async fn drains_with_evictions_honouring_budgets_and_skipping_node_and_checkpoin
     let mut evicted = api.evicted();
     evicted.sort();
     assert_eq!(evicted, vec!["default/web", "jobs/batch"]);
-    let web_attempts = api
+    let web_attempts: Vec<_> = api
         .requests()
-        .iter()
+        .into_iter()
         .filter(|r| r.path.contains("/pods/web/eviction"))
-        .count();
-    assert_eq!(web_attempts, 2, "the 429 is retried after its Retry-After");
+        .map(|r| r.at)
+        .collect();
+    assert_eq!(web_attempts.len(), 2, "the 429 is retried");
+    let gap = web_attempts[1] - web_attempts[0];
+    assert!(
+        (WEB_RETRY_AFTER..MAX_RETRY_AFTER).contains(&gap),
+        "the 429 is retried after its Retry-After of {WEB_RETRY_AFTER:?}, not after {gap:?}"
+    );
     let eviction = api
         .requests()
         .into_iter()
@@ -624,15 +700,24 @@ async fn the_metadata_client_keeps_notices_stable_and_through_faults() {
     assert!(report.notices.is_empty());
 }
 
+/// Time from the notice to its deadline in the blocked-drain test: the agent cordons, lists the
+/// pods and makes two evictions one Retry-After apart (about 1.2 s on an idle machine); 6 s
+/// leaves room for a loaded 2-core machine.
+const DRAIN_WINDOW: Duration = Duration::from_secs(6);
+/// How often the blocked eviction is retried there (its Retry-After).
+const EVICTION_INTERVAL: Duration = Duration::from_secs(1);
+
 #[tokio::test]
 async fn a_drain_blocked_by_a_disruption_budget_stops_at_the_notice_deadline() {
     let sim = MetadataSimulator::start();
     let api = start_api();
     api.add_pod(api.pod_on_node("default", "guarded", "web"));
-    api.refuse_eviction("guarded", usize::MAX, 1);
+    api.refuse_eviction("guarded", usize::MAX, EVICTION_INTERVAL.as_secs());
     let agent = start_agent(&sim, Some(&api), &["--drain"]);
     agent.wait_ready().await;
-    let deadline = (OffsetDateTime::now_utc() + Duration::from_secs(4))
+    // Rounded up to the whole second the metadata service speaks in, never down.
+    let at_least = OffsetDateTime::now_utc() + DRAIN_WINDOW;
+    let deadline = (at_least + Duration::from_secs(1))
         .replace_nanosecond(0)
         .unwrap();
     sim.set_spot_interruption("terminate", deadline);
@@ -647,12 +732,18 @@ async fn a_drain_blocked_by_a_disruption_budget_stops_at_the_notice_deadline() {
         "log:\n{}",
         agent.log()
     );
-    // Well past the deadline, the attempts have stopped.
-    let past = deadline + Duration::from_secs(3);
+    assert!(
+        OffsetDateTime::now_utc() < deadline,
+        "two eviction attempts took the whole {DRAIN_WINDOW:?} window; log:\n{}",
+        agent.log()
+    );
+    // Once the deadline has passed (and any attempt then in flight has been answered), the
+    // attempts have stopped.
+    let past = deadline + EVICTION_INTERVAL;
     tokio::time::sleep(Duration::try_from(past - OffsetDateTime::now_utc()).unwrap_or_default())
         .await;
     let stopped = attempts(&api);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(EVICTION_INTERVAL * 2).await;
     assert_eq!(attempts(&api), stopped, "no eviction after the deadline");
     assert!(api.evicted().is_empty());
     assert!(agent.log().contains("drain stopped at the notice deadline"));
