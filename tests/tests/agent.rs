@@ -4,7 +4,7 @@
 // Test helpers outside #[test] functions: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nerve_notice::{Cloud, Notice, NoticeKind, StreamEvent};
 use nerve_tests::agent_process::{AgentProcess, metric_value, spot_id, wait_for};
@@ -107,28 +107,126 @@ async fn streams_a_notice_once_and_late_subscribers_get_it_in_the_snapshot() {
     assert_eq!(agent.get("/healthz").await.unwrap().0, 200);
 }
 
+/// The stuck subscriber's socket: the smallest receive buffer and segment size Linux allows, so
+/// the agent's side of it fills after ~100 KiB (loopback defaults hold megabytes: measured 3-4
+/// MiB with the default segment size).
+const STUCK_RECEIVE_BUFFER: u32 = 4096;
+const STUCK_SEGMENT_SIZE: u32 = 536;
+/// Healthy subscribers next to the stuck one.
+const HEALTHY: usize = 200;
+/// Notices per burst: under the agent's 32-line subscriber queue, so a subscriber that reads
+/// between bursts is never taken for a stuck one.
+const BURST: usize = 16;
+/// Length of each notice's maintenance code: a burst of [`BURST`] events stays under the
+/// metadata client's 64 KiB answer limit and pushes ~50 KiB down every stream.
+const CODE_LEN: usize = 3000;
+/// Bursts before the stuck subscriber must be gone: its kernel buffers (~100 KiB), hyper's 16
+/// queued writes and the agent's 32-line queue take about 80 notices, 5 bursts.
+const MAX_BURSTS: usize = 20;
+/// A burst (or a notice) must reach all healthy subscribers this soon after it appeared: one
+/// poll, the agent writing 200 sockets, and this test reading 200 × 16 lines of 3 KiB in a
+/// debug build on a loaded 2-core machine. A subscriber held up by the stuck one would wait
+/// until it was dropped, bursts later.
+const HEALTHY_LATENCY: Duration = Duration::from_secs(5);
+
+/// A subscriber that asks for the stream and never reads a byte.
+async fn stuck_subscriber(agent: &AgentProcess) -> TcpStream {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(STUCK_RECEIVE_BUFFER).unwrap();
+    // Before connecting: the segment size is announced in the SYN and sizes the agent's buffers.
+    setsockopt(&socket, sockopt::TcpMaxSeg, &STUCK_SEGMENT_SIZE).unwrap();
+    let mut stuck = socket.connect(agent.addr()).await.unwrap();
+    stuck
+        .write_all(b"GET /v1/notices?watch=true HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    stuck
+}
+
+/// `count` scheduled-maintenance events, distinct from every other call's by `first`.
+fn maintenance_burst(first: usize, count: usize) -> Vec<MaintenanceEvent> {
+    (first..first + count)
+        .map(|n| MaintenanceEvent {
+            code: format!("system-maintenance-{n}-{}", "x".repeat(CODE_LEN)),
+            event_id: format!("instance-event-{n}"),
+            not_before: in_two_minutes() + Duration::from_secs(3600 + n as u64),
+            state: "active".into(),
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn a_stuck_subscriber_does_not_delay_hundreds_of_healthy_ones() {
     let sim = MetadataSimulator::start();
     let agent = start_agent(&sim, None, &[]);
     agent.wait_ready().await;
-    // Connects, asks for the stream, and never reads a byte.
-    let mut stuck = TcpStream::connect(agent.addr()).await.unwrap();
-    stuck
-        .write_all(b"GET /v1/notices?watch=true HTTP/1.0\r\n\r\n")
-        .await
-        .unwrap();
+    let stuck = stuck_subscriber(&agent).await;
     let mut healthy = Vec::new();
-    for _ in 0..200 {
+    for _ in 0..HEALTHY {
         let mut watch = agent.watch().await;
         assert!(matches!(watch.next().await, StreamEvent::Snapshot { .. }));
         healthy.push(watch);
     }
-    sim.set_gcp_preempted(false);
-    sim.set_spot_interruption("terminate", in_two_minutes());
-    for watch in &mut healthy {
-        assert!(matches!(watch.next().await, StreamEvent::Notice { .. }));
+    let subscribers = || async { agent.metric("nerve_agent_subscribers").await as usize };
+    assert!(wait_for(WAIT, || async { subscribers().await == HEALTHY + 1 }).await);
+
+    // Bursts of notices until the stuck subscriber's buffers are full and the agent drops it;
+    // every burst reaches every healthy subscriber meanwhile.
+    let mut bursts = 0;
+    while subscribers().await > HEALTHY {
+        assert!(
+            bursts < MAX_BURSTS,
+            "the stuck subscriber is still there after {bursts} bursts of {BURST} notices"
+        );
+        sim.set_scheduled_maintenance(maintenance_burst(bursts * BURST, BURST));
+        let appeared = Instant::now();
+        for watch in &mut healthy {
+            for _ in 0..BURST {
+                let event = watch.next_within(HEALTHY_LATENCY).await;
+                assert!(
+                    matches!(event, Some(StreamEvent::Notice { .. })),
+                    "burst {bursts}: a healthy subscriber got {event:?} within {HEALTHY_LATENCY:?}"
+                );
+            }
+        }
+        let took = appeared.elapsed();
+        assert!(
+            took <= HEALTHY_LATENCY,
+            "burst {bursts} took {took:?} to reach {HEALTHY} healthy subscribers"
+        );
+        bursts += 1;
     }
+    assert_eq!(
+        subscribers().await,
+        HEALTHY,
+        "only the stuck subscriber was dropped"
+    );
+    assert!(
+        agent
+            .log()
+            .contains("dropping a watch subscriber that stopped reading")
+    );
+
+    sim.set_spot_interruption("terminate", in_two_minutes());
+    let appeared = Instant::now();
+    for watch in &mut healthy {
+        let event = watch.next_within(HEALTHY_LATENCY).await;
+        assert!(
+            matches!(event, Some(StreamEvent::Notice { ref notice }) if notice.kind == NoticeKind::SpotInterruption),
+            "{event:?}"
+        );
+    }
+    assert!(
+        appeared.elapsed() <= HEALTHY_LATENCY,
+        "{:?}",
+        appeared.elapsed()
+    );
+    eprintln!(
+        "stuck subscriber dropped after {bursts} bursts of {BURST} notices of ~{CODE_LEN} B; the \
+         spot notice reached {HEALTHY} healthy subscribers in {:?}",
+        appeared.elapsed()
+    );
     drop(stuck);
 }
 
