@@ -204,6 +204,11 @@ async fn kube_client(config: &Config) -> anyhow::Result<kube::Client> {
             error_chain(&err)
         )],
     })?;
+    // The agent retries on its own terms, bounded by the notice deadline: node writes back off
+    // up to 5 s, evictions honour Retry-After up to 10 s. kube's default layer would retry
+    // 429/503/504 inside one call up to 15 times, sleeping any Retry-After in full (an hour if
+    // the server says so) or up to 1000 s of backoff, where none of those bounds can act.
+    kube_config.default_retry = false;
     kube_config.connect_timeout = Some(KUBE_CONNECT_TIMEOUT);
     kube_config.read_timeout = Some(KUBE_READ_TIMEOUT);
     kube_config.write_timeout = Some(KUBE_READ_TIMEOUT);

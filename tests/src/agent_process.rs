@@ -22,7 +22,7 @@ use crate::apiserver::ApiServer;
 const RECHECK: Duration = Duration::from_millis(50);
 /// `--metadata-timeout` of every agent under test: well under a second so a hanging metadata
 /// service costs few polls.
-const METADATA_TIMEOUT: &str = "500ms";
+pub const METADATA_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// A running agent process; killed when dropped.
 pub struct AgentProcess {
@@ -59,7 +59,10 @@ impl AgentProcess {
                 "--poll-interval",
                 &humantime::format_duration(poll).to_string(),
             ])
-            .args(["--metadata-timeout", METADATA_TIMEOUT])
+            .args([
+                "--metadata-timeout",
+                &humantime::format_duration(METADATA_TIMEOUT).to_string(),
+            ])
             .args(extra_args)
             .env_remove("KUBECONFIG")
             .env_remove("KUBERNETES_SERVICE_HOST")

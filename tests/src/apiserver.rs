@@ -3,6 +3,11 @@
 //! resourceVersion preconditions the way the real one does (409 Conflict), and can answer 409,
 //! 429 or 500 (or drop connections) on demand.
 //!
+//! It is stricter than the real one in one way: a node PATCH without
+//! `metadata.resourceVersion` is refused (422), where the real API server applies it
+//! unconditionally. Every write the agent makes to the node must be conditional, or it can
+//! overwrite a change made since it read the node (a lost update); the tests hold it to that.
+//!
 //! Runs on its own thread like [`crate::imds::MetadataSimulator`]; dropping it stops it. Reach it
 //! from a process with the kubeconfig [`ApiServer::write_kubeconfig`] writes.
 
@@ -216,6 +221,19 @@ impl ApiServer {
         });
     }
 
+    /// Failures set by [`Self::fail_next`] and [`Self::refuse_eviction`] still to be answered.
+    pub fn pending_failures(&self) -> usize {
+        self.state()
+            .faults
+            .iter()
+            .fold(0, |sum, f| sum.saturating_add(f.remaining))
+    }
+
+    /// Forgets every failure still pending: the API server recovers.
+    pub fn clear_failures(&self) {
+        self.state().faults.clear();
+    }
+
     /// While set, every connection is closed without an answer (an API server that is down).
     pub fn set_unavailable(&self, unavailable: bool) {
         self.state().unavailable = unavailable;
@@ -405,11 +423,12 @@ async fn handle(state: &Mutex<State>, request: Request<Incoming>) -> Answer {
                 .as_str()
                 .map(str::to_owned);
             let current = state.resource_version.to_string();
-            if method == Method::PUT && sent_version.is_none() {
+            if sent_version.is_none() {
                 return status(
                     422,
                     "Invalid",
-                    "metadata.resourceVersion must be specified for an update",
+                    "metadata.resourceVersion must be specified for an update (the stand-in \
+                     requires it on PATCH too: node writes must be conditional)",
                 );
             }
             if sent_version.as_ref().is_some_and(|v| *v != current) {

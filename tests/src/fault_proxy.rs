@@ -1,11 +1,12 @@
 //! An HTTP proxy that sits in front of a real server and fails chosen requests the way networks
-//! and stores fail: a 500 or a 503 SlowDown answer, a connection reset in the middle of a
-//! request body, a stall, or flipped bytes in the body on its way to the server.
+//! and stores fail: a 500 or a 503 SlowDown answer, a 400 refusal, a connection reset in the
+//! middle of a request body, a stall, an answer lost after the server acted on the request, or
+//! flipped bytes in the body on its way to the server.
 //!
 //! It speaks HTTP/1.1 at the byte level (it reads the request head, then copies the body by
 //! Content-Length), so what reaches the server is exactly what the client sent, SigV4 intact.
-//! A [`Rule`] picks requests by method and a substring of the path-and-query, and applies to
-//! the next `times` matching requests (or all of them). Runs on its own thread and runtime;
+//! A [`Rule`] picks requests by method, a substring of the path-and-query and a substring of a
+//! header name, and applies to the next `times` matching requests (or all of them). Runs on its own thread and runtime;
 //! dropping the [`FaultProxy`] stops it.
 
 use std::io;
@@ -27,10 +28,16 @@ pub enum Fault {
     InternalError,
     /// Answer `503 SlowDown` without forwarding (the body is drained first).
     SlowDown,
+    /// Answer `400 InvalidArgument` without forwarding (the body is drained first), as a store
+    /// does to a header it does not support.
+    InvalidArgument,
     /// Forward half the body, then reset both connections.
     ResetMidBody,
     /// Hold the request without answering for this long, then drop the connection.
     Stall(Duration),
+    /// Forward the whole request and read the server's whole answer, then close the client's
+    /// connection without passing the answer on: the server acted, the client never hears so.
+    DropResponse,
     /// Flip one byte in the middle of the body on its way to the server.
     Corrupt,
     /// Hold the request this long, then forward it as usual (a slow store).
@@ -44,6 +51,8 @@ pub struct Rule {
     pub method: Option<String>,
     /// Substring of the path and query (`partNumber=`, `uploads`, a key), or `None` for any.
     pub path_contains: Option<String>,
+    /// Substring of a header name the request must carry (case-insensitive), or `None`.
+    pub header_contains: Option<String>,
     pub fault: Fault,
     /// Matching requests still to fail; `None` for every one.
     pub times: Option<usize>,
@@ -54,6 +63,7 @@ impl Rule {
         Rule {
             method: None,
             path_contains: None,
+            header_contains: None,
             fault,
             times: None,
         }
@@ -69,21 +79,31 @@ impl Rule {
         self
     }
 
+    /// Only requests carrying a header whose name contains `needle` (e.g. `checksum`).
+    pub fn header_contains(mut self, needle: &str) -> Rule {
+        self.header_contains = Some(needle.to_ascii_lowercase());
+        self
+    }
+
     pub fn times(mut self, times: usize) -> Rule {
         self.times = Some(times);
         self
     }
 
-    fn matches(&self, method: &str, target: &str) -> bool {
+    fn matches(&self, request: &Head) -> bool {
         self.times != Some(0)
             && self
                 .method
                 .as_deref()
-                .is_none_or(|m| m.eq_ignore_ascii_case(method))
+                .is_none_or(|m| m.eq_ignore_ascii_case(&request.method))
             && self
                 .path_contains
                 .as_deref()
-                .is_none_or(|n| target.contains(n))
+                .is_none_or(|n| request.target.contains(n))
+            && self
+                .header_contains
+                .as_deref()
+                .is_none_or(|n| request.header_names.iter().any(|h| h.contains(n)))
     }
 }
 
@@ -222,7 +242,7 @@ async fn serve_connection(
             let fault = state
                 .rules
                 .iter_mut()
-                .find(|r| r.matches(&request.method, &request.target))
+                .find(|r| r.matches(&request))
                 .map(|rule| {
                     if let Some(times) = rule.times.as_mut() {
                         *times -= 1;
@@ -241,7 +261,7 @@ async fn serve_connection(
         };
         let body_len = request.content_length;
         match fault {
-            Some(Fault::InternalError) | Some(Fault::SlowDown) => {
+            Some(Fault::InternalError | Fault::SlowDown | Fault::InvalidArgument) => {
                 drain(
                     &mut client_read,
                     body_len,
@@ -249,10 +269,10 @@ async fn serve_connection(
                     &mut client_write,
                 )
                 .await?;
-                let (status, code) = if fault == Some(Fault::SlowDown) {
-                    ("503 Slow Down", "SlowDown")
-                } else {
-                    ("500 Internal Server Error", "InternalError")
+                let (status, code) = match fault {
+                    Some(Fault::SlowDown) => ("503 Slow Down", "SlowDown"),
+                    Some(Fault::InvalidArgument) => ("400 Bad Request", "InvalidArgument"),
+                    _ => ("500 Internal Server Error", "InternalError"),
                 };
                 let body = format!(
                     "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code>\
@@ -311,6 +331,11 @@ async fn serve_connection(
             sent += n as u64;
             remaining -= n as u64;
         }
+        if fault == Some(Fault::DropResponse) {
+            // Wait for the whole answer, so the server has finished acting on the request.
+            copy_response(&mut upstream_read, &mut tokio::io::sink(), &request.method).await?;
+            return Ok(());
+        }
         copy_response(&mut upstream_read, &mut client_write, &request.method).await?;
     }
 }
@@ -318,6 +343,8 @@ async fn serve_connection(
 struct Head {
     method: String,
     target: String,
+    /// Lower-case header names.
+    header_names: Vec<String>,
     content_length: u64,
     expect_continue: bool,
 }
@@ -333,10 +360,12 @@ impl Head {
         let mut content_length = 0;
         let mut expect_continue = false;
         let mut chunked = false;
+        let mut header_names = Vec::new();
         for line in lines {
             let Some((name, value)) = line.split_once(':') else {
                 continue;
             };
+            header_names.push(name.trim().to_ascii_lowercase());
             let value = value.trim();
             if name.eq_ignore_ascii_case("content-length") {
                 content_length = value.parse().map_err(|_| bad("bad Content-Length"))?;
@@ -354,6 +383,7 @@ impl Head {
         Ok(Head {
             method,
             target,
+            header_names,
             content_length,
             expect_continue,
         })

@@ -1,11 +1,13 @@
 //! A real S3-protocol server over HTTP on 127.0.0.1, backed by a directory: `s3s` parses and
 //! authenticates requests (SigV4), `s3s-fs` stores objects as files.
 //!
-//! Two things are added on top of s3s-fs 0.14.1, because the tests need them and a real store
+//! Three things are added on top of s3s-fs 0.14.1, because the tests need them and a real store
 //! has them: `ListMultipartUploads` (s3s-fs answers NotImplemented), so tests can prove no
-//! multipart upload was left behind; and verification of `x-amz-checksum-crc32c` on
-//! `UploadPart` (s3s-fs checks it on PutObject only), so a part corrupted in flight is refused
-//! with `BadDigest` like AWS does. GET bodies are read from the object's file in 256 KiB
+//! multipart upload was left behind; verification of `x-amz-checksum-crc32c` on `UploadPart`
+//! (s3s-fs checks it on PutObject only), so a part corrupted in flight is refused with
+//! `BadDigest` like AWS does; and `404 NoSuchUpload` for an upload id the store does not know
+//! (completed, aborted or never created) where s3s-fs answers `403 AccessDenied`, so a client
+//! that repeats a CompleteMultipartUpload whose answer it lost hears what AWS would say. GET bodies are read from the object's file in 256 KiB
 //! reads rather than s3s-fs's 4 KiB ones (see [`GET_CHUNK`]), so benchmarks measure clients.
 //!
 //! The server runs on its own thread and runtime, so it keeps serving while a test blocks on a
@@ -206,6 +208,22 @@ struct TestStore {
     uploads: Uploads,
 }
 
+impl TestStore {
+    /// `NoSuchUpload` unless s3s-fs holds the upload: it keeps one `.upload-<id>.json` in its
+    /// root per upload in progress (so this survives a restart of the server, as with AWS).
+    fn check_upload_exists(root: &Path, upload_id: &str) -> S3Result<()> {
+        if root.join(format!(".upload-{upload_id}.json")).is_file() {
+            Ok(())
+        } else {
+            Err(s3_error!(
+                NoSuchUpload,
+                "The specified multipart upload does not exist. The upload ID may be invalid, \
+                 or the upload may have been aborted or completed."
+            ))
+        }
+    }
+}
+
 type S3Future<'a, T> = Pin<Box<dyn Future<Output = S3Result<S3Response<T>>> + Send + 'a>>;
 
 /// Passes an operation straight to s3s-fs (in the shape `#[async_trait]` gives trait methods).
@@ -314,6 +332,7 @@ impl S3 for TestStore {
         Self: 'async_trait,
     {
         Box::pin(async move {
+            TestStore::check_upload_exists(&self.root, &req.input.upload_id)?;
             let expected = req.input.checksum_crc32c.clone();
             let Some(expected) = expected else {
                 return self.fs.upload_part(req).await;
@@ -357,9 +376,10 @@ impl S3 for TestStore {
         'life0: 'async_trait,
         Self: 'async_trait,
     {
-        let (fs, uploads) = (self.fs.clone(), self.uploads.clone());
+        let (fs, uploads, root) = (self.fs.clone(), self.uploads.clone(), self.root.clone());
         finish_even_if_the_client_leaves(async move {
             let upload_id = req.input.upload_id.clone();
+            TestStore::check_upload_exists(&root, &upload_id)?;
             let response = fs.complete_multipart_upload(req).await?;
             uploads.lock().remove(&upload_id);
             Ok(response)
@@ -374,9 +394,10 @@ impl S3 for TestStore {
         'life0: 'async_trait,
         Self: 'async_trait,
     {
-        let (fs, uploads) = (self.fs.clone(), self.uploads.clone());
+        let (fs, uploads, root) = (self.fs.clone(), self.uploads.clone(), self.root.clone());
         finish_even_if_the_client_leaves(async move {
             let upload_id = req.input.upload_id.clone();
+            TestStore::check_upload_exists(&root, &upload_id)?;
             let response = fs.abort_multipart_upload(req).await?;
             uploads.lock().remove(&upload_id);
             Ok(response)

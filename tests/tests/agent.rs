@@ -4,9 +4,9 @@
 // Test helpers outside #[test] functions: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use nerve_notice::{NoticeKind, StreamEvent};
+use nerve_notice::{Cloud, Notice, NoticeKind, StreamEvent};
 use nerve_tests::agent_process::{AgentProcess, metric_value, spot_id, wait_for};
 use nerve_tests::apiserver::ApiServer;
 use nerve_tests::imds::{Fault, MaintenanceEvent, MetadataSimulator, TokenPolicy};
@@ -107,28 +107,126 @@ async fn streams_a_notice_once_and_late_subscribers_get_it_in_the_snapshot() {
     assert_eq!(agent.get("/healthz").await.unwrap().0, 200);
 }
 
+/// The stuck subscriber's socket: the smallest receive buffer and segment size Linux allows, so
+/// the agent's side of it fills after ~100 KiB (loopback defaults hold megabytes: measured 3-4
+/// MiB with the default segment size).
+const STUCK_RECEIVE_BUFFER: u32 = 4096;
+const STUCK_SEGMENT_SIZE: u32 = 536;
+/// Healthy subscribers next to the stuck one.
+const HEALTHY: usize = 200;
+/// Notices per burst: under the agent's 32-line subscriber queue, so a subscriber that reads
+/// between bursts is never taken for a stuck one.
+const BURST: usize = 16;
+/// Length of each notice's maintenance code: a burst of [`BURST`] events stays under the
+/// metadata client's 64 KiB answer limit and pushes ~50 KiB down every stream.
+const CODE_LEN: usize = 3000;
+/// Bursts before the stuck subscriber must be gone: its kernel buffers (~100 KiB), hyper's 16
+/// queued writes and the agent's 32-line queue take about 80 notices, 5 bursts.
+const MAX_BURSTS: usize = 20;
+/// A burst (or a notice) must reach all healthy subscribers this soon after it appeared: one
+/// poll, the agent writing 200 sockets, and this test reading 200 × 16 lines of 3 KiB in a
+/// debug build on a loaded 2-core machine. A subscriber held up by the stuck one would wait
+/// until it was dropped, bursts later.
+const HEALTHY_LATENCY: Duration = Duration::from_secs(5);
+
+/// A subscriber that asks for the stream and never reads a byte.
+async fn stuck_subscriber(agent: &AgentProcess) -> TcpStream {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(STUCK_RECEIVE_BUFFER).unwrap();
+    // Before connecting: the segment size is announced in the SYN and sizes the agent's buffers.
+    setsockopt(&socket, sockopt::TcpMaxSeg, &STUCK_SEGMENT_SIZE).unwrap();
+    let mut stuck = socket.connect(agent.addr()).await.unwrap();
+    stuck
+        .write_all(b"GET /v1/notices?watch=true HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    stuck
+}
+
+/// `count` scheduled-maintenance events, distinct from every other call's by `first`.
+fn maintenance_burst(first: usize, count: usize) -> Vec<MaintenanceEvent> {
+    (first..first + count)
+        .map(|n| MaintenanceEvent {
+            code: format!("system-maintenance-{n}-{}", "x".repeat(CODE_LEN)),
+            event_id: format!("instance-event-{n}"),
+            not_before: in_two_minutes() + Duration::from_secs(3600 + n as u64),
+            state: "active".into(),
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn a_stuck_subscriber_does_not_delay_hundreds_of_healthy_ones() {
     let sim = MetadataSimulator::start();
     let agent = start_agent(&sim, None, &[]);
     agent.wait_ready().await;
-    // Connects, asks for the stream, and never reads a byte.
-    let mut stuck = TcpStream::connect(agent.addr()).await.unwrap();
-    stuck
-        .write_all(b"GET /v1/notices?watch=true HTTP/1.0\r\n\r\n")
-        .await
-        .unwrap();
+    let stuck = stuck_subscriber(&agent).await;
     let mut healthy = Vec::new();
-    for _ in 0..200 {
+    for _ in 0..HEALTHY {
         let mut watch = agent.watch().await;
         assert!(matches!(watch.next().await, StreamEvent::Snapshot { .. }));
         healthy.push(watch);
     }
-    sim.set_gcp_preempted(false);
-    sim.set_spot_interruption("terminate", in_two_minutes());
-    for watch in &mut healthy {
-        assert!(matches!(watch.next().await, StreamEvent::Notice { .. }));
+    let subscribers = || async { agent.metric("nerve_agent_subscribers").await as usize };
+    assert!(wait_for(WAIT, || async { subscribers().await == HEALTHY + 1 }).await);
+
+    // Bursts of notices until the stuck subscriber's buffers are full and the agent drops it;
+    // every burst reaches every healthy subscriber meanwhile.
+    let mut bursts = 0;
+    while subscribers().await > HEALTHY {
+        assert!(
+            bursts < MAX_BURSTS,
+            "the stuck subscriber is still there after {bursts} bursts of {BURST} notices"
+        );
+        sim.set_scheduled_maintenance(maintenance_burst(bursts * BURST, BURST));
+        let appeared = Instant::now();
+        for watch in &mut healthy {
+            for _ in 0..BURST {
+                let event = watch.next_within(HEALTHY_LATENCY).await;
+                assert!(
+                    matches!(event, Some(StreamEvent::Notice { .. })),
+                    "burst {bursts}: a healthy subscriber got {event:?} within {HEALTHY_LATENCY:?}"
+                );
+            }
+        }
+        let took = appeared.elapsed();
+        assert!(
+            took <= HEALTHY_LATENCY,
+            "burst {bursts} took {took:?} to reach {HEALTHY} healthy subscribers"
+        );
+        bursts += 1;
     }
+    assert_eq!(
+        subscribers().await,
+        HEALTHY,
+        "only the stuck subscriber was dropped"
+    );
+    assert!(
+        agent
+            .log()
+            .contains("dropping a watch subscriber that stopped reading")
+    );
+
+    sim.set_spot_interruption("terminate", in_two_minutes());
+    let appeared = Instant::now();
+    for watch in &mut healthy {
+        let event = watch.next_within(HEALTHY_LATENCY).await;
+        assert!(
+            matches!(event, Some(StreamEvent::Notice { ref notice }) if notice.kind == NoticeKind::SpotInterruption),
+            "{event:?}"
+        );
+    }
+    assert!(
+        appeared.elapsed() <= HEALTHY_LATENCY,
+        "{:?}",
+        appeared.elapsed()
+    );
+    eprintln!(
+        "stuck subscriber dropped after {bursts} bursts of {BURST} notices of ~{CODE_LEN} B; the \
+         spot notice reached {HEALTHY} healthy subscribers in {:?}",
+        appeared.elapsed()
+    );
     drop(stuck);
 }
 
@@ -294,14 +392,21 @@ async fn cordons_taints_annotates_and_records_an_event_with_one_exact_patch() {
     let api = start_api();
     let agent = start_agent(&sim, Some(&api), &[]);
     agent.wait_ready().await;
+    let mut watch = agent.watch().await;
+    watch.next().await;
     let version = api.resource_version();
     let deadline = in_two_minutes();
+    // Notice times carry milliseconds.
+    let set_at = OffsetDateTime::now_utc() - Duration::from_millis(1);
     sim.set_spot_interruption("terminate", deadline);
     assert!(
         api.wait_until(WAIT, |api| !api.events().is_empty()).await,
         "log:\n{}",
         agent.log()
     );
+    let StreamEvent::Notice { notice: streamed } = watch.next().await else {
+        panic!("expected the notice on the stream");
+    };
 
     let writes = api.writes();
     let patch = &writes[0];
@@ -325,8 +430,19 @@ async fn cordons_taints_annotates_and_records_an_event_with_one_exact_patch() {
         .as_str()
         .unwrap()
         .to_owned();
-    let notice: Value = serde_json::from_str(&notice_json).unwrap();
-    assert_eq!(notice["id"], spot_id(deadline));
+    // The annotation is the notice, every field of it, exactly as the stream sent it.
+    let annotated: Notice = serde_json::from_str(&notice_json).unwrap();
+    assert_eq!(annotated, streamed);
+    assert_eq!(annotated.id, spot_id(deadline));
+    assert_eq!(annotated.kind, NoticeKind::SpotInterruption);
+    assert_eq!(annotated.action, "terminate");
+    assert_eq!(annotated.deadline, deadline);
+    assert_eq!(annotated.source, Cloud::Aws);
+    assert!(
+        set_at <= annotated.detected_at && annotated.detected_at <= OffsetDateTime::now_utc(),
+        "detected at {} (notice set at {set_at})",
+        annotated.detected_at
+    );
     assert_eq!(
         body,
         json!({
@@ -402,6 +518,51 @@ async fn keeps_a_taint_added_concurrently_when_the_patch_conflicts() {
         wait_for(WAIT, || async {
             agent
                 .metric("nerve_agent_node_actions_total{action=\"cordon\",outcome=\"conflict\"}")
+                .await
+                == 1.0
+        })
+        .await
+    );
+}
+
+#[tokio::test]
+async fn keeps_a_taint_added_concurrently_when_the_uncordon_conflicts() {
+    let sim = MetadataSimulator::start();
+    let api = start_api();
+    let agent = start_agent(&sim, Some(&api), &[]);
+    agent.wait_ready().await;
+    sim.set_spot_interruption("terminate", in_two_minutes());
+    assert!(
+        api.wait_until(WAIT, |api| api.unschedulable()).await,
+        "log:\n{}",
+        agent.log()
+    );
+    // Someone taints the node between the agent's read and its uncordon patch: an
+    // unconditional patch would write back the taints it read and lose this one.
+    let added = json!({"key": "team", "value": "ml", "effect": "NoSchedule"});
+    let change = added.clone();
+    api.change_node_before_next_write(move |node| {
+        node["spec"]["taints"].as_array_mut().unwrap().push(change);
+    });
+    let patches = |api: &ApiServer| api.writes().iter().filter(|w| w.method == "PATCH").count();
+    let cordon_patches = patches(&api);
+    sim.clear_spot_interruption();
+    assert!(
+        api.wait_until(WAIT, |api| !api.unschedulable()).await,
+        "log:\n{}",
+        agent.log()
+    );
+    assert_eq!(api.taints(), vec![gpu_taint(), added]);
+    assert_eq!(
+        patches(&api) - cordon_patches,
+        2,
+        "the conflicting uncordon is read again and retried once"
+    );
+    assert!(api.annotations().get("nerve.io/cordoned-by").is_none());
+    assert!(
+        wait_for(WAIT, || async {
+            agent
+                .metric("nerve_agent_node_actions_total{action=\"uncordon\",outcome=\"conflict\"}")
                 .await
                 == 1.0
         })
@@ -531,6 +692,15 @@ async fn streams_at_once_while_the_api_server_is_down_and_cordons_when_it_is_bac
     assert_eq!(patches, 3, "two refused with 500, the third applied");
 }
 
+/// The Retry-After of the disruption budget in the drain test: longer than the agent's 1 s retry
+/// of an eviction refused without one, so the gap shows which of the two the agent waited.
+const WEB_RETRY_AFTER: Duration = Duration::from_secs(3);
+/// The agent's cap on one Retry-After (agent/src/node/drain.rs): the notice deadline is at most
+/// minutes away, so a budget asking for an hour is asked again after this.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(10);
+/// Lateness allowed on a retry at the cap on a loaded 2-core machine.
+const RETRY_SLACK: Duration = Duration::from_secs(5);
+
 #[tokio::test]
 async fn drains_with_evictions_honouring_budgets_and_skipping_node_and_checkpointing_pods() {
     let sim = MetadataSimulator::start();
@@ -550,25 +720,42 @@ async fn drains_with_evictions_honouring_budgets_and_skipping_node_and_checkpoin
     let mut elsewhere = api.pod_on_node("default", "elsewhere", "web");
     elsewhere["spec"]["nodeName"] = json!("another-node");
     api.add_pod(elsewhere);
-    api.refuse_eviction("web", 1, 1);
+    api.refuse_eviction("web", 1, WEB_RETRY_AFTER.as_secs());
+    // A budget that says "not for an hour": the agent asks again at its cap instead.
+    api.add_pod(api.pod_on_node("default", "cache", "cache"));
+    api.refuse_eviction("cache", 1, 3600);
 
     let agent = start_agent(&sim, Some(&api), &["--drain"]);
     agent.wait_ready().await;
     sim.set_spot_interruption("terminate", in_two_minutes());
     assert!(
-        api.wait_until(WAIT, |api| api.evicted().len() == 2).await,
+        api.wait_until(WAIT, |api| api.evicted().len() == 3).await,
         "log:\n{}",
         agent.log()
     );
     let mut evicted = api.evicted();
     evicted.sort();
-    assert_eq!(evicted, vec!["default/web", "jobs/batch"]);
-    let web_attempts = api
-        .requests()
-        .iter()
-        .filter(|r| r.path.contains("/pods/web/eviction"))
-        .count();
-    assert_eq!(web_attempts, 2, "the 429 is retried after its Retry-After");
+    assert_eq!(evicted, vec!["default/cache", "default/web", "jobs/batch"]);
+    let gap = |pod: &str| {
+        let attempts: Vec<_> = api
+            .requests()
+            .into_iter()
+            .filter(|r| r.path.contains(&format!("/pods/{pod}/eviction")))
+            .map(|r| r.at)
+            .collect();
+        assert_eq!(attempts.len(), 2, "the 429 for {pod} is retried once");
+        attempts[1] - attempts[0]
+    };
+    let web = gap("web");
+    assert!(
+        (WEB_RETRY_AFTER..MAX_RETRY_AFTER).contains(&web),
+        "web is retried after its Retry-After of {WEB_RETRY_AFTER:?}, not after {web:?}"
+    );
+    let cache = gap("cache");
+    assert!(
+        (MAX_RETRY_AFTER..MAX_RETRY_AFTER + RETRY_SLACK).contains(&cache),
+        "cache is retried at the {MAX_RETRY_AFTER:?} cap, not after {cache:?}"
+    );
     let eviction = api
         .requests()
         .into_iter()
@@ -624,15 +811,24 @@ async fn the_metadata_client_keeps_notices_stable_and_through_faults() {
     assert!(report.notices.is_empty());
 }
 
+/// Time from the notice to its deadline in the blocked-drain test: the agent cordons, lists the
+/// pods and makes two evictions one Retry-After apart (about 1.2 s on an idle machine); 6 s
+/// leaves room for a loaded 2-core machine.
+const DRAIN_WINDOW: Duration = Duration::from_secs(6);
+/// How often the blocked eviction is retried there (its Retry-After).
+const EVICTION_INTERVAL: Duration = Duration::from_secs(1);
+
 #[tokio::test]
 async fn a_drain_blocked_by_a_disruption_budget_stops_at_the_notice_deadline() {
     let sim = MetadataSimulator::start();
     let api = start_api();
     api.add_pod(api.pod_on_node("default", "guarded", "web"));
-    api.refuse_eviction("guarded", usize::MAX, 1);
+    api.refuse_eviction("guarded", usize::MAX, EVICTION_INTERVAL.as_secs());
     let agent = start_agent(&sim, Some(&api), &["--drain"]);
     agent.wait_ready().await;
-    let deadline = (OffsetDateTime::now_utc() + Duration::from_secs(4))
+    // Rounded up to the whole second the metadata service speaks in, never down.
+    let at_least = OffsetDateTime::now_utc() + DRAIN_WINDOW;
+    let deadline = (at_least + Duration::from_secs(1))
         .replace_nanosecond(0)
         .unwrap();
     sim.set_spot_interruption("terminate", deadline);
@@ -647,12 +843,18 @@ async fn a_drain_blocked_by_a_disruption_budget_stops_at_the_notice_deadline() {
         "log:\n{}",
         agent.log()
     );
-    // Well past the deadline, the attempts have stopped.
-    let past = deadline + Duration::from_secs(3);
+    assert!(
+        OffsetDateTime::now_utc() < deadline,
+        "two eviction attempts took the whole {DRAIN_WINDOW:?} window; log:\n{}",
+        agent.log()
+    );
+    // Once the deadline has passed (and any attempt then in flight has been answered), the
+    // attempts have stopped.
+    let past = deadline + EVICTION_INTERVAL;
     tokio::time::sleep(Duration::try_from(past - OffsetDateTime::now_utc()).unwrap_or_default())
         .await;
     let stopped = attempts(&api);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(EVICTION_INTERVAL * 2).await;
     assert_eq!(attempts(&api), stopped, "no eviction after the deadline");
     assert!(api.evicted().is_empty());
     assert!(agent.log().contains("drain stopped at the notice deadline"));

@@ -429,6 +429,28 @@ fn a_stalled_answer_to_the_commit_is_abandoned_and_the_upload_finishes() {
 }
 
 #[test]
+fn a_multipart_upload_completed_but_whose_answer_was_lost_still_commits() {
+    let mut world = World::new("lost-complete");
+    // The store completes the upload and the answer never arrives: asked again, the store
+    // knows no such upload any more, because the first request worked.
+    let rules = [Rule::new(Fault::DropResponse)
+        .method("POST")
+        .path_contains("uploadId=")
+        .times(1)];
+    assert!(upload_through_faults(&mut world, &rules, |_, _| {}));
+}
+
+#[test]
+fn a_commit_whose_answer_was_lost_is_retried_and_the_upload_succeeds() {
+    let mut world = World::new("lost-commit");
+    let rules = [Rule::new(Fault::DropResponse)
+        .method("PUT")
+        .path_contains(".manifest.json")
+        .times(1)];
+    assert!(upload_through_faults(&mut world, &rules, |_, _| {}));
+}
+
+#[test]
 fn a_store_restarted_mid_upload_ends_in_the_new_or_the_previous_generation_never_a_mix() {
     let mut world = World::new("restart");
     // Hold the second part for a moment so the restart lands while the upload is in flight.

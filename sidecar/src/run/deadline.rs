@@ -112,8 +112,14 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(120);
         let cutoff = checkpoint_cutoff(deadline, 1000 << 20, &throughput);
         assert_eq!(deadline - cutoff, Duration::from_secs(10) + SAFETY_MARGIN);
-        // More bytes than the window allows: stop waiting now, not in the past.
-        let cutoff = checkpoint_cutoff(deadline, 100_000 << 20, &throughput);
+        // More bytes than the window allows (200 s of upload in 120 s): stop waiting now, not
+        // 85 s in the past.
+        let before = Instant::now();
+        let cutoff = checkpoint_cutoff(deadline, 20_000 << 20, &throughput);
+        assert!(cutoff >= before, "the cutoff is in the past");
         assert!(cutoff <= Instant::now());
+        // A deadline already passed: the cutoff is that deadline, never later.
+        let passed = before.checked_sub(Duration::from_secs(1)).unwrap();
+        assert_eq!(checkpoint_cutoff(passed, 0, &throughput), passed);
     }
 }

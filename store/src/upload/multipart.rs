@@ -346,7 +346,7 @@ async fn send_multipart(
     with_retries(
         "completing a multipart upload",
         S3Error::is_retryable,
-        |attempt| {
+        |_| {
             let completed = completed.clone();
             async move {
                 let result = store
@@ -365,9 +365,10 @@ async fn send_multipart(
                     .map_err(|e| store.error(Operation::CompleteMultipartUpload, key, e));
                 match result {
                     Ok(_) => Ok(()),
-                    // An earlier attempt completed it but its answer was lost: the upload id is gone
-                    // and the object is there with the right size.
-                    Err(err) if attempt > 1 && err.is_not_found() => {
+                    // An earlier request completed it but its answer was lost: the upload id is
+                    // gone and the object is there with the right size. The earlier request may
+                    // be the SDK's own, inside this same attempt.
+                    Err(err) if err.is_not_found() => {
                         let head = store
                             .client()
                             .head_object()

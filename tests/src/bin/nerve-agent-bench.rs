@@ -1,6 +1,10 @@
 //! Measures a (release) nerve-agent binary against the metadata simulator and the API-server
-//! stand-in: idle footprint, notice → subscriber and notice → cordon PATCH latency. Run through
-//! `bench/agent`, which builds the binaries and reports the binary size too.
+//! stand-in: binary size, idle footprint, notice → subscriber and notice → cordon PATCH latency.
+//! Run through `bench/agent`, which builds the binaries.
+//!
+//! The last lines judge each figure against its target (issue 2, docs/agent.md): met or
+//! MISSED. Memory or CPU over the agent's budget (DESIGN.md: under 50 MiB and 0.1 vCPU at all
+//! times) is a wrong result, not a missed target: the bench then exits 1.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -18,6 +22,24 @@ use time::OffsetDateTime;
 
 /// Upper bound for any single wait of the bench (a notice, a cordon, readiness).
 const WAIT: Duration = Duration::from_secs(30);
+/// The agent's poll interval in every measurement: the product default, which the latency
+/// target is stated for.
+const POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+const MIB: f64 = 1024.0 * 1024.0;
+/// Targets (issue 2): a stripped release binary under 10 MiB ...
+const BINARY_TARGET_MIB: f64 = 10.0;
+/// ... under 10 MiB of memory, idle or after cordon cycles ...
+const RSS_TARGET_MIB: f64 = 10.0;
+/// ... under 0.001 vCPU on average when idle ...
+const IDLE_CPU_TARGET_VCPU: f64 = 0.001;
+/// ... and a notice at the subscriber and the cordon PATCH at the API server within one poll
+/// interval plus this.
+const LATENCY_TARGET_OVER_POLL: Duration = Duration::from_millis(100);
+/// The budget (DESIGN.md "Footprint"): the agent must stay under 50 MiB and 0.1 vCPU at all
+/// times. Over it is a wrong result.
+const RSS_BUDGET_MIB: f64 = 50.0;
+const CPU_BUDGET_VCPU: f64 = 0.1;
 
 #[derive(Parser)]
 #[command(about = "Measure nerve-agent's footprint and notice latency")]
@@ -69,6 +91,10 @@ fn start_agent(
     let mut command = Command::new(binary);
     command
         .args(["--metadata-url", &sim.url(), "--listen", &addr.to_string()])
+        .args([
+            "--poll-interval",
+            &format!("{}ms", POLL_INTERVAL.as_millis()),
+        ])
         .env_remove("KUBECONFIG")
         .env_remove("KUBERNETES_SERVICE_HOST")
         .env("RUST_LOG", "warn")
@@ -125,7 +151,8 @@ fn usage(pid: u32) -> anyhow::Result<(f64, u64, u64)> {
     Ok((ticks as f64 / USER_HZ, kib("VmHWM:"), kib("VmRSS:")))
 }
 
-fn summary(name: &str, samples: &mut [Duration]) {
+/// Prints median, max and min of `samples`; returns the max.
+fn summary(name: &str, samples: &mut [Duration]) -> Duration {
     samples.sort();
     let median = samples[samples.len() / 2];
     let max = samples[samples.len() - 1];
@@ -137,10 +164,38 @@ fn summary(name: &str, samples: &mut [Duration]) {
         min.as_secs_f64() * 1000.0,
         samples.len()
     );
+    max
+}
+
+/// One figure judged against its target.
+struct Verdict {
+    met: bool,
+    line: String,
+}
+
+fn verdict(met: bool, line: String) -> Verdict {
+    Verdict { met, line }
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.trials == 0 {
+        bail!("--trials must be at least 1");
+    }
+    let mut verdicts = Vec::new();
+    let mut over_budget = Vec::new();
+
+    // 0. Binary size.
+    let binary_mib = std::fs::metadata(&args.agent)
+        .with_context(|| format!("reading {}", args.agent.display()))?
+        .len() as f64
+        / MIB;
+    println!("binary: {} = {binary_mib:.2} MiB", args.agent.display());
+    verdicts.push(verdict(
+        binary_mib < BINARY_TARGET_MIB,
+        format!("binary {binary_mib:.2} MiB (target < {BINARY_TARGET_MIB} MiB, stripped release)"),
+    ));
+
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -154,17 +209,35 @@ fn main() -> anyhow::Result<()> {
     std::thread::sleep(args.idle);
     let (cpu_after, peak_kib, rss_kib) = usage(pid)?;
     let cpu = cpu_after - cpu_before;
+    let vcpu = cpu / args.idle.as_secs_f64();
+    let idle_peak_mib = peak_kib as f64 / 1024.0;
     println!(
         "idle {}s (--kubernetes off, 1s polls, {} metadata requests): peak RSS {:.1} MiB, RSS {:.1} MiB, \
          CPU {:.2} s = {:.5} vCPU",
         args.idle.as_secs(),
         sim.requests() - polls_before,
-        peak_kib as f64 / 1024.0,
+        idle_peak_mib,
         rss_kib as f64 / 1024.0,
         cpu,
-        cpu / args.idle.as_secs_f64()
+        vcpu
     );
     drop(agent);
+    verdicts.push(verdict(
+        idle_peak_mib < RSS_TARGET_MIB,
+        format!("idle peak RSS {idle_peak_mib:.1} MiB (target < {RSS_TARGET_MIB} MiB)"),
+    ));
+    verdicts.push(verdict(
+        vcpu < IDLE_CPU_TARGET_VCPU,
+        format!("idle CPU {vcpu:.5} vCPU (target < {IDLE_CPU_TARGET_VCPU} vCPU)"),
+    ));
+    if idle_peak_mib >= RSS_BUDGET_MIB {
+        over_budget.push(format!(
+            "idle peak RSS {idle_peak_mib:.1} MiB >= {RSS_BUDGET_MIB} MiB"
+        ));
+    }
+    if vcpu >= CPU_BUDGET_VCPU {
+        over_budget.push(format!("idle CPU {vcpu:.5} vCPU >= {CPU_BUDGET_VCPU} vCPU"));
+    }
 
     // 2. Latency, Kubernetes mode, default 1 s poll, one subscriber.
     let sim = MetadataSimulator::start();
@@ -234,12 +307,62 @@ fn main() -> anyhow::Result<()> {
         );
     }
     let (_, peak_kib, _) = usage(agent.child.id())?;
-    summary("notice -> subscriber", &mut to_subscriber);
-    summary("notice -> cordon PATCH", &mut to_patch);
+    let latency_target = POLL_INTERVAL + LATENCY_TARGET_OVER_POLL;
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    for (name, samples) in [
+        ("notice -> subscriber", &mut to_subscriber),
+        ("notice -> cordon PATCH", &mut to_patch),
+    ] {
+        let max = summary(name, samples);
+        verdicts.push(verdict(
+            max <= latency_target,
+            format!(
+                "{name} max {:.0} ms (target <= poll + 100 ms = {:.0} ms)",
+                ms(max),
+                ms(latency_target)
+            ),
+        ));
+    }
+    let kube_peak_mib = peak_kib as f64 / 1024.0;
     println!(
-        "peak RSS in Kubernetes mode after {} cordon/uncordon cycles: {:.1} MiB",
+        "peak RSS in Kubernetes mode after {} cordon/uncordon cycles: {kube_peak_mib:.1} MiB",
         args.trials,
-        peak_kib as f64 / 1024.0
     );
-    Ok(())
+    verdicts.push(verdict(
+        kube_peak_mib < RSS_TARGET_MIB,
+        format!(
+            "peak RSS after {} cordon cycles {kube_peak_mib:.1} MiB (target < {RSS_TARGET_MIB} MiB)",
+            args.trials
+        ),
+    ));
+    if kube_peak_mib >= RSS_BUDGET_MIB {
+        over_budget.push(format!(
+            "peak RSS in Kubernetes mode {kube_peak_mib:.1} MiB >= {RSS_BUDGET_MIB} MiB"
+        ));
+    }
+
+    println!();
+    println!("targets (issue 2):");
+    for v in &verdicts {
+        println!("  {} {}", if v.met { "met   " } else { "MISSED" }, v.line);
+    }
+    let missed = verdicts.iter().filter(|v| !v.met).count();
+    if over_budget.is_empty() {
+        println!(
+            "result: {} targets met, {missed} missed; within the budget of {RSS_BUDGET_MIB} MiB \
+             and {CPU_BUDGET_VCPU} vCPU",
+            verdicts.len() - missed
+        );
+        Ok(())
+    } else {
+        println!(
+            "WRONG RESULT: over the agent's budget: {}",
+            over_budget.join("; ")
+        );
+        println!(
+            "result: {} targets met, {missed} missed; OVER BUDGET",
+            verdicts.len() - missed
+        );
+        std::process::exit(1);
+    }
 }
