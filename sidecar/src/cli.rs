@@ -9,8 +9,11 @@ use std::path::{Path, PathBuf};
 
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
+use crate::rank::detect_rank;
+
 use nerve_store::exclude::Excludes;
 use nerve_store::generation::Generation;
+use nerve_store::part::Rank;
 use nerve_store::restore::Owner;
 use nerve_store::step::{DEFAULT_STEP_PATTERN, StepPattern};
 use nerve_store::{
@@ -128,7 +131,42 @@ pub struct CheckpointArgs {
     pub store: StoreArgs,
 
     #[command(flatten)]
+    pub rank: RankArgs,
+
+    #[command(flatten)]
     pub transfer: TransferArgs,
+}
+
+/// A pod's place in a multi-pod job.
+#[derive(Debug, Clone, Args)]
+pub struct RankArgs {
+    /// This pod's rank in a multi-pod job, from 0 [default: PET_NODE_RANK, GROUP_RANK or
+    /// JOB_COMPLETION_INDEX; see docs/DESIGN.md].
+    #[arg(long, env = "NERVE_RANK")]
+    pub rank: Option<u32>,
+
+    /// Pods in the job; above 1, each uploads its part of one generation per step [default:
+    /// PET_NNODES or GROUP_WORLD_SIZE; otherwise 1].
+    #[arg(long, env = "NERVE_WORLD_SIZE")]
+    pub world_size: Option<u32>,
+}
+
+impl RankArgs {
+    /// The rank, from the flags or the pod's environment.
+    pub fn resolve(&self) -> Result<Rank, crate::ConfigError> {
+        let (rank, source) =
+            detect_rank(self.rank, self.world_size, &|name| std::env::var(name).ok())
+                .map_err(crate::ConfigError)?;
+        if rank.is_multi_pod() {
+            tracing::info!(
+                rank = rank.rank,
+                world_size = rank.world_size,
+                source = source.as_str(),
+                "multi-pod job"
+            );
+        }
+        Ok(rank)
+    }
 }
 
 /// The done marker's name when `--done-marker` is not given, inside `--dir`; the Nerve trainer
@@ -213,12 +251,25 @@ pub struct RestoreArgs {
     /// otherwise left alone).
     #[arg(long, env = "NERVE_OVERWRITE")]
     pub overwrite: bool,
+
+    /// Of a multi-pod generation: `all` ranks' files (what torch.distributed.checkpoint needs
+    /// to reshard), or this rank's `own` part plus the files every rank needs.
+    #[arg(long, env = "NERVE_PARTS", value_parser = ["all", "own"], default_value = "all")]
+    pub parts: String,
+
+    /// Of a multi-pod generation: the rank whose file wins when two ranks hold one path with
+    /// different contents (without it, that is an error naming both).
+    #[arg(long, env = "NERVE_PREFER_RANK")]
+    pub prefer_rank: Option<u32>,
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct ListArgs {
     #[command(flatten)]
     pub store: StoreArgs,
+
+    #[command(flatten)]
+    pub rank: RankArgs,
 
     /// Print one JSON object per generation instead of a table.
     #[arg(long)]
@@ -229,6 +280,9 @@ pub struct ListArgs {
 pub struct PruneArgs {
     #[command(flatten)]
     pub store: StoreArgs,
+
+    #[command(flatten)]
+    pub rank: RankArgs,
 
     /// Committed generations to keep (the newest N); at least 1.
     #[arg(long, env = "NERVE_KEEP", value_parser = clap::value_parser!(u32).range(1..))]

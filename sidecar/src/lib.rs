@@ -8,6 +8,7 @@
 pub mod cli;
 pub mod inject;
 pub mod metrics;
+pub mod rank;
 pub mod run;
 pub mod transfer;
 

@@ -192,7 +192,13 @@ pub async fn run(
     if let Err(problem) = scope.check() {
         problems.push(problem);
     }
-    let Some(agent_url) = agent_url.filter(|_| problems.is_empty()) else {
+    let rank = args
+        .checkpoint
+        .rank
+        .resolve()
+        .map_err(|e| problems.push(e.0))
+        .ok();
+    let (Some(agent_url), Some(rank), true) = (agent_url, rank, problems.is_empty()) else {
         return Err(crate::ConfigError(problems.join("\n")).into());
     };
     let listener = health::bind(args.listen).await?;
@@ -249,6 +255,7 @@ pub async fn run(
             part_size: args.checkpoint.transfer.part_size,
             signal: args.signal,
             scope: scope.clone(),
+            rank,
             node: args.node_name.clone(),
             pod: args.pod_name.clone(),
         };
@@ -278,6 +285,7 @@ pub async fn run(
         part_size: args.checkpoint.transfer.part_size,
         background_sync: args.background_sync,
         termination_grace: args.termination_grace,
+        rank,
         node: args.node_name.clone(),
         pod: args.pod_name.clone(),
     };

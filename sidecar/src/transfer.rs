@@ -5,24 +5,20 @@
 //! and presents results.
 
 use anyhow::Context as _;
-use futures::{StreamExt, TryStreamExt};
 use tokio_util::sync::CancellationToken;
 
-use nerve_store::list::{Committed, order_by_step};
+use nerve_store::list::describe_generations;
+use nerve_store::part::PartsChoice;
 use nerve_store::progress::{Progress, format_bytes, report_progress};
 use nerve_store::restore::Owner;
 use nerve_store::step::checkpoint_step;
 use nerve_store::{
-    Generation, Manifest, ManifestContext, RestoreOptions, RestoreOutcome, Store, UploadOptions,
-    fetch_manifest, list_generations, prune_generations, restore_generation_with,
-    upload_generation_with_progress,
+    ManifestContext, RestoreOptions, RestoreOutcome, Store, UploadOptions, prune_generations,
+    restore_generation_with, upload_generation_with_progress,
 };
 
 use crate::ConfigError;
 use crate::cli::{ListArgs, PruneArgs, RestoreArgs, UploadArgs};
-
-/// Manifests fetched at once for `nerve-sidecar list`: small objects, latency-bound.
-const MANIFEST_FETCHES: usize = 8;
 
 /// `nerve-sidecar upload`: upload once, print the summary.
 pub async fn upload_command(args: UploadArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -57,6 +53,7 @@ pub async fn upload_command(args: UploadArgs, shutdown: CancellationToken) -> an
         },
         excludes,
         step_pattern: content.step_from.clone(),
+        rank: Some(args.checkpoint.rank.resolve()?),
     };
     let progress = Progress::new();
     let stop_reporting = CancellationToken::new();
@@ -86,6 +83,11 @@ pub async fn restore_command(args: RestoreArgs, shutdown: CancellationToken) -> 
         marker: Some(content.marker_path(dir)),
         owner: args.owner.or_else(|| Owner::default_for(dir)),
         overwrite_newer: args.overwrite,
+        parts: match args.parts.as_str() {
+            "own" => PartsChoice::Own(args.checkpoint.rank.resolve()?.rank),
+            _ => PartsChoice::All,
+        },
+        prefer_rank: args.prefer_rank,
     };
     let progress = Progress::new();
     let stop_reporting = CancellationToken::new();
@@ -134,10 +136,11 @@ pub async fn restore_command(args: RestoreArgs, shutdown: CancellationToken) -> 
     Ok(())
 }
 
-/// `nerve-sidecar list`: one line (or JSON object) per committed generation.
+/// `nerve-sidecar list`: one line (or JSON object) per generation, oldest step first (the order
+/// restore and prune use); a multi-pod generation shows its parts committed of its world size.
 pub async fn list_command(args: ListArgs) -> anyhow::Result<()> {
     let store = Store::connect(&args.store.config()).await;
-    let generations = list_generations(&store).await?;
+    let generations = describe_generations(&store).await?;
     if generations.is_empty() {
         eprintln!(
             "no committed generations for job {} under {}",
@@ -145,59 +148,44 @@ pub async fn list_command(args: ListArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let mut manifests: std::collections::HashMap<Generation, Manifest> =
-        futures::stream::iter(generations)
-            .map(|generation| {
-                let store = &store;
-                async move {
-                    let manifest = fetch_manifest(store, &generation).await?;
-                    anyhow::Ok((generation, manifest))
-                }
-            })
-            .buffered(MANIFEST_FETCHES)
-            .try_collect()
-            .await?;
-    // The order restore and prune use: by step, time breaking ties.
-    let mut order: Vec<Committed> = manifests
-        .iter()
-        .map(|(generation, manifest)| Committed {
-            generation: generation.clone(),
-            step: manifest.step,
-        })
-        .collect();
-    order_by_step(&mut order);
-    let manifests = order
-        .into_iter()
-        .filter_map(|c| manifests.remove_entry(&c.generation));
     if !args.json {
         println!(
-            "{:<30} {:>7} {:>11} {:>10}  created",
-            "generation", "files", "size", "step"
+            "{:<30} {:>7} {:>11} {:>10} {:>7}  created",
+            "generation", "files", "size", "step", "parts"
         );
     }
-    for (generation, manifest) in manifests {
+    for info in generations {
+        let parts = info
+            .parts
+            .map(|(committed, world)| format!("{committed}/{world}"));
         if args.json {
             let line = serde_json::json!({
-                "generation": generation.as_str(),
-                "files": manifest.files.len(),
-                "bytes": manifest.total_bytes(),
-                "step": manifest.step,
-                "created_at": manifest.created_at,
-                "manifest": store.manifest_key(&generation),
+                "generation": info.generation.as_str(),
+                "committed": info.committed,
+                "parts_committed": info.parts.map(|p| p.0),
+                "world_size": info.parts.map(|p| p.1),
+                "files": info.files,
+                "bytes": info.bytes,
+                "step": info.step,
+                "created_at": info.created_at,
+                "manifest": store.manifest_key(&info.generation),
             });
             println!("{line}");
         } else {
-            let step = manifest
-                .step
-                .map(|s| s.to_string())
-                .unwrap_or_else(|| "-".into());
+            let step = info.step.map_or_else(|| "-".into(), |s| s.to_string());
+            let incomplete = if info.committed {
+                ""
+            } else {
+                "  (incomplete: never restored)"
+            };
             println!(
-                "{:<30} {:>7} {:>11} {:>10}  {}",
-                generation.as_str(),
-                manifest.files.len(),
-                format_bytes(manifest.total_bytes()),
+                "{:<30} {:>7} {:>11} {:>10} {:>7}  {}{incomplete}",
+                info.generation.as_str(),
+                info.files,
+                format_bytes(info.bytes),
                 step,
-                manifest.created_at
+                parts.as_deref().unwrap_or("-"),
+                info.created_at,
             );
         }
     }
@@ -215,8 +203,10 @@ pub async fn prune_command(args: PruneArgs) -> anyhow::Result<()> {
         "deleted"
     };
     println!(
-        "{verb} {} generations and {} objects ({}), {} {} multipart uploads left open; kept {} generations",
+        "{verb} {} generations, {} incomplete multi-pod generations and {} objects ({}), {} {} \
+         multipart uploads left open; kept {} generations",
         summary.generations_deleted.len(),
+        summary.incomplete_deleted.len(),
         summary.objects_deleted,
         format_bytes(summary.bytes_deleted),
         if args.dry_run {

@@ -17,6 +17,7 @@ pub mod layout;
 pub mod list;
 pub mod manifest;
 pub mod metrics;
+pub mod part;
 pub mod progress;
 pub mod prune;
 pub mod restore;

@@ -11,7 +11,10 @@
 use futures::{StreamExt, TryStreamExt};
 
 use crate::generation::Generation;
-use crate::manifest::{MANIFEST_SUFFIX, ManifestReadError, STEP_METADATA, fetch_manifest};
+use crate::manifest::{
+    MANIFEST_SUFFIX, ManifestReadError, STEP_METADATA, fetch_manifest, fetch_manifest_at,
+};
+use crate::part::{GenerationManifest, committed_ranks, fetch_generation};
 use crate::s3::{Operation, S3Error, Store, with_retries};
 
 /// Manifest HEADs in flight while reading steps: tiny requests, latency-bound.
@@ -129,6 +132,10 @@ async fn manifest_step(
     store: &Store,
     generation: &Generation,
 ) -> Result<Option<u64>, ManifestReadError> {
+    // A multi-pod generation is named by its step.
+    if let Some(step) = generation.step() {
+        return Ok(Some(step));
+    }
     let key = store.manifest_key(generation);
     let head = with_retries(
         "reading a manifest's step",
@@ -154,6 +161,146 @@ async fn manifest_step(
         return Ok(Some(step));
     }
     Ok(fetch_manifest(store, generation).await?.step)
+}
+
+/// Manifests read at once by [`describe_generations`]: small objects, latency-bound.
+const DESCRIBE_FETCHES: usize = 8;
+
+/// One generation of a job as `nerve-sidecar list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GenerationInfo {
+    pub generation: Generation,
+    pub step: Option<u64>,
+    /// Its manifest (a multi-pod job's: its job manifest) exists: restore may pick it.
+    pub committed: bool,
+    /// A multi-pod generation's parts: how many are committed, of how many ranks.
+    pub parts: Option<(u32, u32)>,
+    pub files: usize,
+    pub bytes: u64,
+    pub created_at: String,
+}
+
+/// Every generation of the job, committed ones and multi-pod ones with only some parts, oldest
+/// step first.
+pub async fn describe_generations(store: &Store) -> Result<Vec<GenerationInfo>, ListError> {
+    let prefix = store.generations_prefix();
+    let mut committed = Vec::new();
+    let mut started = Vec::new();
+    let mut pages = store
+        .client()
+        .list_objects_v2()
+        .bucket(store.bucket())
+        .prefix(prefix)
+        .delimiter("/")
+        .into_paginator()
+        .send();
+    while let Some(page) = pages.next().await {
+        let page =
+            page.map_err(|e| ListError::List(store.error(Operation::ListObjectsV2, prefix, e)))?;
+        for object in page.contents() {
+            let name = object
+                .key()
+                .and_then(|k| k.strip_prefix(prefix))
+                .and_then(|k| k.strip_suffix(MANIFEST_SUFFIX));
+            committed.extend(name.and_then(|n| Generation::parse(n).ok()));
+        }
+        for common in page.common_prefixes() {
+            let name = common
+                .prefix()
+                .and_then(|p| p.strip_prefix(prefix))
+                .and_then(|p| p.strip_suffix('/'));
+            started.extend(name.and_then(|n| Generation::parse(n).ok()));
+        }
+    }
+    // Multi-pod generations some rank started but not every rank committed.
+    started.retain(|g| g.step().is_some() && !committed.contains(g));
+    let lookups = committed
+        .into_iter()
+        .map(|g| (g, true))
+        .chain(started.into_iter().map(|g| (g, false)));
+    let mut infos: Vec<GenerationInfo> = futures::stream::iter(lookups)
+        .map(|(generation, committed)| describe(store, generation, committed))
+        .buffered(DESCRIBE_FETCHES)
+        .try_collect()
+        .await?;
+    let mut order: Vec<Committed> = infos
+        .iter()
+        .map(|i| Committed {
+            generation: i.generation.clone(),
+            step: i.step,
+        })
+        .collect();
+    order_by_step(&mut order);
+    let rank_of: std::collections::HashMap<Generation, usize> = order
+        .into_iter()
+        .enumerate()
+        .map(|(at, c)| (c.generation, at))
+        .collect();
+    infos.sort_by_key(|i| rank_of.get(&i.generation).copied());
+    Ok(infos)
+}
+
+async fn describe(
+    store: &Store,
+    generation: Generation,
+    committed: bool,
+) -> Result<GenerationInfo, ListError> {
+    let read_error = |source| ListError::Step {
+        generation: generation.clone(),
+        source,
+    };
+    if committed {
+        return Ok(
+            match fetch_generation(store, &generation)
+                .await
+                .map_err(read_error)?
+            {
+                GenerationManifest::Single(manifest) => GenerationInfo {
+                    step: manifest.step,
+                    committed,
+                    parts: None,
+                    files: manifest.files.len(),
+                    bytes: manifest.total_bytes(),
+                    created_at: manifest.created_at,
+                    generation,
+                },
+                GenerationManifest::Job(job) => GenerationInfo {
+                    step: Some(job.step),
+                    committed,
+                    parts: Some((job.world_size, job.world_size)),
+                    files: job.parts.iter().map(|p| p.files).sum(),
+                    bytes: job.parts.iter().map(|p| p.bytes).sum(),
+                    created_at: String::new(),
+                    generation,
+                },
+            },
+        );
+    }
+    let ranks = committed_ranks(store, &generation)
+        .await
+        .map_err(ListError::List)?;
+    let mut info = GenerationInfo {
+        step: generation.step(),
+        committed,
+        parts: None,
+        files: 0,
+        bytes: 0,
+        created_at: String::new(),
+        generation: generation.clone(),
+    };
+    let mut world_size = 0;
+    for rank in &ranks {
+        let key = store.part_manifest_key(&generation, *rank);
+        let part = fetch_manifest_at(store, &key, &generation)
+            .await
+            .map_err(read_error)?;
+        world_size = world_size.max(part.world_size.unwrap_or(0));
+        info.files += part.files.len();
+        info.bytes += part.total_bytes();
+        info.created_at = info.created_at.max(part.created_at);
+    }
+    info.parts = Some((u32::try_from(ranks.len()).unwrap_or(u32::MAX), world_size));
+    Ok(info)
 }
 
 #[cfg(test)]

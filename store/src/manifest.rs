@@ -46,6 +46,12 @@ pub struct Manifest {
     /// The notice that triggered this checkpoint, as the agent sent it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notice: Option<serde_json::Value>,
+    /// In a multi-pod job: the rank whose part this manifest commits, and how many ranks the job
+    /// has ([`crate::part`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub world_size: Option<u32>,
     pub files: Vec<ManifestFile>,
 }
 
@@ -104,6 +110,8 @@ pub enum ManifestError {
         "manifest link `{path}` points to `{target}`, outside the checkpoint directory; refusing to restore it"
     )]
     UnsafeLink { path: String, target: String },
+    #[error("job manifest names parts of ranks {ranks:?}, not one for each of {world_size} ranks")]
+    Parts { world_size: u32, ranks: Vec<u32> },
 }
 
 impl Manifest {
@@ -298,58 +306,38 @@ impl ManifestReadError {
     }
 }
 
-/// Downloads, parses and validates the manifest of `generation`.
+/// Downloads, parses and validates the manifest of single-pod `generation`.
 pub async fn fetch_manifest(
     store: &Store,
     generation: &Generation,
 ) -> Result<Manifest, ManifestReadError> {
-    let key = store.manifest_key(generation);
+    fetch_manifest_at(store, &store.manifest_key(generation), generation).await
+}
+
+/// Downloads, parses and validates the manifest stored at `key` for `generation` (a
+/// single-pod generation's, or one rank's part of a multi-pod one).
+pub async fn fetch_manifest_at(
+    store: &Store,
+    key: &str,
+    generation: &Generation,
+) -> Result<Manifest, ManifestReadError> {
     let bucket = store.bucket().to_owned();
     with_retries(
         "fetching the manifest",
         ManifestReadError::is_retryable,
         |_| async {
-            let response = store
-                .client()
-                .get_object()
-                .bucket(&bucket)
-                .key(&key)
-                .send()
-                .await
-                .map_err(|e| {
-                    ManifestReadError::Fetch(store.error(Operation::GetObject, &key, e))
-                })?;
-            let length = response
-                .content_length()
-                .and_then(|l| u64::try_from(l).ok());
-            if length.is_some_and(|l| l > MAX_MANIFEST_BYTES) {
-                return Err(ManifestReadError::TooLarge {
-                    bucket: bucket.clone(),
-                    key: key.clone(),
-                });
-            }
-            let body = response
-                .body
-                .collect()
-                .await
-                .map_err(|source| ManifestReadError::Body {
-                    bucket: bucket.clone(),
-                    key: key.clone(),
-                    source,
-                })?;
+            let body = fetch_body(store, key).await?;
             let manifest: Manifest =
-                serde_json::from_slice(&body.into_bytes()).map_err(|source| {
-                    ManifestReadError::Parse {
-                        bucket: bucket.clone(),
-                        key: key.clone(),
-                        source,
-                    }
+                serde_json::from_slice(&body).map_err(|source| ManifestReadError::Parse {
+                    bucket: bucket.clone(),
+                    key: key.to_owned(),
+                    source,
                 })?;
             manifest
                 .validate(generation, store.generations_prefix())
                 .map_err(|source| ManifestReadError::Invalid {
                     bucket: bucket.clone(),
-                    key: key.clone(),
+                    key: key.to_owned(),
                     source,
                 })?;
             Ok(manifest)
@@ -358,40 +346,105 @@ pub async fn fetch_manifest(
     .await
 }
 
-/// Writes the manifest of `generation`: the commit point of an upload.
+/// The body of the manifest object at `key`, refused beyond [`MAX_MANIFEST_BYTES`].
+pub async fn fetch_body(store: &Store, key: &str) -> Result<bytes::Bytes, ManifestReadError> {
+    let bucket = store.bucket();
+    let response = store
+        .client()
+        .get_object()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await
+        .map_err(|e| ManifestReadError::Fetch(store.error(Operation::GetObject, key, e)))?;
+    let length = response
+        .content_length()
+        .and_then(|l| u64::try_from(l).ok());
+    if length.is_some_and(|l| l > MAX_MANIFEST_BYTES) {
+        return Err(ManifestReadError::TooLarge {
+            bucket: bucket.to_owned(),
+            key: key.to_owned(),
+        });
+    }
+    let body = response
+        .body
+        .collect()
+        .await
+        .map_err(|source| ManifestReadError::Body {
+            bucket: bucket.to_owned(),
+            key: key.to_owned(),
+            source,
+        })?;
+    Ok(body.into_bytes())
+}
+
+/// Writes the manifest of single-pod `generation`: the commit point of an upload.
 pub async fn put_manifest(
     store: &Store,
     generation: &Generation,
     manifest: &Manifest,
 ) -> Result<(), S3Error> {
-    let key = store.manifest_key(generation);
+    put_manifest_at(store, &store.manifest_key(generation), manifest).await
+}
+
+/// Writes `manifest` at `key`, with its step as metadata.
+pub async fn put_manifest_at(store: &Store, key: &str, manifest: &Manifest) -> Result<(), S3Error> {
     let body = serde_json::to_vec_pretty(manifest).unwrap_or_default();
+    put_json(store, key, body, manifest.step, false)
+        .await
+        .map(|_| ())
+}
+
+/// What a conditional write found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    Written,
+    /// `If-None-Match: *` and the object was there already.
+    AlreadyThere,
+}
+
+/// PUTs a JSON body at `key` (retried), with `step` as metadata; with `only_if_absent`, as a
+/// conditional write (`If-None-Match: *`).
+pub async fn put_json(
+    store: &Store,
+    key: &str,
+    body: Vec<u8>,
+    step: Option<u64>,
+    only_if_absent: bool,
+) -> Result<Written, S3Error> {
     let crc = crate::checksum::crc32c(&body);
-    with_retries("writing the manifest", S3Error::is_retryable, |_| {
+    let written = with_retries("writing a manifest", S3Error::is_retryable, |attempt| {
         let mut request = store
             .client()
             .put_object()
             .bucket(store.bucket())
-            .key(&key)
+            .key(key)
             .content_type("application/json")
-            .set_metadata(
-                manifest
-                    .step
-                    .map(|step| [(STEP_METADATA.to_owned(), step.to_string())].into()),
-            )
+            .set_metadata(step.map(|step| [(STEP_METADATA.to_owned(), step.to_string())].into()))
             .body(aws_sdk_s3::primitives::ByteStream::from(body.clone()));
         if store.checksum_mode() == ChecksumMode::Crc32c {
             request = request.checksum_crc32_c(crc32c_base64(crc));
         }
-        async {
-            request
-                .send()
-                .await
-                .map(|_| ())
-                .map_err(|e| store.error(Operation::PutObject, &key, e))
+        if only_if_absent {
+            request = request.if_none_match("*");
+        }
+        async move {
+            match request.send().await {
+                Ok(_) => Ok(Written::Written),
+                Err(e) => {
+                    let err = store.error(Operation::PutObject, key, e);
+                    // A retry of a write whose answer was lost finds its own object: written.
+                    match (err.status, attempt) {
+                        (Some(412), 1) => Ok(Written::AlreadyThere),
+                        (Some(412), _) => Ok(Written::Written),
+                        _ => Err(err),
+                    }
+                }
+            }
         }
     })
-    .await
+    .await?;
+    Ok(written)
 }
 
 /// The `x-amz-checksum-crc32c` header value: base64 of the big-endian CRC.
@@ -452,6 +505,8 @@ mod tests {
                 pod: None,
                 step: None,
                 notice: None,
+                rank: None,
+                world_size: None,
                 files,
             },
             generation,

@@ -2,30 +2,45 @@
 //!
 //! Order matters for readers running at the same time: old manifests go first (so no reader
 //! picks a generation whose objects are about to vanish), then objects no kept manifest names.
-//! Objects of generations newer than the newest manifest belong to an upload in progress and
-//! are never touched. The same rule applies to multipart uploads left open by an upload that
-//! was killed outright (SIGKILL, OOM, node loss), which cannot abort its own: prune aborts
-//! those of generations not newer than the newest commit, so their parts stop costing storage.
+//! Objects of uploads in progress are never touched: a single pod's generation newer than the
+//! newest commit, or a multi-pod generation above the newest complete step, or one whose
+//! objects are younger than [`INCOMPLETE_GRACE`] (a slow rank still writing its part). A
+//! multi-pod generation older than the newest complete one whose parts never all arrived (a
+//! rank killed mid-upload) is deleted. The same rules apply to multipart uploads left open by
+//! an upload that was killed outright (SIGKILL, OOM, node loss), which cannot abort its own.
+//!
+//! Memory does not grow with the number of objects: the generations are found with a
+//! delimited listing (one entry per generation), and the objects are listed page by page and
+//! deleted a batch at a time. What is held is the set of keys the kept manifests reference.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, SystemTime};
 
 use aws_sdk_s3::types::{Delete, ObjectIdentifier};
 
 use crate::generation::Generation;
 use crate::list::in_step_order;
-use crate::manifest::{MANIFEST_SUFFIX, ManifestReadError, fetch_manifest};
+use crate::manifest::{MANIFEST_SUFFIX, ManifestReadError, fetch_manifest_at};
+use crate::part::{GenerationManifest, fetch_generation, fetch_parts};
 use crate::s3::{Operation, S3Error, Store, with_retries};
 
 /// S3's limit on keys per DeleteObjects request.
 const DELETE_BATCH: usize = 1000;
 /// Pages of ListMultipartUploads (1,000 uploads each) read per prune: a bound, not a limit
-/// anyone should reach with one writer per job; the rest waits for the next prune.
+/// anyone should reach with one writer per rank; the rest waits for the next prune.
 const MAX_UPLOAD_LISTING_PAGES: usize = 100;
+/// An incomplete multi-pod generation with an object younger than this is still being
+/// written (a rank slow to upload its part) and survives a prune. An hour is far beyond any
+/// notice window and any part upload.
+pub const INCOMPLETE_GRACE: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PruneSummary {
-    /// Generations whose manifests were deleted.
+    /// Committed generations whose manifests were deleted.
     pub generations_deleted: Vec<Generation>,
+    /// Multi-pod generations some rank never committed, older than the newest complete one,
+    /// deleted with their parts.
+    pub incomplete_deleted: Vec<Generation>,
     /// Generations kept, oldest first.
     pub generations_kept: Vec<Generation>,
     pub objects_deleted: usize,
@@ -60,6 +75,61 @@ pub enum PruneError {
     },
 }
 
+/// What a prune does with a generation's objects that no kept manifest references.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    /// Committed (kept or pruned) or abandoned: unreferenced objects go.
+    Collect,
+    /// An upload in progress: nothing of it is touched.
+    Spare,
+}
+
+/// The generations of a job, from one delimited listing.
+#[derive(Debug, Default)]
+struct Overview {
+    /// Generations whose manifest (or job manifest) exists.
+    committed: Vec<Generation>,
+    /// Generations with objects (a `gen/<G>/` prefix).
+    started: Vec<Generation>,
+}
+
+async fn overview(store: &Store) -> Result<Overview, PruneError> {
+    let prefix = store.generations_prefix();
+    let mut overview = Overview::default();
+    let mut pages = store
+        .client()
+        .list_objects_v2()
+        .bucket(store.bucket())
+        .prefix(prefix)
+        .delimiter("/")
+        .into_paginator()
+        .send();
+    while let Some(page) = pages.next().await {
+        let page =
+            page.map_err(|e| PruneError::List(store.error(Operation::ListObjectsV2, prefix, e)))?;
+        for object in page.contents() {
+            let name = object
+                .key()
+                .and_then(|k| k.strip_prefix(prefix))
+                .and_then(|k| k.strip_suffix(MANIFEST_SUFFIX));
+            overview
+                .committed
+                .extend(name.and_then(|n| Generation::parse(n).ok()));
+        }
+        for common in page.common_prefixes() {
+            let name = common
+                .prefix()
+                .and_then(|p| p.strip_prefix(prefix))
+                .and_then(|p| p.strip_suffix('/'));
+            overview
+                .started
+                .extend(name.and_then(|n| Generation::parse(n).ok()));
+        }
+    }
+    overview.committed.sort();
+    Ok(overview)
+}
+
 /// Deletes generations beyond the newest `keep` and objects no kept generation references.
 /// With `dry_run`, only reports what would go.
 #[tracing::instrument(skip_all, fields(bucket = store.bucket(), prefix = store.generations_prefix(), keep), err(Display))]
@@ -69,80 +139,239 @@ pub async fn prune_generations(
     dry_run: bool,
 ) -> Result<PruneSummary, PruneError> {
     let keep = keep.max(1);
-    let prefix = store.generations_prefix();
-    let objects = store.list_objects(prefix).await.map_err(PruneError::List)?;
-    let mut committed: Vec<Generation> = objects
-        .iter()
-        .filter_map(|(key, _)| {
-            let name = key.strip_prefix(prefix)?.strip_suffix(MANIFEST_SUFFIX)?;
-            Generation::parse(name).ok()
-        })
-        .collect();
-    committed.sort();
-    // The most recently started commit: objects of later generations belong to an upload in
-    // progress.
-    let Some(newest) = committed.last().cloned() else {
+    let overview = overview(store).await?;
+    if overview.committed.is_empty() {
         return Ok(PruneSummary::default());
-    };
+    }
     // Which to keep goes by step (see `crate::list`), not by the writers' clocks.
-    let committed: Vec<Generation> = in_step_order(store, committed)
+    let ordered: Vec<Generation> = in_step_order(store, overview.committed.clone())
         .await
         .map_err(PruneError::Order)?
         .into_iter()
         .map(|c| c.generation)
         .collect();
-    let split = committed.len().saturating_sub(keep);
-    let (deleted, kept) = committed.split_at(split);
+    let split = ordered.len().saturating_sub(keep);
+    let (deleted, kept) = ordered.split_at(split);
+    let mut fates = fates(store, &overview).await?;
 
-    // Everything the kept generations need. Reading them all before deleting anything means a
-    // broken kept manifest stops the prune instead of orphaning its objects' neighbours.
+    // Everything the kept generations need, and what uploads in progress may reuse. Reading
+    // them all before deleting anything means a broken kept manifest stops the prune instead
+    // of orphaning its objects' neighbours.
     let mut referenced: HashSet<String> = HashSet::new();
     for generation in kept {
-        let manifest =
-            fetch_manifest(store, generation)
-                .await
-                .map_err(|source| PruneError::Manifest {
-                    generation: generation.clone(),
-                    source,
-                })?;
-        referenced.extend(manifest.files.into_iter().map(|f| f.key));
-        referenced.insert(store.manifest_key(generation));
+        referenced.extend(references(store, generation).await?);
     }
-
+    for (generation, fate) in &fates {
+        if *fate == Fate::Spare {
+            referenced.extend(part_references(store, generation).await?);
+        }
+    }
+    let incomplete_deleted: Vec<Generation> = fates
+        .iter()
+        .filter(|(g, fate)| **fate == Fate::Collect && !overview.committed.contains(g))
+        .map(|(g, _)| g.clone())
+        .collect();
+    for generation in &overview.committed {
+        fates.insert(generation.clone(), Fate::Collect);
+    }
     let old_manifests: Vec<String> = deleted.iter().map(|g| store.manifest_key(g)).collect();
-    let mut garbage: Vec<(String, u64)> = Vec::new();
-    for (key, size) in &objects {
-        if referenced.contains(key) || old_manifests.contains(key) {
-            continue;
-        }
-        // Objects of an upload newer than the newest commit: still in progress.
-        match store.generation_of_key(key) {
-            Some(generation) if generation <= newest => garbage.push((key.clone(), *size)),
-            _ => {}
-        }
+    if !dry_run {
+        delete_keys(store, &old_manifests).await?;
     }
-    let stale_uploads = stale_multipart_uploads(store, &newest).await;
-    let summary = PruneSummary {
-        generations_deleted: deleted.to_vec(),
-        generations_kept: kept.to_vec(),
-        objects_deleted: garbage.len(),
-        bytes_deleted: garbage.iter().map(|(_, size)| size).sum(),
-        uploads_aborted: stale_uploads.len(),
+    let newest_single = overview
+        .committed
+        .iter()
+        .filter(|g| g.step().is_none())
+        .max()
+        .cloned();
+    let collectable = |generation: &Generation| match fates.get(generation) {
+        Some(fate) => *fate == Fate::Collect,
+        // Leftovers of a single pod's upload that never committed: older than the newest
+        // commit means abandoned; newer means in progress.
+        None => {
+            generation.step().is_none() && newest_single.as_ref().is_some_and(|n| generation <= n)
+        }
     };
-    if dry_run {
-        return Ok(summary);
+    let (objects_deleted, bytes_deleted) =
+        collect_garbage(store, &referenced, &old_manifests, &collectable, dry_run).await?;
+    let stale_uploads = stale_multipart_uploads(store, &collectable).await;
+    if !dry_run {
+        abort_uploads(store, &stale_uploads).await?;
     }
-    delete_keys(store, &old_manifests).await?;
-    let garbage_keys: Vec<String> = garbage.into_iter().map(|(key, _)| key).collect();
-    delete_keys(store, &garbage_keys).await?;
-    abort_uploads(store, &stale_uploads).await?;
-    Ok(summary)
+    Ok(PruneSummary {
+        generations_deleted: deleted.to_vec(),
+        incomplete_deleted,
+        generations_kept: kept.to_vec(),
+        objects_deleted,
+        bytes_deleted,
+        uploads_aborted: stale_uploads.len(),
+    })
 }
 
-/// Open multipart uploads under the job whose generation is not newer than `newest`, as
+/// The fate of each multi-pod generation that is not committed: spared while it may still be
+/// in progress (above the newest complete step, or an object younger than
+/// [`INCOMPLETE_GRACE`]), collected otherwise.
+async fn fates(
+    store: &Store,
+    overview: &Overview,
+) -> Result<HashMap<Generation, Fate>, PruneError> {
+    let newest_complete = overview.committed.iter().filter_map(Generation::step).max();
+    let mut fates = HashMap::new();
+    for generation in &overview.started {
+        let Some(step) = generation.step() else {
+            continue;
+        };
+        if overview.committed.contains(generation) {
+            continue;
+        }
+        let fate = if newest_complete.is_none_or(|newest| step > newest) {
+            Fate::Spare
+        } else if newest_object_age(store, generation).await? < INCOMPLETE_GRACE {
+            Fate::Spare
+        } else {
+            Fate::Collect
+        };
+        fates.insert(generation.clone(), fate);
+    }
+    Ok(fates)
+}
+
+/// How long ago the newest object of `generation` was written.
+async fn newest_object_age(store: &Store, generation: &Generation) -> Result<Duration, PruneError> {
+    let prefix = store.objects_prefix(generation);
+    let mut newest = 0i64;
+    let mut pages = store
+        .client()
+        .list_objects_v2()
+        .bucket(store.bucket())
+        .prefix(&prefix)
+        .into_paginator()
+        .send();
+    while let Some(page) = pages.next().await {
+        let page =
+            page.map_err(|e| PruneError::List(store.error(Operation::ListObjectsV2, &prefix, e)))?;
+        for object in page.contents() {
+            newest = newest.max(object.last_modified().map_or(0, |t| t.secs()));
+        }
+    }
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    Ok(Duration::from_secs(
+        u64::try_from(now - newest).unwrap_or(0),
+    ))
+}
+
+/// Every key a committed generation needs: its manifest, its parts' manifests, their files.
+async fn references(store: &Store, generation: &Generation) -> Result<Vec<String>, PruneError> {
+    let error = |source| PruneError::Manifest {
+        generation: generation.clone(),
+        source,
+    };
+    let mut keys = vec![store.manifest_key(generation)];
+    match fetch_generation(store, generation).await.map_err(error)? {
+        GenerationManifest::Single(manifest) => {
+            keys.extend(manifest.files.into_iter().map(|f| f.key));
+        }
+        GenerationManifest::Job(job) => {
+            for part in fetch_parts(store, generation, &job).await.map_err(error)? {
+                keys.extend(part.files.into_iter().map(|f| f.key));
+            }
+            keys.extend(job.parts.into_iter().map(|p| p.manifest));
+        }
+    }
+    keys.retain(|k| !k.is_empty());
+    Ok(keys)
+}
+
+/// The keys the committed parts of an in-progress multi-pod generation name (their files may
+/// be reused from older generations).
+async fn part_references(
+    store: &Store,
+    generation: &Generation,
+) -> Result<Vec<String>, PruneError> {
+    let mut keys = Vec::new();
+    let ranks = crate::part::committed_ranks(store, generation)
+        .await
+        .map_err(PruneError::List)?;
+    for rank in ranks {
+        let key = store.part_manifest_key(generation, rank);
+        let part = fetch_manifest_at(store, &key, generation)
+            .await
+            .map_err(|source| PruneError::Manifest {
+                generation: generation.clone(),
+                source,
+            })?;
+        keys.extend(
+            part.files
+                .into_iter()
+                .map(|f| f.key)
+                .filter(|k| !k.is_empty()),
+        );
+        keys.push(key);
+    }
+    Ok(keys)
+}
+
+/// Lists the job's objects page by page and deletes (a batch at a time) those that nothing
+/// kept references and whose generation `collectable` accepts; returns their count and bytes.
+async fn collect_garbage(
+    store: &Store,
+    referenced: &HashSet<String>,
+    old_manifests: &[String],
+    collectable: &dyn Fn(&Generation) -> bool,
+    dry_run: bool,
+) -> Result<(usize, u64), PruneError> {
+    let prefix = store.generations_prefix();
+    let (mut count, mut bytes) = (0usize, 0u64);
+    let mut batch: Vec<String> = Vec::with_capacity(DELETE_BATCH);
+    let mut pages = store
+        .client()
+        .list_objects_v2()
+        .bucket(store.bucket())
+        .prefix(prefix)
+        .into_paginator()
+        .send();
+    while let Some(page) = pages.next().await {
+        let page =
+            page.map_err(|e| PruneError::List(store.error(Operation::ListObjectsV2, prefix, e)))?;
+        for object in page.contents() {
+            let Some(key) = object.key() else { continue };
+            if referenced.contains(key) || old_manifests.iter().any(|m| m == key) {
+                continue;
+            }
+            if store
+                .generation_of_key(key)
+                .is_some_and(|g| collectable(&g))
+            {
+                count += 1;
+                bytes += object
+                    .size()
+                    .and_then(|s| u64::try_from(s).ok())
+                    .unwrap_or(0);
+                batch.push(key.to_owned());
+            }
+        }
+        if batch.len() >= DELETE_BATCH {
+            if !dry_run {
+                delete_keys(store, &batch).await?;
+            }
+            batch.clear();
+        }
+    }
+    if !dry_run {
+        delete_keys(store, &batch).await?;
+    }
+    Ok((count, bytes))
+}
+
+/// Open multipart uploads under the job whose generation `collectable` accepts, as
 /// `(key, upload id)`. A store that cannot list them (some S3-compatible ones) gets a warning
 /// and its bucket lifecycle rule does the job instead.
-async fn stale_multipart_uploads(store: &Store, newest: &Generation) -> Vec<(String, String)> {
+async fn stale_multipart_uploads(
+    store: &Store,
+    collectable: &dyn Fn(&Generation) -> bool,
+) -> Vec<(String, String)> {
     let prefix = store.generations_prefix();
     let mut stale = Vec::new();
     let (mut key_marker, mut upload_id_marker) = (None::<String>, None::<String>);
@@ -169,7 +398,9 @@ async fn stale_multipart_uploads(store: &Store, newest: &Generation) -> Vec<(Str
         };
         for upload in listing.uploads() {
             if let (Some(key), Some(id)) = (upload.key(), upload.upload_id())
-                && store.generation_of_key(key).is_some_and(|g| &g <= newest)
+                && store
+                    .generation_of_key(key)
+                    .is_some_and(|g| collectable(&g))
             {
                 stale.push((key.to_owned(), id.to_owned()));
             }

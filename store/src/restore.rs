@@ -26,7 +26,10 @@ pub use staging::Staging;
 use crate::exclude::Excludes;
 use crate::generation::Generation;
 use crate::list::{ListError, committed_in_step_order, list_generations};
-use crate::manifest::{Manifest, ManifestReadError, fetch_manifest};
+use crate::manifest::{Manifest, ManifestReadError};
+use crate::part::{
+    GenerationManifest, PartsChoice, PartsDisagree, fetch_generation, fetch_parts, merge_parts,
+};
 use crate::progress::{Progress, format_bytes, mib_per_second};
 use crate::s3::{S3Error, Store};
 use crate::step::{Step, StepPattern, checkpoint_step_complete, newest_step_in_paths};
@@ -61,6 +64,11 @@ pub struct RestoreOptions {
     pub owner: Option<Owner>,
     /// Restore even over a local checkpoint of the same or a newer step.
     pub overwrite_newer: bool,
+    /// Of a multi-pod generation: every rank's files, or this rank's own.
+    pub parts: PartsChoice,
+    /// Of a multi-pod generation: the rank whose file wins when two ranks hold one path with
+    /// different contents (otherwise an error).
+    pub prefer_rank: Option<u32>,
 }
 
 impl Default for RestoreOptions {
@@ -73,6 +81,8 @@ impl Default for RestoreOptions {
             marker: None,
             owner: None,
             overwrite_newer: false,
+            parts: PartsChoice::All,
+            prefer_rank: None,
         }
     }
 }
@@ -224,6 +234,12 @@ pub enum RestoreError {
     },
     #[error("restore cancelled; {0} left as it was")]
     Cancelled(String),
+    #[error("restoring multi-pod generation {generation}; nothing was restored")]
+    PartsDisagree {
+        generation: Generation,
+        #[source]
+        source: PartsDisagree,
+    },
 }
 
 impl RestoreError {
@@ -307,13 +323,7 @@ async fn restore(
             None => return Ok(RestoreOutcome::Nothing),
         },
     };
-    let manifest =
-        fetch_manifest(store, &generation)
-            .await
-            .map_err(|source| RestoreError::Manifest {
-                generation: generation.clone(),
-                source: Box::new(source),
-            })?;
+    let manifest = restore_plan(store, &generation, options).await?;
     if !options.overwrite_newer
         && let Some(kept) = newer_local(dir, &generation, &manifest, options).await
     {
@@ -424,6 +434,67 @@ async fn restore(
         bytes: manifest.total_bytes(),
         seconds,
     }))
+}
+
+/// What restoring `generation` brings into `--dir`: a single pod's manifest, or the parts of a
+/// multi-pod generation merged into one (every rank's files, or this rank's with `--parts own`;
+/// two ranks holding one path with different contents is an error naming both), validated as
+/// a whole.
+async fn restore_plan(
+    store: &Store,
+    generation: &Generation,
+    options: &RestoreOptions,
+) -> Result<Manifest, RestoreError> {
+    let read_error = |source| RestoreError::Manifest {
+        generation: generation.clone(),
+        source: Box::new(source),
+    };
+    let job = match fetch_generation(store, generation)
+        .await
+        .map_err(read_error)?
+    {
+        GenerationManifest::Single(manifest) => return Ok(manifest),
+        GenerationManifest::Job(job) => job,
+    };
+    let parts = fetch_parts(store, generation, &job)
+        .await
+        .map_err(read_error)?;
+    let files = merge_parts(&parts, options.parts, options.prefer_rank).map_err(|source| {
+        RestoreError::PartsDisagree {
+            generation: generation.clone(),
+            source,
+        }
+    })?;
+    let merged = Manifest {
+        version: parts.iter().map(|p| p.version).max().unwrap_or(1),
+        generation: generation.to_string(),
+        job: job.job.clone(),
+        created_at: parts
+            .iter()
+            .map(|p| p.created_at.clone())
+            .max()
+            .unwrap_or_default(),
+        node: None,
+        pod: None,
+        step: Some(job.step),
+        notice: None,
+        rank: None,
+        world_size: Some(job.world_size),
+        files,
+    };
+    // Each part was validated alone; a file of one rank that is a directory of another's is
+    // only seen together.
+    merged
+        .validate(generation, store.generations_prefix())
+        .map_err(|source| {
+            read_error(ManifestReadError::Invalid {
+                bucket: store.bucket().to_owned(),
+                key: store.manifest_key(generation),
+                source,
+            })
+        })?;
+    tracing::info!(%generation, world_size = job.world_size, parts = ?options.parts, "restoring a multi-pod generation");
+    Ok(merged)
 }
 
 /// The local checkpoint, when `dir` already holds one of `manifest`'s step or a newer one.

@@ -159,6 +159,7 @@ pub struct Store {
     bucket: String,
     /// `<prefix>/<job>/gen/`, always ending in `/`.
     generations_prefix: String,
+    job: String,
     checksum: ChecksumMode,
 }
 
@@ -230,6 +231,7 @@ impl Store {
             client,
             bucket: config.dest.bucket.clone(),
             generations_prefix,
+            job: config.job.clone(),
             checksum: config.checksum,
         }
     }
@@ -240,6 +242,11 @@ impl Store {
 
     pub fn bucket(&self) -> &str {
         &self.bucket
+    }
+
+    /// The job's name, one segment of every key.
+    pub fn job(&self) -> &str {
+        &self.job
     }
 
     /// Per-request settings for a request carrying `body_len` bytes: the answer timeout grows
@@ -279,7 +286,24 @@ impl Store {
         )
     }
 
-    /// `<prefix>/<job>/gen/<generation>.manifest.json`: the commit record.
+    /// `<prefix>/<job>/gen/<generation>/rank-<r>/`: the objects rank `r` uploaded for its part
+    /// of a multi-pod generation.
+    pub fn part_objects_prefix(&self, generation: &Generation, rank: u32) -> String {
+        format!("{}{}/rank-{rank}/", self.generations_prefix, generation)
+    }
+
+    /// `<prefix>/<job>/gen/<generation>/rank-<r>.manifest.json`: rank `r`'s part, committed.
+    pub fn part_manifest_key(&self, generation: &Generation, rank: u32) -> String {
+        format!(
+            "{}{}/rank-{rank}{}",
+            self.generations_prefix,
+            generation,
+            crate::manifest::MANIFEST_SUFFIX
+        )
+    }
+
+    /// `<prefix>/<job>/gen/<generation>.manifest.json`: the commit record (a single pod's
+    /// manifest, or a multi-pod job's naming every part).
     pub fn manifest_key(&self, generation: &Generation) -> String {
         format!(
             "{}{}{}",

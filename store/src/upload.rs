@@ -33,8 +33,9 @@ use crate::generation::Generation;
 use crate::list::newest_generation;
 use crate::manifest::{
     MANIFEST_VERSION, MANIFEST_VERSION_LINKS, Manifest, ManifestFile, ManifestReadError,
-    fetch_manifest, format_crc32c, format_crc64, put_manifest,
+    fetch_manifest, fetch_manifest_at, format_crc32c, format_crc64, put_manifest_at,
 };
+use crate::part::{JobCommit, PartError, Rank, commit_job, committed_ranks, previous_part};
 use crate::progress::{Progress, format_bytes, mib_per_second};
 use crate::s3::{S3Error, Store};
 use crate::step::StepPattern;
@@ -76,6 +77,9 @@ pub struct UploadOptions {
     /// Names of step checkpoints (`checkpoint-N/`): a file deleted during the upload takes its
     /// whole step checkpoint out of the generation.
     pub step_pattern: StepPattern,
+    /// This pod's rank in a multi-pod job: the upload is its part of the generation named by
+    /// `context.step`. `None` (or a world size of 1) uploads a single pod's generation.
+    pub rank: Option<Rank>,
 }
 
 impl Default for UploadOptions {
@@ -86,32 +90,54 @@ impl Default for UploadOptions {
             context: ManifestContext::default(),
             excludes: Excludes::default(),
             step_pattern: StepPattern::default(),
+            rank: None,
         }
     }
 }
 
-/// A committed generation.
+/// A committed generation, or a committed part of one.
 #[derive(Debug, Clone)]
 pub struct UploadSummary {
     pub generation: Generation,
+    /// The rank whose part was committed, in a multi-pod job.
+    pub rank: Option<Rank>,
     pub files: usize,
     pub bytes_uploaded: u64,
     pub bytes_reused: u64,
     pub seconds: f64,
+    /// For a part: whether the whole generation is committed now.
+    pub job: Option<JobCommit>,
 }
 
 impl std::fmt::Display for UploadSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(rank) = self.rank {
+            write!(f, "committed rank {}'s part of ", rank.rank)?;
+        } else {
+            f.write_str("committed ")?;
+        }
         write!(
             f,
-            "committed generation {}: {} files, {} uploaded, {} reused, {:.1} s, {:.0} MiB/s",
+            "generation {}: {} files, {} uploaded, {} reused, {:.1} s, {:.0} MiB/s",
             self.generation,
             self.files,
             format_bytes(self.bytes_uploaded),
             format_bytes(self.bytes_reused),
             self.seconds,
             mib_per_second(self.bytes_uploaded, self.seconds),
-        )
+        )?;
+        match self.job {
+            Some(JobCommit::Written) => f.write_str("; every part is in: generation committed"),
+            Some(JobCommit::AlreadyCommitted) => f.write_str("; the generation was committed"),
+            Some(JobCommit::Waiting {
+                committed,
+                world_size,
+            }) => write!(
+                f,
+                "; {committed} of {world_size} parts committed, the last rank commits the generation"
+            ),
+            None => Ok(()),
+        }
     }
 }
 
@@ -169,6 +195,17 @@ pub enum UploadError {
     Commit(#[source] S3Error),
     #[error("upload cancelled; multipart uploads aborted, nothing committed")]
     Cancelled,
+    #[error(
+        "rank {rank} of a multi-pod job cannot tell which step its checkpoint holds, so it \
+         cannot name the generation every rank shares: write `step=N` into the done marker, \
+         name the checkpoint directory like checkpoint-N (or set --step-from), or keep the \
+         Hugging Face trainer_state.json; nothing was committed"
+    )]
+    NoStep { rank: u32 },
+    #[error("{0}")]
+    StepOutOfRange(String),
+    #[error("committing the multi-pod generation (this rank's part is committed)")]
+    Job(#[source] PartError),
 }
 
 impl UploadError {
@@ -180,6 +217,7 @@ impl UploadError {
             | UploadError::Previous(source)
             | UploadError::Commit(source) => source.is_retryable(),
             UploadError::PreviousManifest(e) => e.is_retryable(),
+            UploadError::Job(e) => e.is_retryable(),
             UploadError::FileChanged { .. } => true,
             _ => false,
         }
@@ -212,6 +250,100 @@ pub async fn upload_generation_with_progress(
     Box::pin(upload(store, dir, options, cancel, progress)).await
 }
 
+/// Where an upload lands: a single pod's new generation, or one rank's part of the
+/// generation named by the checkpoint's step.
+#[derive(Debug, Clone)]
+struct Target {
+    generation: Generation,
+    rank: Option<Rank>,
+    /// Prefix of the objects this upload writes.
+    objects_prefix: String,
+    /// The manifest this upload commits.
+    manifest_key: String,
+}
+
+impl Target {
+    fn of(store: &Store, options: &UploadOptions) -> Result<Target, UploadError> {
+        let Some(rank) = options.rank.filter(Rank::is_multi_pod) else {
+            let generation = Generation::new();
+            return Ok(Target {
+                objects_prefix: store.objects_prefix(&generation),
+                manifest_key: store.manifest_key(&generation),
+                generation,
+                rank: None,
+            });
+        };
+        let step = options
+            .context
+            .step
+            .ok_or(UploadError::NoStep { rank: rank.rank })?;
+        let generation = Generation::for_step(step).map_err(UploadError::StepOutOfRange)?;
+        Ok(Target {
+            objects_prefix: store.part_objects_prefix(&generation, rank.rank),
+            manifest_key: store.part_manifest_key(&generation, rank.rank),
+            generation,
+            rank: Some(rank),
+        })
+    }
+}
+
+/// The earlier files an upload may reuse, by path and by size.
+struct ReuseIndex<'a> {
+    by_path: HashMap<&'a str, &'a ManifestFile>,
+    by_size: HashMap<u64, Vec<&'a ManifestFile>>,
+}
+
+impl<'a> ReuseIndex<'a> {
+    fn of(previous: Option<&'a Manifest>) -> ReuseIndex<'a> {
+        let files = previous.iter().flat_map(|m| m.files.iter());
+        let mut by_size: HashMap<u64, Vec<&ManifestFile>> = HashMap::new();
+        for file in files.clone().filter(|f| f.link.is_none()) {
+            by_size.entry(file.size).or_default().push(file);
+        }
+        ReuseIndex {
+            by_path: files.map(|f| (f.path.as_str(), f)).collect(),
+            by_size,
+        }
+    }
+
+    /// The earlier files `file` may be: the same path at the same size, else any file of its
+    /// size (content that moved: a trainer writes each checkpoint into a new `checkpoint-N/`,
+    /// and files that did not change, such as frozen weights, are found by their checksums).
+    fn candidates(&self, file: &LocalFile) -> Vec<&'a ManifestFile> {
+        match self.by_path.get(file.path.as_str()) {
+            Some(same_path) if same_path.size == file.stamp.size => vec![*same_path],
+            _ => self
+                .by_size
+                .get(&file.stamp.size)
+                .cloned()
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// The manifest the reuse check compares against: the newest generation's (a single pod), or
+/// this rank's previous part (a multi-pod job: ranks hold different files).
+async fn previous_manifest(
+    store: &Store,
+    target: &Target,
+) -> Result<Option<Manifest>, UploadError> {
+    if let Some(rank) = target.rank {
+        return previous_part(store, rank.rank, &target.generation)
+            .await
+            .map_err(UploadError::PreviousManifest);
+    }
+    match newest_generation(store)
+        .await
+        .map_err(UploadError::Previous)?
+    {
+        Some(previous) => fetch_manifest(store, &previous)
+            .await
+            .map(Some)
+            .map_err(UploadError::PreviousManifest),
+        None => Ok(None),
+    }
+}
+
 #[tracing::instrument(skip_all, fields(dir = %dir.display(), bucket = store.bucket(), prefix = store.generations_prefix()), err(Display))]
 async fn upload(
     store: &Store,
@@ -221,116 +353,104 @@ async fn upload(
     progress: &Progress,
 ) -> Result<UploadSummary, UploadError> {
     let started = Instant::now();
-    let generation = Generation::new();
-    let created_at = time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default();
+    let target = Target::of(store, options)?;
+    if let Some(summary) = part_already_committed(store, &target, started).await? {
+        return Ok(summary);
+    }
     let transfer = Transfer {
         store,
         requests: Arc::new(Semaphore::new(options.concurrency.max(1))),
         concurrency: options.concurrency.max(1),
         progress: progress.clone(),
         open_uploads: OpenUploads::default(),
-    };
-    let work = async {
-        let (owned_dir, excludes) = (dir.to_path_buf(), options.excludes.clone());
-        let files = tokio::task::spawn_blocking(move || scan_directory(&owned_dir, &excludes))
-            .await
-            .map_err(|e| UploadError::ReadDir {
-                path: dir.to_path_buf(),
-                source: std::io::Error::other(e),
-            })??;
-        let previous = match newest_generation(store)
-            .await
-            .map_err(UploadError::Previous)?
-        {
-            Some(previous) => Some(
-                fetch_manifest(store, &previous)
-                    .await
-                    .map_err(UploadError::PreviousManifest)?,
-            ),
-            None => None,
-        };
-        let previous_files: HashMap<&str, &ManifestFile> = previous
-            .iter()
-            .flat_map(|m| m.files.iter())
-            .map(|f| (f.path.as_str(), f))
-            .collect();
-        // Content that moved: a trainer writes each checkpoint into a new `checkpoint-N/`, and
-        // the files that did not change (frozen weights) are found by size and checksums.
-        let mut previous_by_size: HashMap<u64, Vec<&ManifestFile>> = HashMap::new();
-        for file in previous.iter().flat_map(|m| m.files.iter()) {
-            if file.link.is_none() {
-                previous_by_size.entry(file.size).or_default().push(file);
-            }
-        }
-        transfer
-            .progress
-            .add_total(files.len() as u64, files.iter().map(|f| f.stamp.size).sum());
-        tracing::info!(
-            %generation,
-            files = files.len(),
-            previous = previous.as_ref().map(|m| m.generation.as_str()),
-            "uploading"
-        );
-        let checksum_readers = Semaphore::new(CHECKSUM_READERS);
-        // Futures built up front rather than in a `.map` closure: a closure returning a
-        // borrowing future makes the whole upload future not provably `Send` (rust#102211).
-        let uploads: Vec<_> = files
-            .iter()
-            .map(|file| {
-                let previous = match previous_files.get(file.path.as_str()) {
-                    Some(same_path) if same_path.size == file.stamp.size => vec![*same_path],
-                    _ => previous_by_size
-                        .get(&file.stamp.size)
-                        .cloned()
-                        .unwrap_or_default(),
-                };
-                upload_file(
-                    &transfer,
-                    &generation,
-                    file,
-                    previous,
-                    options.part_size,
-                    &checksum_readers,
-                )
-            })
-            .collect();
-        let outcomes: Vec<FileOutcome> = futures::stream::iter(uploads)
-            .buffered(transfer.concurrency)
-            .try_collect()
-            .await?;
-        Ok::<_, UploadError>(outcomes)
+        objects_prefix: target.objects_prefix.clone(),
     };
     let result = tokio::select! {
-        result = work => result,
+        result = send_files(&transfer, &target, dir, options) => result,
         () = cancel.cancelled() => Err(UploadError::Cancelled),
     };
-    let result = match result {
+    let entries = match result {
         Ok(_) if cancel.is_cancelled() => Err(UploadError::Cancelled),
-        other => other,
-    };
-    let entries = result.and_then(|outcomes| {
-        let entries = without_vanished(outcomes, &options.step_pattern);
-        if entries.is_empty() {
-            Err(UploadError::Empty {
-                dir: dir.to_path_buf(),
-            })
-        } else {
-            Ok(entries)
+        Ok(outcomes) => {
+            let entries = without_vanished(outcomes, &options.step_pattern);
+            if entries.is_empty() {
+                Err(UploadError::Empty {
+                    dir: dir.to_path_buf(),
+                })
+            } else {
+                Ok(entries)
+            }
         }
-    });
+        Err(err) => Err(err),
+    };
     let entries = match entries {
         Ok(entries) => entries,
         Err(err) => {
-            abort_open_uploads(store, &generation, &transfer.open_uploads).await;
+            abort_open_uploads(store, &target.objects_prefix, &transfer.open_uploads).await;
             ::metrics::counter!(crate::metrics::UPLOADS, "outcome" => "failed").increment(1);
             return Err(err);
         }
     };
+    commit(store, &target, options, entries, started).await
+}
 
-    let mut bytes_uploaded = 0;
-    let mut bytes_reused = 0;
+/// Scans `dir` and sends (or reuses) every file.
+async fn send_files(
+    transfer: &Transfer<'_>,
+    target: &Target,
+    dir: &Path,
+    options: &UploadOptions,
+) -> Result<Vec<FileOutcome>, UploadError> {
+    let (owned_dir, excludes) = (dir.to_path_buf(), options.excludes.clone());
+    let files = tokio::task::spawn_blocking(move || scan_directory(&owned_dir, &excludes))
+        .await
+        .map_err(|e| UploadError::ReadDir {
+            path: dir.to_path_buf(),
+            source: std::io::Error::other(e),
+        })??;
+    let previous = previous_manifest(transfer.store, target).await?;
+    let reuse = ReuseIndex::of(previous.as_ref());
+    transfer
+        .progress
+        .add_total(files.len() as u64, files.iter().map(|f| f.stamp.size).sum());
+    tracing::info!(
+        generation = %target.generation,
+        rank = target.rank.map(|r| r.rank),
+        files = files.len(),
+        previous = previous.as_ref().map(|m| m.generation.as_str()),
+        "uploading"
+    );
+    let checksum_readers = Semaphore::new(CHECKSUM_READERS);
+    // Futures built up front rather than in a `.map` closure: a closure returning a
+    // borrowing future makes the whole upload future not provably `Send` (rust#102211).
+    let uploads: Vec<_> = files
+        .iter()
+        .map(|file| {
+            upload_file(
+                transfer,
+                file,
+                reuse.candidates(file),
+                options.part_size,
+                &checksum_readers,
+            )
+        })
+        .collect();
+    futures::stream::iter(uploads)
+        .buffered(transfer.concurrency)
+        .try_collect()
+        .await
+}
+
+/// Writes the manifest (the commit) and, for a multi-pod part, the job manifest when this was
+/// the last part.
+async fn commit(
+    store: &Store,
+    target: &Target,
+    options: &UploadOptions,
+    entries: Vec<(ManifestFile, bool)>,
+    started: Instant,
+) -> Result<UploadSummary, UploadError> {
+    let (mut bytes_uploaded, mut bytes_reused) = (0, 0);
     for (entry, reused) in &entries {
         if *reused {
             bytes_reused += entry.size;
@@ -345,18 +465,23 @@ async fn upload(
         } else {
             MANIFEST_VERSION
         },
-        generation: generation.to_string(),
-        job: job_of(store),
-        created_at,
+        generation: target.generation.to_string(),
+        job: store.job().to_owned(),
+        created_at: time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default(),
         node: options.context.node.clone(),
         pod: options.context.pod.clone(),
         step: options.context.step,
         notice: options.context.notice.clone(),
+        rank: target.rank.map(|r| r.rank),
+        world_size: target.rank.map(|r| r.world_size),
         files: entries.into_iter().map(|(entry, _)| entry).collect(),
     };
-    put_manifest(store, &generation, &manifest)
+    put_manifest_at(store, &target.manifest_key, &manifest)
         .await
         .map_err(UploadError::Commit)?;
+    let job = commit_job_of(store, target).await?;
     let seconds = started.elapsed().as_secs_f64();
     ::metrics::counter!(crate::metrics::UPLOADS, "outcome" => "committed").increment(1);
     ::metrics::counter!(crate::metrics::TRANSFER_BYTES, "direction" => "upload")
@@ -364,24 +489,58 @@ async fn upload(
     ::metrics::counter!(crate::metrics::REUSED_BYTES).increment(bytes_reused);
     ::metrics::histogram!(crate::metrics::UPLOAD_DURATION).record(seconds);
     Ok(UploadSummary {
-        generation,
+        generation: target.generation.clone(),
+        rank: target.rank,
         files: manifest.files.len(),
         bytes_uploaded,
         bytes_reused,
         seconds,
+        job,
     })
 }
 
-/// The job name is the path segment before `gen/` in the store's prefix.
-fn job_of(store: &Store) -> String {
-    store
-        .generations_prefix()
-        .trim_end_matches("gen/")
-        .trim_end_matches('/')
-        .rsplit('/')
-        .next()
-        .unwrap_or_default()
-        .to_owned()
+/// For a multi-pod part: commits the job manifest if every part is there.
+async fn commit_job_of(store: &Store, target: &Target) -> Result<Option<JobCommit>, UploadError> {
+    let (Some(rank), Some(step)) = (target.rank, target.generation.step()) else {
+        return Ok(None);
+    };
+    let commit = commit_job(store, &target.generation, step, rank.world_size)
+        .await
+        .map_err(UploadError::Job)?;
+    Ok(Some(commit))
+}
+
+/// A rank whose part of this step is committed already (a background sync took the same
+/// step) sends nothing again; it only makes sure the job manifest gets written.
+async fn part_already_committed(
+    store: &Store,
+    target: &Target,
+    started: Instant,
+) -> Result<Option<UploadSummary>, UploadError> {
+    let Some(rank) = target.rank else {
+        return Ok(None);
+    };
+    let committed = committed_ranks(store, &target.generation)
+        .await
+        .map_err(UploadError::Previous)?;
+    if !committed.contains(&rank.rank) {
+        return Ok(None);
+    }
+    tracing::info!(generation = %target.generation, rank = rank.rank,
+        "this rank's part of this step is committed already; nothing to send");
+    let part = fetch_manifest_at(store, &target.manifest_key, &target.generation)
+        .await
+        .map_err(UploadError::PreviousManifest)?;
+    let job = commit_job_of(store, target).await?;
+    Ok(Some(UploadSummary {
+        generation: target.generation.clone(),
+        rank: Some(rank),
+        files: part.files.len(),
+        bytes_uploaded: 0,
+        bytes_reused: part.total_bytes(),
+        seconds: started.elapsed().as_secs_f64(),
+        job,
+    }))
 }
 
 /// What became of one file of the upload.
@@ -490,7 +649,6 @@ impl OpenedFile {
 /// being sent, and reports it gone when it was deleted.
 async fn upload_file(
     transfer: &Transfer<'_>,
-    generation: &Generation,
     file: &LocalFile,
     previous: Vec<&ManifestFile>,
     part_size: u64,
@@ -551,7 +709,6 @@ async fn upload_file(
         };
         let (entry, reused) = send_or_reuse(
             transfer,
-            generation,
             &sized,
             &opened,
             &previous,
@@ -589,7 +746,6 @@ async fn upload_file(
 /// returns its manifest entry and whether it was reused.
 async fn send_or_reuse(
     transfer: &Transfer<'_>,
-    generation: &Generation,
     file: &LocalFile,
     opened: &OpenedFile,
     previous: &[&ManifestFile],
@@ -635,7 +791,7 @@ async fn send_or_reuse(
             (key, crc, true)
         }
         None => {
-            let key = transfer.store.object_key(generation, &file.path);
+            let key = format!("{}{}", transfer.objects_prefix, file.path);
             let crc = send_file(transfer, file, &opened.read_path, &key, plan, known_crcs).await?;
             (key, crc, false)
         }
@@ -653,17 +809,16 @@ async fn send_or_reuse(
 }
 
 /// Aborts every multipart upload this run opened, plus any the store lists under this
-/// generation's prefix (one whose CreateMultipartUpload answer was lost), within
+/// upload's `prefix` (one whose CreateMultipartUpload answer was lost), within
 /// [`ABORT_TIMEOUT`].
-async fn abort_open_uploads(store: &Store, generation: &Generation, open: &OpenUploads) {
+async fn abort_open_uploads(store: &Store, prefix: &str, open: &OpenUploads) {
     let work = async {
         let mut uploads = open.take_all();
-        let prefix = store.objects_prefix(generation);
         match store
             .client()
             .list_multipart_uploads()
             .bucket(store.bucket())
-            .prefix(&prefix)
+            .prefix(prefix)
             .send()
             .await
         {

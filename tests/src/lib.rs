@@ -4,6 +4,7 @@
 
 pub mod agent_process;
 pub mod apiserver;
+pub mod collective;
 pub mod demo;
 pub mod fault_proxy;
 pub mod imds;

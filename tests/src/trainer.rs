@@ -24,6 +24,9 @@ const CHUNK_BYTES: usize = 1 << 20;
 /// Name of the file holding the trainer's progress, as the Hugging Face Trainer writes it.
 pub const TRAINER_STATE_FILE: &str = "trainer_state.json";
 
+/// Where a rank's own progress and digest are, inside its `rank-<r>/` directory.
+pub const PART_STATE_FILE: &str = "state.json";
+
 /// Prefix of checkpoint directories, as the Hugging Face Trainer names them.
 pub const CHECKPOINT_PREFIX: &str = "checkpoint-";
 
@@ -47,6 +50,30 @@ pub struct TrainerState {
     pub digest: String,
 }
 
+/// One rank's part of a multi-pod job's checkpoint. Its files live under `rank-<r>/` of the
+/// `checkpoint-N/` directory, with bytes of their own, and its digest in `rank-<r>/state.json`;
+/// `trainer_state.json` and `config.json` are the same on every rank (what a trainer writes on
+/// each node), so two ranks' parts never disagree about a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Part {
+    pub rank: u32,
+    pub world_size: u32,
+}
+
+impl Part {
+    fn dir(&self) -> String {
+        format!("rank-{}", self.rank)
+    }
+}
+
+/// `trainer_state.json` of a multi-pod checkpoint: the same bytes on every rank.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobState {
+    pub global_step: u64,
+    pub shape: StateShape,
+    pub world_size: u32,
+}
+
 /// One file of a checkpoint: its name and how its bytes are produced.
 struct StateFile {
     name: String,
@@ -56,7 +83,19 @@ struct StateFile {
 }
 
 impl StateShape {
-    fn files(&self, step: u64) -> Vec<StateFile> {
+    /// The state files at `step`, of one rank when `part` says so.
+    fn files(&self, step: u64, part: Option<Part>) -> Vec<StateFile> {
+        let mut files = self.single_files(step);
+        if let Some(part) = part {
+            for file in &mut files {
+                file.name = format!("{}/{}", part.dir(), file.name);
+                file.key = mix(file.key ^ mix(0xa11_0000 + u64::from(part.rank)));
+            }
+        }
+        files
+    }
+
+    fn single_files(&self, step: u64) -> Vec<StateFile> {
         let shards = u64::from(self.shards.max(1));
         let shard_len = self.size / 2 / shards;
         let mut files = Vec::new();
@@ -130,9 +169,14 @@ pub fn checkpoint_name(step: u64) -> String {
 
 /// What the digest of the state at `step` must be, computed without touching the disk.
 pub fn expected_digest(shape: &StateShape, step: u64) -> String {
+    expected_part_digest(shape, step, None)
+}
+
+/// [`expected_digest`] of one rank's part.
+pub fn expected_part_digest(shape: &StateShape, step: u64, part: Option<Part>) -> String {
     let mut digest = Digest::default();
     let mut buf = vec![0u8; CHUNK_BYTES];
-    for file in shape.files(step) {
+    for file in shape.files(step, part) {
         let mut crc = 0u32;
         let mut offset = 0u64;
         while offset < file.len {
@@ -171,12 +215,26 @@ pub fn write_checkpoint(
     step: u64,
     options: WriteOptions,
 ) -> std::io::Result<WrittenCheckpoint> {
+    write_part(dir, shape, step, options, None)
+}
+
+/// [`write_checkpoint`] of one rank's part (`part`), or of the whole state (`None`).
+pub fn write_part(
+    dir: &Path,
+    shape: &StateShape,
+    step: u64,
+    options: WriteOptions,
+    part: Option<Part>,
+) -> std::io::Result<WrittenCheckpoint> {
     let path = dir.join(checkpoint_name(step));
     fs::create_dir_all(&path)?;
+    if let Some(part) = part {
+        fs::create_dir_all(path.join(part.dir()))?;
+    }
     let mut digest = Digest::default();
     let mut bytes = 0u64;
     let mut buf = vec![0u8; CHUNK_BYTES];
-    for file in shape.files(step) {
+    for file in shape.files(step, part) {
         let mut out = BufWriter::with_capacity(CHUNK_BYTES, File::create(path.join(&file.name))?);
         let mut crc = 0u32;
         let mut offset = 0u64;
@@ -214,10 +272,21 @@ pub fn write_checkpoint(
         shape: *shape,
         digest: digest.clone(),
     };
-    fs::write(
-        path.join(TRAINER_STATE_FILE),
-        serde_json::to_vec_pretty(&state)?,
-    )?;
+    let top = match part {
+        Some(part) => {
+            fs::write(
+                path.join(part.dir()).join(PART_STATE_FILE),
+                serde_json::to_vec_pretty(&state)?,
+            )?;
+            serde_json::to_vec_pretty(&JobState {
+                global_step: step,
+                shape: *shape,
+                world_size: part.world_size,
+            })?
+        }
+        None => serde_json::to_vec_pretty(&state)?,
+    };
+    fs::write(path.join(TRAINER_STATE_FILE), top)?;
     Ok(WrittenCheckpoint {
         path,
         bytes,
@@ -280,7 +349,15 @@ pub enum LoadError {
 /// Loads the checkpoint in `path`: reads every state file, checks its digest against the one a
 /// trainer at that step holds, and returns the state.
 pub fn load_checkpoint(path: &Path) -> Result<TrainerState, LoadError> {
-    let state_path = path.join(TRAINER_STATE_FILE);
+    load_part(path, None)
+}
+
+/// [`load_checkpoint`] of one rank's part (`part`), or of the whole state (`None`).
+pub fn load_part(path: &Path, part: Option<Part>) -> Result<TrainerState, LoadError> {
+    let state_path = match part {
+        Some(part) => path.join(part.dir()).join(PART_STATE_FILE),
+        None => path.join(TRAINER_STATE_FILE),
+    };
     let raw = fs::read(&state_path).map_err(|source| LoadError::Io {
         path: state_path.clone(),
         source,
@@ -291,7 +368,7 @@ pub fn load_checkpoint(path: &Path) -> Result<TrainerState, LoadError> {
     })?;
     let mut digest = Digest::default();
     let mut buf = vec![0u8; CHUNK_BYTES];
-    for file in state.shape.files(state.global_step) {
+    for file in state.shape.files(state.global_step, part) {
         let file_path = path.join(&file.name);
         let io = |source| LoadError::Io {
             path: file_path.clone(),
@@ -311,7 +388,7 @@ pub fn load_checkpoint(path: &Path) -> Result<TrainerState, LoadError> {
         digest.parts.push((file.name, crc, len));
     }
     let found = digest.finish();
-    let expected = expected_digest(&state.shape, state.global_step);
+    let expected = expected_part_digest(&state.shape, state.global_step, part);
     if found != expected || found != state.digest {
         return Err(LoadError::Mismatch {
             path: path.to_path_buf(),
@@ -397,5 +474,38 @@ mod tests {
         assert!(!same("model-00003-of-00004.safetensors"));
         assert!(!same("optimizer.pt"));
         assert_ne!(a.digest, b.digest);
+    }
+
+    #[test]
+    fn ranks_write_parts_with_their_own_bytes_and_identical_shared_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let parts: Vec<Part> = (0..2)
+            .map(|rank| Part {
+                rank,
+                world_size: 2,
+            })
+            .collect();
+        for part in &parts {
+            write_part(
+                dir.path(),
+                &shape(),
+                9,
+                WriteOptions::default(),
+                Some(*part),
+            )
+            .unwrap();
+        }
+        let checkpoint = dir.path().join("checkpoint-9");
+        for part in &parts {
+            let state = load_part(&checkpoint, Some(*part)).unwrap();
+            assert_eq!(state.global_step, 9);
+        }
+        let a = fs::read(checkpoint.join("rank-0/optimizer.pt")).unwrap();
+        let b = fs::read(checkpoint.join("rank-1/optimizer.pt")).unwrap();
+        assert_ne!(a, b, "each rank holds its own shard");
+        let job: JobState =
+            serde_json::from_slice(&fs::read(checkpoint.join(TRAINER_STATE_FILE)).unwrap())
+                .unwrap();
+        assert_eq!(job.world_size, 2);
     }
 }

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use nerve_store::part::Rank;
 use nerve_store::step::checkpoint_step;
 use nerve_store::{ManifestContext, Store, UploadOptions, upload_generation};
 use nix::sys::signal::Signal;
@@ -110,6 +111,7 @@ pub struct RunnerConfig {
     pub part_size: u64,
     pub background_sync: bool,
     pub termination_grace: Duration,
+    pub rank: Rank,
     pub node: Option<String>,
     pub pod: Option<String>,
 }
@@ -458,6 +460,7 @@ impl Runner {
             },
             excludes: self.config.content.excludes.clone(),
             step_pattern: self.config.content.step_pattern.clone(),
+            rank: Some(self.config.rank),
         };
         let cancel = CancellationToken::new();
         let timer = tokio::spawn({

@@ -8,6 +8,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use nerve_store::part::Rank;
 use nerve_store::step::checkpoint_step;
 use nix::sys::signal::Signal;
 use tokio::sync::Notify;
@@ -104,6 +105,7 @@ pub struct SyncConfig {
     pub part_size: u64,
     pub signal: Signal,
     pub scope: Scope,
+    pub rank: Rank,
     pub node: Option<String>,
     pub pod: Option<String>,
 }
@@ -175,6 +177,7 @@ pub async fn sync_in_background(
             },
             excludes: content.excludes.clone(),
             step_pattern: content.step_pattern.clone(),
+            rank: Some(config.rank),
         };
         tracing::info!(
             bytes = snapshot.bytes_not_in(&shared.synced()),

@@ -154,6 +154,8 @@ pub struct Transfer<'a> {
     pub concurrency: usize,
     pub progress: Progress,
     pub open_uploads: OpenUploads,
+    /// Where this upload's objects go (`.../gen/<generation>/`, or a rank's part under it).
+    pub objects_prefix: String,
 }
 
 /// Sends `file`, read through `read_path`, to `key`; returns the whole-file checksums.

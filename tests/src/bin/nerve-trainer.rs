@@ -5,7 +5,13 @@
 //!
 //! Every event is one JSON object on its own stdout line, e.g.
 //! `{"event":"checkpoint","reason":"signal","step":42,"path":"/d/checkpoint-42","bytes":1024,"digest":"…","seconds":0.1}`.
-//! Events: `started`, `resumed`, `signal`, `checkpoint`, `done-marker`, `exit`.
+//! Events: `started`, `resumed`, `signal`, `checkpoint`, `done-marker`, `rotated`, `exit`.
+//!
+//! With `--world-size N --rank R --peers DIR` it is one rank of a multi-pod job: its files go
+//! under `checkpoint-N/rank-R/`, and a signal only sets a flag that the ranks all-reduce (MAX)
+//! at every step boundary, through files in DIR, so every rank saves the same step (reason
+//! `signal` on the rank that was signalled, `peer` on the others) and writes its done marker
+//! with `step=N`, `reason=notice` and `rank=R`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -13,7 +19,8 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use nerve_tests::trainer::{self, StateShape, WriteOptions};
+use nerve_tests::collective::FileAllReduce;
+use nerve_tests::trainer::{self, Part, StateShape, WriteOptions};
 use serde_json::json;
 
 #[derive(Debug, Parser)]
@@ -78,6 +85,17 @@ struct Args {
     /// checkpoints (--save-total-limit) this long after it, instead of before it.
     #[arg(long, value_parser = humantime::parse_duration)]
     rotate_after_marker: Option<Duration>,
+    /// This trainer's rank in a multi-pod job (its files go under `checkpoint-N/rank-<r>/`).
+    #[arg(long, default_value_t = 0)]
+    rank: u32,
+    /// Ranks of the job; more than 1 needs --peers.
+    #[arg(long, default_value_t = 1)]
+    world_size: u32,
+    /// Directory the ranks share to agree, at every step, whether any of them was asked to
+    /// save (a MAX all-reduce, as torch.distributed would do it); then every rank saves that
+    /// same step.
+    #[arg(long)]
+    peers: Option<PathBuf>,
 }
 
 fn parse_link(value: &str) -> Result<(PathBuf, PathBuf), String> {
@@ -123,14 +141,23 @@ async fn train(args: Args) -> anyhow::Result<()> {
         shards: args.shards,
         frozen_shards: args.frozen_shards,
     };
+    let part = (args.world_size > 1).then_some(Part {
+        rank: args.rank,
+        world_size: args.world_size,
+    });
+    let collective = match (&args.peers, part) {
+        (Some(dir), Some(part)) => Some(FileAllReduce::new(dir, part.rank, part.world_size)?),
+        (None, Some(_)) => anyhow::bail!("--world-size above 1 needs --peers"),
+        _ => None,
+    };
     let mut step = 0u64;
     let mut resumed_digest = None;
     if let Some((_, path)) = trainer::list_checkpoints(&args.dir)?.pop() {
-        let state = tokio::task::spawn_blocking(move || trainer::load_checkpoint(&path)).await??;
+        let state = tokio::task::spawn_blocking(move || trainer::load_part(&path, part)).await??;
         step = state.global_step;
         emit(
             json!({"event": "resumed", "step": step, "digest": state.digest,
-            "shape": state.shape, "pid": std::process::id()}),
+            "shape": state.shape, "rank": args.rank, "pid": std::process::id()}),
         );
         resumed_digest = Some(state.digest);
         if state.shape != shape && !args.verify {
@@ -186,6 +213,8 @@ async fn train(args: Args) -> anyhow::Result<()> {
     if args.checkpoint_at_start {
         save(&args, &shape, step, "periodic", options, true).await?;
     }
+    // A signal seen and not yet agreed on with the other ranks.
+    let mut requested = false;
     let mut steps = tokio::time::interval(args.step_time);
     steps.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut next_periodic = args.period.map(|p| tokio::time::Instant::now() + p);
@@ -209,6 +238,18 @@ async fn train(args: Args) -> anyhow::Result<()> {
                     writeln!(log, "step {step}")?;
                     log.flush()?;
                 }
+                if let Some(reduce) = &collective {
+                    let (reduce, flag) = (reduce.clone(), u64::from(requested));
+                    let agreed =
+                        tokio::task::spawn_blocking(move || reduce.max(step, flag)).await?? == 1;
+                    if agreed {
+                        let reason = if requested { "signal" } else { "peer" };
+                        requested = false;
+                        if answer_request(&args, &shape, step, options, reason).await? {
+                            return Ok(());
+                        }
+                    }
+                }
             }
             _ = periodic => {
                 save(&args, &shape, step, "periodic", options, true).await?;
@@ -216,26 +257,48 @@ async fn train(args: Args) -> anyhow::Result<()> {
             }
             _ = signalled => {
                 emit(json!({"event": "signal", "signal": "SIGUSR1", "step": step}));
-                let options = WriteOptions { hang: args.hang_on_checkpoint, ..options };
-                let rotate_later = args.rotate_after_marker.is_some();
-                let written = save(&args, &shape, step, "signal", options, !rotate_later).await?;
-                if let Some(marker) = &args.done_marker {
-                    let marker = args.dir.join(marker);
-                    std::fs::write(&marker, json!({"step": step}).to_string())?;
-                    emit(json!({"event": "done-marker", "path": marker, "step": step}));
-                }
-                if let Some(delay) = args.rotate_after_marker {
-                    tokio::time::sleep(delay).await;
-                    rotate(&args.dir, args.save_total_limit, &written)?;
-                    emit(json!({"event": "rotated", "step": step}));
-                }
-                if args.exit_after_checkpoint {
-                    emit(json!({"event": "exit", "step": step}));
+                // With peers the save waits for the next step boundary, where all agree.
+                if collective.is_some() {
+                    requested = true;
+                } else if answer_request(&args, &shape, step, options, "signal").await? {
                     return Ok(());
                 }
             }
         }
     }
+}
+
+/// Saves `step` because it was asked to (`reason`: `signal` here, `peer` for another rank's),
+/// writes the done marker, rotates; true when the trainer should exit now.
+async fn answer_request(
+    args: &Args,
+    shape: &StateShape,
+    step: u64,
+    options: WriteOptions,
+    reason: &str,
+) -> anyhow::Result<bool> {
+    let options = WriteOptions {
+        hang: args.hang_on_checkpoint,
+        ..options
+    };
+    let rotate_later = args.rotate_after_marker.is_some();
+    let written = save(args, shape, step, reason, options, !rotate_later).await?;
+    if let Some(marker) = &args.done_marker {
+        let marker = args.dir.join(marker);
+        let content = format!("step={step}\nreason=notice\nrank={}\n", args.rank);
+        std::fs::write(&marker, content)?;
+        emit(json!({"event": "done-marker", "path": marker, "step": step}));
+    }
+    if let Some(delay) = args.rotate_after_marker {
+        tokio::time::sleep(delay).await;
+        rotate(&args.dir, args.save_total_limit, &written)?;
+        emit(json!({"event": "rotated", "step": step}));
+    }
+    if args.exit_after_checkpoint {
+        emit(json!({"event": "exit", "step": step}));
+        return Ok(true);
+    }
+    Ok(false)
 }
 
 /// Writes the checkpoint of `step`; deletes older ones beyond the limit when `rotate_now`.
@@ -250,8 +313,12 @@ async fn save(
     let started = Instant::now();
     let dir = args.dir.clone();
     let shape = *shape;
+    let part = (args.world_size > 1).then_some(Part {
+        rank: args.rank,
+        world_size: args.world_size,
+    });
     let written =
-        tokio::task::spawn_blocking(move || trainer::write_checkpoint(&dir, &shape, step, options))
+        tokio::task::spawn_blocking(move || trainer::write_part(&dir, &shape, step, options, part))
             .await??;
     emit(
         json!({"event": "checkpoint", "reason": reason, "step": step,
