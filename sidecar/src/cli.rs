@@ -201,10 +201,17 @@ pub struct ContentArgs {
 }
 
 impl ContentArgs {
-    /// The exclude patterns in force.
+    /// The exclude patterns in force. The done marker is one of them: it says when and which
+    /// step, it is not checkpoint content (and each rank of a job writes its own).
     pub fn excludes(&self) -> Excludes {
+        let mut patterns = self.exclude.clone();
+        if let Some(marker) = self.done_marker.as_deref().and_then(Path::to_str)
+            && !marker.starts_with('/')
+        {
+            patterns.push(globset::escape(marker.trim_start_matches("./")));
+        }
         // Every pattern was checked while parsing.
-        Excludes::new(&self.exclude, self.default_excludes).unwrap_or_default()
+        Excludes::new(&patterns, self.default_excludes).unwrap_or_default()
     }
 
     /// Where the done marker is (given or default), for the checkpoint directory `dir`.
@@ -291,6 +298,12 @@ pub struct PruneArgs {
     /// Say what would be deleted without deleting anything.
     #[arg(long)]
     pub dry_run: bool,
+
+    /// A multi-pod generation some rank never committed survives while its newest object is
+    /// younger than this (a slow rank may still be writing its part).
+    #[arg(long, env = "NERVE_INCOMPLETE_GRACE", default_value = "1h",
+          value_parser = humantime::parse_duration)]
+    pub incomplete_grace: std::time::Duration,
 }
 
 fn parse_concurrency(value: &str) -> Result<usize, String> {

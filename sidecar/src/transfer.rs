@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use nerve_store::list::describe_generations;
 use nerve_store::part::PartsChoice;
 use nerve_store::progress::{Progress, format_bytes, report_progress};
+use nerve_store::prune::PruneOptions;
 use nerve_store::restore::Owner;
 use nerve_store::step::checkpoint_step;
 use nerve_store::{
@@ -196,7 +197,12 @@ pub async fn list_command(args: ListArgs) -> anyhow::Result<()> {
 pub async fn prune_command(args: PruneArgs) -> anyhow::Result<()> {
     let store = Store::connect(&args.store.config()).await;
     let keep = usize::try_from(args.keep).unwrap_or(usize::MAX);
-    let summary = prune_generations(&store, keep, args.dry_run).await?;
+    let options = PruneOptions {
+        keep,
+        dry_run: args.dry_run,
+        incomplete_grace: args.incomplete_grace,
+    };
+    let summary = prune_generations(&store, &options).await?;
     let verb = if args.dry_run {
         "would delete"
     } else {

@@ -34,6 +34,17 @@ const MAX_UPLOAD_LISTING_PAGES: usize = 100;
 /// notice window and any part upload.
 pub const INCOMPLETE_GRACE: Duration = Duration::from_secs(3600);
 
+/// What to prune.
+#[derive(Debug, Clone)]
+pub struct PruneOptions {
+    /// Committed generations to keep (the newest by step); at least 1.
+    pub keep: usize,
+    /// Say what would go without deleting anything.
+    pub dry_run: bool,
+    /// See [`INCOMPLETE_GRACE`].
+    pub incomplete_grace: Duration,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PruneSummary {
     /// Committed generations whose manifests were deleted.
@@ -132,13 +143,12 @@ async fn overview(store: &Store) -> Result<Overview, PruneError> {
 
 /// Deletes generations beyond the newest `keep` and objects no kept generation references.
 /// With `dry_run`, only reports what would go.
-#[tracing::instrument(skip_all, fields(bucket = store.bucket(), prefix = store.generations_prefix(), keep), err(Display))]
+#[tracing::instrument(skip_all, fields(bucket = store.bucket(), prefix = store.generations_prefix(), keep = options.keep), err(Display))]
 pub async fn prune_generations(
     store: &Store,
-    keep: usize,
-    dry_run: bool,
+    options: &PruneOptions,
 ) -> Result<PruneSummary, PruneError> {
-    let keep = keep.max(1);
+    let (keep, dry_run) = (options.keep.max(1), options.dry_run);
     let overview = overview(store).await?;
     if overview.committed.is_empty() {
         return Ok(PruneSummary::default());
@@ -152,7 +162,7 @@ pub async fn prune_generations(
         .collect();
     let split = ordered.len().saturating_sub(keep);
     let (deleted, kept) = ordered.split_at(split);
-    let mut fates = fates(store, &overview).await?;
+    let mut fates = fates(store, &overview, options.incomplete_grace).await?;
 
     // Everything the kept generations need, and what uploads in progress may reuse. Reading
     // them all before deleting anything means a broken kept manifest stops the prune instead
@@ -209,11 +219,12 @@ pub async fn prune_generations(
 }
 
 /// The fate of each multi-pod generation that is not committed: spared while it may still be
-/// in progress (above the newest complete step, or an object younger than
-/// [`INCOMPLETE_GRACE`]), collected otherwise.
+/// in progress (above the newest complete step, or an object younger than `grace`), collected
+/// otherwise.
 async fn fates(
     store: &Store,
     overview: &Overview,
+    grace: Duration,
 ) -> Result<HashMap<Generation, Fate>, PruneError> {
     let newest_complete = overview.committed.iter().filter_map(Generation::step).max();
     let mut fates = HashMap::new();
@@ -224,9 +235,9 @@ async fn fates(
         if overview.committed.contains(generation) {
             continue;
         }
-        let fate = if newest_complete.is_none_or(|newest| step > newest) {
-            Fate::Spare
-        } else if newest_object_age(store, generation).await? < INCOMPLETE_GRACE {
+        let in_progress = newest_complete.is_none_or(|newest| step > newest)
+            || newest_object_age(store, generation).await? < grace;
+        let fate = if in_progress {
             Fate::Spare
         } else {
             Fate::Collect

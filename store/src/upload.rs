@@ -205,7 +205,7 @@ pub enum UploadError {
     #[error("{0}")]
     StepOutOfRange(String),
     #[error("committing the multi-pod generation (this rank's part is committed)")]
-    Job(#[source] PartError),
+    Job(#[source] Box<PartError>),
 }
 
 impl UploadError {
@@ -506,7 +506,7 @@ async fn commit_job_of(store: &Store, target: &Target) -> Result<Option<JobCommi
     };
     let commit = commit_job(store, &target.generation, step, rank.world_size)
         .await
-        .map_err(UploadError::Job)?;
+        .map_err(|e| UploadError::Job(Box::new(e)))?;
     Ok(Some(commit))
 }
 

@@ -55,10 +55,7 @@ impl Rig {
 
     /// A regex matching this test's trainers only.
     pub fn target(&self) -> String {
-        format!(
-            "nerve-trainer .*--dir {}( |$)",
-            self.dir.display().to_string().replace('.', "\\.")
-        )
+        target_for(&self.dir)
     }
 
     pub fn trainer(&self, dir: &Path, extra: &[&str]) -> Proc {
@@ -112,14 +109,26 @@ impl Rig {
 
     /// A sidecar with extra environment variables (`AWS_ENDPOINT_URL` of a proxy, say).
     pub fn sidecar_with_env(&self, agent_url: &str, extra: &[&str], env: &[(&str, &str)]) -> Proc {
+        self.sidecar_in(&self.dir, agent_url, extra, env)
+    }
+
+    /// A sidecar guarding `dir` (another pod's directory, in a multi-pod test), signalling only
+    /// the trainers of `dir`.
+    pub fn sidecar_in(
+        &self,
+        dir: &Path,
+        agent_url: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Proc {
         let mut command = Command::new(crate::binary_path("nerve-sidecar"));
         command
             .args(["--log-format", "json", "run", "--dir"])
-            .arg(&self.dir)
+            .arg(dir)
             .args(self.store_args())
             .args(["--agent-url", agent_url, "--metadata-url", &self.imds.url()])
             .args(["--poll-interval", "200ms", "--listen", "127.0.0.1:0"])
-            .args(["--target", &self.target(), "--quiet-period", "2s"])
+            .args(["--target", &target_for(dir), "--quiet-period", "2s"])
             .args(["--part-size", "5MiB", "--concurrency", "4"])
             .args(extra)
             .envs(self.s3.client_env())
@@ -187,6 +196,17 @@ impl Rig {
             .unwrap_or_else(|e| panic!("running nerve-sidecar {command}: {e}"))
     }
 
+    /// `nerve-sidecar <command> <store flags> <extra>` (list, prune) to completion.
+    pub fn store_command(&self, command: &str, extra: &[&str]) -> std::process::Output {
+        Command::new(crate::binary_path("nerve-sidecar"))
+            .arg(command)
+            .args(self.store_args())
+            .args(extra)
+            .envs(self.s3.client_env())
+            .output()
+            .unwrap_or_else(|e| panic!("running nerve-sidecar {command}: {e}"))
+    }
+
     /// `nerve-sidecar restore` into a fresh directory, then the trainer's `--verify` on it.
     pub fn restore_and_verify(&self) -> Value {
         let restored = self.work.path().join(format!(
@@ -205,6 +225,14 @@ impl Rig {
         assert!(status.success(), "verify failed:\n{}", verify.output());
         verify.event("resumed", Duration::from_secs(5))
     }
+}
+
+/// A regex matching the trainers of `dir` only (tests share one process namespace).
+pub fn target_for(dir: &Path) -> String {
+    format!(
+        "nerve-trainer .*--dir {}( |$)",
+        dir.display().to_string().replace('.', "\\.")
+    )
 }
 
 /// A plain HTTP/1.1 GET: status code and body.

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nerve_store::part::Rank;
-use nerve_store::step::checkpoint_step;
+use nerve_store::step::{MarkerContent, checkpoint_step};
 use nerve_store::{ManifestContext, Store, UploadOptions, upload_generation};
 use nix::sys::signal::Signal;
 use time::OffsetDateTime;
@@ -33,6 +33,11 @@ const TERMINATION_LOG: &str = "/dev/termination-log";
 /// aborts its multipart uploads, which takes a few requests.
 const PREEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How far this node's clock (the done marker's time) may be behind the clock that detected
+/// the notice (the agent of another node, for a peer's notice) for a marker to still count as
+/// written after it: well beyond NTP-synchronised nodes, far below the time between notices.
+const PEER_CLOCK_SLACK: time::Duration = time::Duration::seconds(30);
+
 /// What triggered a checkpoint: a notice from the cloud, or SIGTERM.
 #[derive(Debug, Clone)]
 pub struct Trigger {
@@ -40,6 +45,8 @@ pub struct Trigger {
     pub kind: String,
     pub emergency: bool,
     pub deadline: OffsetDateTime,
+    /// When the notice was first seen (by the agent, or by the peer that shared it).
+    pub detected_at: OffsetDateTime,
     pub channel: Channel,
     /// What the manifest records.
     pub record: serde_json::Value,
@@ -52,6 +59,7 @@ impl Trigger {
             kind: heard.notice.kind.to_string(),
             emergency: heard.notice.kind.is_emergency(),
             deadline: heard.notice.deadline,
+            detected_at: heard.notice.detected_at,
             channel: heard.channel,
             record: serde_json::to_value(&heard.notice).unwrap_or_default(),
         }
@@ -69,6 +77,7 @@ impl Trigger {
             kind: "sigterm".to_string(),
             emergency: true,
             deadline,
+            detected_at: now,
             channel: Channel::Sigterm,
             record: serde_json::json!({
                 "id": format!("sigterm/{}", format(now)), "kind": "sigterm", "action": "terminate",
@@ -117,6 +126,7 @@ pub struct RunnerConfig {
 }
 
 /// The trainer as a notice found it.
+#[derive(Default)]
 struct Signalled {
     writers: Writers,
     notice_to_signal_ms: f64,
@@ -226,11 +236,19 @@ impl Runner {
         self.shared.preempt();
         // Signal first: every millisecond here is a millisecond less for the upload.
         let marker_before = MarkerState::read(&self.config.content.marker);
-        let signalled = self.signal_trainer(heard);
+        let answered = self.answered_by_the_ranks(&trigger);
+        let signalled = if answered {
+            Signalled::default()
+        } else {
+            self.signal_trainer(heard)
+        };
         let _guard = self.stop_background_sync().await;
-        let completion = self
-            .wait_for_completion(&signalled.writers, marker_before, deadline)
-            .await;
+        let completion = if answered {
+            Completion::Marker
+        } else {
+            self.wait_for_completion(&signalled.writers, marker_before, deadline)
+                .await
+        };
         let outcome = if completion.is_complete() {
             self.upload(
                 &trigger,
@@ -287,6 +305,29 @@ impl Runner {
         };
         ::metrics::counter!(metrics::CHECKPOINTS, "outcome" => outcome.as_str()).increment(1);
         outcome
+    }
+
+    /// In a multi-pod job, whether this trainer already saved for this notice: the ranks agree
+    /// on the step to save at their next step boundary, so a rank whose sidecar hears the
+    /// notice late (through the store, from a peer) may find its trainer's done marker already
+    /// written with `reason=notice` since the notice was detected. Its part is then uploaded at
+    /// once, and the trainer is not asked to save a second time.
+    fn answered_by_the_ranks(&self, trigger: &Trigger) -> bool {
+        if !self.config.rank.is_multi_pod() {
+            return false;
+        }
+        let marker = &self.config.content.marker;
+        let written = MarkerState::read(marker).modified();
+        let since = trigger.detected_at - PEER_CLOCK_SLACK;
+        let fresh = written.is_some_and(|at| OffsetDateTime::from(at) >= since);
+        let answered = fresh && MarkerContent::read(marker).is_notice();
+        if answered {
+            tracing::info!(
+                step = MarkerContent::read(marker).step,
+                "the ranks already saved for this notice (their agreement reached this trainer first); uploading that checkpoint"
+            );
+        }
+        answered
     }
 
     /// Sends the signal to the trainer's processes that handle it; says loudly when none does.

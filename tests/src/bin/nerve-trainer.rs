@@ -105,6 +105,10 @@ fn parse_link(value: &str) -> Result<(PathBuf, PathBuf), String> {
     Ok((PathBuf::from(name), PathBuf::from(target)))
 }
 
+/// A signal this soon after the ranks saved for a notice is that same notice, heard late by this
+/// rank's sidecar (a peer's notice reaches it within a poll of the store): already answered.
+const ANSWERED_WINDOW: Duration = Duration::from_secs(10);
+
 fn emit(event: serde_json::Value) {
     let mut out = std::io::stdout().lock();
     // A closed stdout must not stop training.
@@ -215,6 +219,9 @@ async fn train(args: Args) -> anyhow::Result<()> {
     }
     // A signal seen and not yet agreed on with the other ranks.
     let mut requested = false;
+    // When the ranks last saved for a notice: a signal soon after is that notice arriving late
+    // through this rank's sidecar, already answered.
+    let mut answered: Option<tokio::time::Instant> = None;
     let mut steps = tokio::time::interval(args.step_time);
     steps.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut next_periodic = args.period.map(|p| tokio::time::Instant::now() + p);
@@ -245,6 +252,7 @@ async fn train(args: Args) -> anyhow::Result<()> {
                     if agreed {
                         let reason = if requested { "signal" } else { "peer" };
                         requested = false;
+                        answered = Some(tokio::time::Instant::now());
                         if answer_request(&args, &shape, step, options, reason).await? {
                             return Ok(());
                         }
@@ -256,10 +264,12 @@ async fn train(args: Args) -> anyhow::Result<()> {
                 next_periodic = args.period.map(|p| tokio::time::Instant::now() + p);
             }
             _ = signalled => {
-                emit(json!({"event": "signal", "signal": "SIGUSR1", "step": step}));
+                let late = answered.is_some_and(|at| at.elapsed() < ANSWERED_WINDOW);
+                emit(json!({"event": "signal", "signal": "SIGUSR1", "step": step,
+                    "already_answered": late}));
                 // With peers the save waits for the next step boundary, where all agree.
                 if collective.is_some() {
-                    requested = true;
+                    requested = !late;
                 } else if answer_request(&args, &shape, step, options, "signal").await? {
                     return Ok(());
                 }

@@ -1,0 +1,395 @@
+//! Multi-pod jobs end to end: several pods (a sidecar and a test trainer each, with ranks) and
+//! one S3 server. The trainers agree on the step to save through a file-based MAX all-reduce
+//! (what torch.distributed gives real trainers); each sidecar commits its rank's part and the
+//! last one commits the generation.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use nerve_tests::fault_proxy::{Fault, FaultProxy, Rule};
+use nerve_tests::pod::{
+    CHECKPOINT_TIMEOUT, EXIT_TIMEOUT, Proc, Rig, STARTUP_TIMEOUT, closed_port_url, in_seconds,
+};
+use serde_json::Value;
+
+/// A job of `world` pods sharing the rig's S3 server and metadata service.
+struct Job {
+    rig: Rig,
+    world: u32,
+    peers: PathBuf,
+}
+
+impl Job {
+    fn new(name: &str, world: u32) -> Job {
+        let rig = Rig::new(name);
+        let peers = rig.work.path().join("peers");
+        for rank in 0..world {
+            std::fs::create_dir_all(rig.work.path().join(format!("pod-{rank}"))).expect("mkdir");
+        }
+        Job { rig, world, peers }
+    }
+
+    fn dir(&self, rank: u32) -> PathBuf {
+        self.rig.work.path().join(format!("pod-{rank}"))
+    }
+
+    fn rank_args(&self, rank: u32) -> Vec<String> {
+        vec![
+            "--rank".into(),
+            rank.to_string(),
+            "--world-size".into(),
+            self.world.to_string(),
+        ]
+    }
+
+    fn trainer(&self, rank: u32, extra: &[&str]) -> Proc {
+        let mut args = self.rank_args(rank);
+        args.extend(["--peers".into(), self.peers.display().to_string()]);
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.rig.trainer(&self.dir(rank), &args)
+    }
+
+    fn sidecar(&self, rank: u32, extra: &[&str], env: &[(&str, &str)]) -> Proc {
+        let mut args = self.rank_args(rank);
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.rig
+            .sidecar_in(&self.dir(rank), &closed_port_url(), &args, env)
+    }
+
+    fn gen_dir(&self) -> PathBuf {
+        self.rig
+            .s3
+            .root()
+            .join(nerve_tests::pod::BUCKET)
+            .join(nerve_tests::pod::PREFIX)
+            .join(&self.rig.job)
+            .join("gen")
+    }
+
+    /// The job manifest of the generation of `step`, once committed.
+    fn job_manifest(&self, step: u64) -> Option<Value> {
+        let raw = std::fs::read(
+            self.gen_dir()
+                .join(format!("step-{step:012}.manifest.json")),
+        );
+        raw.ok().and_then(|raw| serde_json::from_slice(&raw).ok())
+    }
+
+    /// Ranks whose part of `step` is committed.
+    fn parts(&self, step: u64) -> Vec<u32> {
+        let dir = self.gen_dir().join(format!("step-{step:012}"));
+        let mut ranks: Vec<u32> = std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| {
+                        let name = e.file_name().to_string_lossy().into_owned();
+                        name.strip_prefix("rank-")?
+                            .strip_suffix(".manifest.json")?
+                            .parse()
+                            .ok()
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        ranks.sort_unstable();
+        ranks
+    }
+
+    fn store_command(&self, rank: u32, command: &str, extra: &[&str]) -> Output {
+        let mut args = self.rank_args(rank);
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.rig.store_command(command, &args)
+    }
+
+    fn command(&self, rank: u32, command: &str, dir: &Path, extra: &[&str]) -> Output {
+        let mut args = self.rank_args(rank);
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.rig.sidecar_command(command, dir, &args)
+    }
+
+    /// Restores into a fresh directory as `rank` and has that rank's trainer load it.
+    fn restore_and_verify(&self, rank: u32, extra: &[&str]) -> (PathBuf, Value) {
+        let dir = self
+            .rig
+            .work
+            .path()
+            .join(format!("restored-{rank}-{}", extra.join("")));
+        let output = self.command(rank, "restore", &dir, extra);
+        assert!(
+            output.status.success(),
+            "restore as rank {rank}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let mut args = self.rank_args(rank);
+        args.extend([
+            "--peers".into(),
+            self.peers.display().to_string(),
+            "--verify".into(),
+        ]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut verify = self.rig.trainer(&dir, &args);
+        let status = verify.wait_exit(EXIT_TIMEOUT);
+        assert!(
+            status.success(),
+            "verify as rank {rank}:\n{}",
+            verify.output()
+        );
+        (dir, verify.event("resumed", Duration::from_secs(5)))
+    }
+}
+
+/// The checkpoint a trainer took for `reason`: `periodic`, or `notice` (asked by its own
+/// signal, or by a peer's through the all-reduce).
+fn checkpoint_event(trainer: &Proc, reason: &str) -> Value {
+    trainer.wait_json("the agreed checkpoint", CHECKPOINT_TIMEOUT, |v| {
+        let taken = v["reason"].as_str().unwrap_or_default();
+        let wanted = match reason {
+            "notice" => taken == "signal" || taken == "peer",
+            _ => taken == reason,
+        };
+        v["event"] == "checkpoint" && wanted
+    })
+}
+
+#[test]
+fn three_pods_checkpoint_the_same_step_and_the_last_part_commits_the_generation() {
+    let job = Job::new("three-pods", 3);
+    let trainers: Vec<Proc> = (0..3)
+        .map(|rank| job.trainer(rank, &["--done-marker", "DONE"]))
+        .collect();
+    for trainer in &trainers {
+        trainer.event("started", STARTUP_TIMEOUT);
+    }
+    let sidecars: Vec<Proc> = (0..3)
+        .map(|rank| job.sidecar(rank, &["--done-marker", "DONE"], &[]))
+        .collect();
+    job.rig
+        .imds
+        .set_spot_interruption("terminate", in_seconds(120));
+    let saved: Vec<Value> = trainers
+        .iter()
+        .map(|t| checkpoint_event(t, "notice"))
+        .collect();
+    let step = saved[0]["step"].as_u64().expect("step");
+    assert!(
+        saved.iter().all(|s| s["step"] == saved[0]["step"]),
+        "every rank saves the same step: {saved:?}"
+    );
+    for sidecar in &sidecars {
+        sidecar.log("checkpoint committed", CHECKPOINT_TIMEOUT);
+    }
+    let manifest = nerve_tests::pod::wait_for("the job manifest", CHECKPOINT_TIMEOUT, || {
+        job.job_manifest(step)
+    })
+    .unwrap_or_else(|| panic!("no job manifest; parts {:?}", job.parts(step)));
+    assert_eq!(manifest["kind"], "job");
+    assert_eq!(manifest["world_size"], 3);
+    assert_eq!(manifest["step"], step);
+    let ranks: Vec<u64> = manifest["parts"]
+        .as_array()
+        .expect("parts")
+        .iter()
+        .map(|p| p["rank"].as_u64().expect("rank"))
+        .collect();
+    assert_eq!(ranks, [0, 1, 2]);
+
+    // Three fresh pods restore the same step; every trainer resumes with its own state.
+    for (rank, saved) in saved.iter().enumerate() {
+        let rank = u32::try_from(rank).expect("rank");
+        let (_, resumed) = job.restore_and_verify(rank, &[]);
+        assert_eq!(resumed["step"], step);
+        assert_eq!(resumed["digest"], saved["digest"]);
+    }
+    // --parts own brings this rank's shards and the files every rank needs, nothing else.
+    let (dir, resumed) = job.restore_and_verify(1, &["--parts", "own"]);
+    assert_eq!(resumed["digest"], saved[1]["digest"]);
+    let checkpoint = dir.join(format!("checkpoint-{step}"));
+    assert!(checkpoint.join("rank-1").is_dir());
+    assert!(!checkpoint.join("rank-0").exists() && !checkpoint.join("rank-2").exists());
+    assert!(checkpoint.join("trainer_state.json").is_file());
+}
+
+#[test]
+fn a_rank_killed_mid_upload_leaves_its_generation_incomplete_and_restore_takes_the_previous() {
+    let job = Job::new("killed-rank", 3);
+    let trainers: Vec<Proc> = (0..3)
+        .map(|rank| job.trainer(rank, &["--done-marker", "DONE", "--checkpoint-at-start"]))
+        .collect();
+    let first: Vec<Value> = trainers
+        .iter()
+        .map(|t| checkpoint_event(t, "periodic"))
+        .collect();
+    // Rank 2 reaches the store through a proxy that holds its new files' PUTs, so it is still
+    // uploading its part when it is killed.
+    let proxy = FaultProxy::start(job.rig.s3.addr()).expect("proxy");
+    let endpoint = proxy.endpoint();
+    let sync = [
+        "--done-marker",
+        "DONE",
+        "--background-sync",
+        "true",
+        "--sync-interval",
+        "300ms",
+    ];
+    let mut sidecars: Vec<Proc> = (0..2).map(|rank| job.sidecar(rank, &sync, &[])).collect();
+    sidecars.push(job.sidecar(2, &sync, &[("AWS_ENDPOINT_URL", endpoint.as_str())]));
+    let first_step = first[0]["step"].as_u64().expect("step");
+    nerve_tests::pod::wait_for("the first generation", CHECKPOINT_TIMEOUT, || {
+        job.job_manifest(first_step)
+    })
+    .expect("background sync commits the periodic checkpoint of every rank");
+
+    proxy.add_rule(
+        Rule::new(Fault::Delay(Duration::from_secs(30)))
+            .method("PUT")
+            .path_contains("/rank-2/checkpoint-"),
+    );
+    job.rig
+        .imds
+        .set_spot_interruption("terminate", in_seconds(120));
+    let saved: Vec<Value> = trainers
+        .iter()
+        .map(|t| checkpoint_event(t, "notice"))
+        .collect();
+    let step = saved[0]["step"].as_u64().expect("step");
+    nerve_tests::pod::wait_for("rank 2 uploading", CHECKPOINT_TIMEOUT, || {
+        (!proxy.injected().is_empty()).then_some(())
+    })
+    .expect("rank 2 starts its upload");
+    sidecars[2].send(nix::sys::signal::Signal::SIGKILL);
+    sidecars[2].wait_exit(EXIT_TIMEOUT);
+    for sidecar in &sidecars[..2] {
+        sidecar.log("checkpoint committed", CHECKPOINT_TIMEOUT);
+    }
+    assert_eq!(job.parts(step), [0, 1]);
+    assert!(
+        job.job_manifest(step).is_none(),
+        "a generation some rank never committed"
+    );
+
+    let listing = job.store_command(0, "list", &["--json"]);
+    let lines: Vec<Value> = String::from_utf8_lossy(&listing.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let incomplete = lines
+        .iter()
+        .find(|l| l["step"] == step)
+        .expect("list shows the incomplete generation");
+    assert_eq!(incomplete["committed"], false);
+    assert_eq!(incomplete["parts_committed"], 2);
+    assert_eq!(incomplete["world_size"], 3);
+
+    for rank in 0..3 {
+        let (_, resumed) = job.restore_and_verify(rank, &[]);
+        assert_eq!(
+            resumed["step"], first_step,
+            "the newest complete generation"
+        );
+        assert_eq!(resumed["digest"], first[rank as usize]["digest"]);
+    }
+}
+
+/// Writes a one-file checkpoint for `step` into `dir` holding `config` as `config.json`.
+fn write_small_checkpoint(dir: &Path, step: u64, config: &str, rank: u32) {
+    let checkpoint = dir.join(format!("checkpoint-{step}"));
+    std::fs::create_dir_all(checkpoint.join(format!("rank-{rank}"))).expect("mkdir");
+    std::fs::write(
+        checkpoint.join(format!("rank-{rank}/weights.bin")),
+        rank.to_string(),
+    )
+    .expect("write");
+    std::fs::write(checkpoint.join("config.json"), config).expect("write");
+    std::fs::write(
+        checkpoint.join("trainer_state.json"),
+        format!("{{\"global_step\": {step}}}"),
+    )
+    .expect("write");
+}
+
+#[test]
+fn two_ranks_claiming_different_contents_for_one_path_fail_restore_without_touching_the_directory()
+{
+    let job = Job::new("conflict", 2);
+    for (rank, config) in [(0, "{\"lr\": 0.1}"), (1, "{\"lr\": 0.2}")] {
+        let dir = job.dir(rank);
+        write_small_checkpoint(&dir, 5, config, rank);
+        let output = job.command(rank, "upload", &dir, &[]);
+        assert!(output.status.success(), "{output:?}");
+    }
+    assert!(job.job_manifest(5).is_some());
+    let target = job.rig.work.path().join("target");
+    std::fs::create_dir_all(&target).expect("mkdir");
+    std::fs::write(target.join("mine.txt"), b"untouched").expect("write");
+    let output = job.command(0, "restore", &target, &[]);
+    assert!(!output.status.success());
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        said.contains("ranks 0 and 1") && said.contains("config.json"),
+        "{said}"
+    );
+    let names: Vec<String> = std::fs::read_dir(&target)
+        .expect("ls")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["mine.txt"]);
+    // The user chooses which rank wins.
+    let output = job.command(0, "restore", &target, &["--prefer-rank", "1"]);
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(
+        std::fs::read_to_string(target.join("checkpoint-5/config.json")).expect("read"),
+        "{\"lr\": 0.2}"
+    );
+}
+
+#[test]
+fn prune_keeps_complete_generations_and_drops_incomplete_ones_behind_them() {
+    let job = Job::new("prune-parts", 2);
+    let upload = |rank: u32, step: u64| {
+        let dir = job.dir(rank);
+        let _ = std::fs::remove_dir_all(&dir);
+        write_small_checkpoint(&dir, step, "{}", rank);
+        let output = job.command(rank, "upload", &dir, &[]);
+        assert!(output.status.success(), "{output:?}");
+    };
+    // Step 5 complete, step 7 missing rank 1, step 9 complete, step 11 still being uploaded.
+    for (step, ranks) in [(5, &[0, 1][..]), (7, &[0]), (9, &[0, 1]), (11, &[0])] {
+        for rank in ranks {
+            upload(*rank, step);
+        }
+    }
+    let prune = |grace: &str| {
+        let output = job.store_command(0, "prune", &["--keep", "1", "--incomplete-grace", grace]);
+        assert!(output.status.success(), "{output:?}");
+    };
+    prune("1h");
+    assert!(job.job_manifest(5).is_none(), "beyond --keep 1");
+    assert_eq!(
+        job.parts(7),
+        [0],
+        "incomplete, but younger than the grace period"
+    );
+    prune("0s");
+    assert!(
+        job.parts(7).is_empty(),
+        "incomplete and behind the newest complete step"
+    );
+    assert!(job.job_manifest(9).is_some());
+    assert_eq!(
+        job.parts(11),
+        [0],
+        "above the newest complete step: in progress"
+    );
+    let restored = job.rig.work.path().join("restored");
+    let output = job.command(1, "restore", &restored, &[]);
+    assert!(output.status.success(), "{output:?}");
+    assert!(restored.join("checkpoint-9/rank-1/weights.bin").is_file());
+    assert!(restored.join("checkpoint-9/rank-0/weights.bin").is_file());
+}
