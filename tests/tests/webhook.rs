@@ -305,3 +305,90 @@ async fn webhook_admits_an_unexpected_pod_shape_unchanged_with_a_warning() {
         .await;
     assert_eq!(status, 400);
 }
+
+impl Webhook {
+    /// An HTTPS connection to the webhook for writing a request by hand.
+    async fn connect(&self) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(self.ca.clone())
+        .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .expect("connect");
+        TlsConnector::from(Arc::new(config))
+            .connect(ServerName::try_from("localhost").expect("name"), tcp)
+            .await
+            .expect("TLS")
+    }
+}
+
+/// Reads a whole HTTP/1.1 response the server closes after; returns its status and text.
+async fn read_response(
+    mut tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+) -> (u16, String) {
+    use tokio::io::AsyncReadExt;
+    let mut raw = Vec::new();
+    // The server closes after answering a request whose body it did not read; a TLS close
+    // without close_notify still leaves the answer in `raw`.
+    let _ = tls.read_to_end(&mut raw).await;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
+    (status, text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_refuses_an_oversized_review_and_one_whose_body_never_arrives() {
+    use tokio::io::AsyncWriteExt;
+    let webhook = start_webhook();
+
+    // 9 MiB announced: refused before a byte of it is read.
+    let mut tls = webhook.connect().await;
+    tls.write_all(
+        b"POST /mutate HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
+          content-length: 9437184\r\n\r\n",
+    )
+    .await
+    .expect("send headers");
+    let (status, text) = tokio::time::timeout(REQUEST_TIMEOUT, read_response(tls))
+        .await
+        .expect("answered at once");
+    assert_eq!(status, 413, "{text}");
+
+    // 1000 bytes announced, 10 sent, then nothing: the webhook gives up after its body
+    // timeout (10 s) instead of holding the connection for as long as the client likes.
+    let mut tls = webhook.connect().await;
+    tls.write_all(
+        b"POST /mutate HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
+          content-length: 1000\r\n\r\n{\"kind\":\"",
+    )
+    .await
+    .expect("send the start of a review");
+    tls.flush().await.expect("flush");
+    let started = std::time::Instant::now();
+    let slow = tokio::spawn(read_response(tls));
+
+    // Meanwhile the API server's own reviews are answered.
+    let answer = webhook
+        .review(&admission_review("while-slow", training_pod()))
+        .await;
+    assert_eq!(answer["response"]["allowed"], true);
+
+    let (status, text) = tokio::time::timeout(REQUEST_TIMEOUT, slow)
+        .await
+        .expect("the stalled request was answered")
+        .expect("reader task");
+    assert_eq!(status, 408, "{text}");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(9) && waited < Duration::from_secs(20),
+        "answered after {waited:?}"
+    );
+}
