@@ -771,3 +771,35 @@ async fn one_client_holding_watch_streams_unread_leaves_room_for_the_sidecars() 
         "the address gets its slots back once its connections close"
     );
 }
+
+#[tokio::test]
+async fn an_azure_preemption_is_a_notice_even_when_the_vm_name_cannot_be_read() {
+    let sim = MetadataSimulator::start();
+    sim.set_azure_name_fails(true);
+    let azure = start_agent(&sim, None, &["--cloud", "azure"]);
+    azure.wait_ready().await;
+    sim.set_azure_preempt(Some(in_two_minutes()));
+    assert!(
+        wait_for(WAIT, || async { azure.active_notices().await.len() == 1 }).await,
+        "no notice while the name lookup fails; log:\n{}",
+        azure.log()
+    );
+    let notice = &azure.active_notices().await[0];
+    assert_eq!(notice["kind"], "preemption");
+    assert_eq!(notice["source"], "azure");
+    assert!(sim.azure_name_requests() >= 1, "the name was asked for");
+    assert_eq!(
+        azure.log().matches("cannot read this VM's name").count(),
+        1,
+        "the failure is logged once, not every poll"
+    );
+
+    // Once the name answers, an event for another VM of the scale set is not ours again.
+    sim.set_azure_name_fails(false);
+    sim.set_azure_preempt_for_other_vm(true);
+    assert!(
+        wait_for(WAIT, || async { azure.active_notices().await.is_empty() }).await,
+        "an event naming another VM still counts once the name is known"
+    );
+    assert!(azure.log().contains("ignored again"), "{}", azure.log());
+}
