@@ -62,6 +62,10 @@ pub enum ShapeError {
     UnknownUser { container: String },
     #[error("the pod already has a volume named {CHECKPOINT_VOLUME}")]
     VolumeNameTaken,
+    #[error(
+        "the pod already has a container named `{name}` in {list}; the API server would refuse the pod with a second one, so rename that container"
+    )]
+    ContainerNameTaken { name: &'static str, list: String },
 }
 
 /// Adds the sidecar to `template` (`{"metadata": ..., "spec": ...}`); on error `template` may
@@ -79,12 +83,13 @@ pub(crate) fn inject_spec(
     let mut notes = Vec::new();
 
     let init_containers = list(spec, "initContainers")?;
-    if init_containers
-        .iter()
-        .any(|c| c.get("name").and_then(Value::as_str) == Some(SIDECAR_CONTAINER))
-    {
+    if init_containers.iter().any(|c| {
+        c.get("name").and_then(Value::as_str) == Some(SIDECAR_CONTAINER)
+            && c.get("restartPolicy").and_then(Value::as_str) == Some("Always")
+    }) {
         return Ok(SpecChange::AlreadyInjected);
     }
+    check_names_free(spec)?;
 
     let trainer_index = find_trainer(spec, request, &mut notes)?;
     let pod_security = spec.get("securityContext").cloned().unwrap_or(Value::Null);
@@ -179,6 +184,25 @@ pub(crate) fn inject_spec(
     Ok(SpecChange::Injected { notes })
 }
 
+/// Container names are unique across a pod's containers, init containers and ephemeral
+/// containers; injecting a second `nerve-restore` or `nerve-sidecar` would get the pod refused.
+fn check_names_free(spec: &Map<String, Value>) -> Result<(), ShapeError> {
+    for key in ["initContainers", "containers", "ephemeralContainers"] {
+        for container in list(spec, key)? {
+            let name = container.get("name").and_then(Value::as_str);
+            for injected in [RESTORE_CONTAINER, SIDECAR_CONTAINER] {
+                if name == Some(injected) {
+                    return Err(ShapeError::ContainerNameTaken {
+                        name: injected,
+                        list: format!("spec.{key}"),
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 fn list<'a>(spec: &'a Map<String, Value>, key: &'static str) -> Result<&'a [Value], ShapeError> {
     match spec.get(key) {
         None | Some(Value::Null) => Ok(&[]),
@@ -186,6 +210,7 @@ fn list<'a>(spec: &'a Map<String, Value>, key: &'static str) -> Result<&'a [Valu
         Some(_) => Err(ShapeError::Unexpected(match key {
             "containers" => "spec.containers is not a list of named containers",
             "initContainers" => "spec.initContainers is not a list of named containers",
+            "ephemeralContainers" => "spec.ephemeralContainers is not a list of named containers",
             _ => "spec.volumes is not a list of named volumes",
         })),
     }

@@ -194,6 +194,48 @@ fn injecting_twice_equals_injecting_once() {
 }
 
 #[test]
+fn leaves_a_pod_unchanged_when_an_injected_name_is_taken_in_any_container_list() {
+    for (list, name, extra) in [
+        ("containers", "nerve-sidecar", json!({})),
+        ("containers", "nerve-restore", json!({})),
+        ("ephemeralContainers", "nerve-restore", json!({})),
+        ("initContainers", "nerve-restore", json!({})),
+        // An ordinary init container of that name is not the injected native sidecar.
+        ("initContainers", "nerve-sidecar", json!({})),
+        (
+            "initContainers",
+            "nerve-restore",
+            json!({"restartPolicy": "Always"}),
+        ),
+    ] {
+        let mut container = json!({"name": name, "image": "other:1"});
+        container
+            .as_object_mut()
+            .expect("object")
+            .extend(extra.as_object().expect("object").clone());
+        let mut spec = json!({"containers": [{"name": "trainer", "image": "t:1"}]});
+        spec[list] = match spec.get(list) {
+            Some(Value::Array(existing)) => {
+                let mut all = existing.clone();
+                all.push(container);
+                Value::Array(all)
+            }
+            _ => json!([container]),
+        };
+        let mut p = pod(spec);
+        let before = p.clone();
+        let injection = inject_pod_template(&mut p, None, &settings());
+        assert_eq!(injection.outcome, Outcome::NotInjected, "{list}/{name}");
+        assert_eq!(p, before, "{list}/{name}");
+        let warning = &injection.warnings[0];
+        assert!(
+            warning.contains(&format!("`{name}`")) && warning.contains(&format!("spec.{list}")),
+            "{warning}"
+        );
+    }
+}
+
+#[test]
 fn leaves_a_pod_with_bad_or_missing_annotations_unchanged_and_says_what_is_wrong() {
     let mut p = pod(json!({"containers": [{"name": "trainer", "image": "t:1"}]}));
     p["metadata"]["annotations"] = json!({"nerve.io/dest": "bucket/prefix",
