@@ -18,6 +18,9 @@ const CHECKPOINT_VOLUME: &str = "nerve-checkpoint";
 /// Where the image (Dockerfile) puts the binary; the injected containers name it explicitly so
 /// they do not depend on the image's entrypoint.
 const SIDECAR_BINARY: &str = "/usr/local/bin/nerve-sidecar";
+/// Set in the trainer container and the sidecar to the trainer container's name; the sidecar
+/// signals only processes whose environment carries the same value.
+const CONTAINER_ENV: &str = "NERVE_CONTAINER";
 /// Port of `nerve-sidecar run --listen` (DESIGN.md: 0.0.0.0:9740).
 const SIDECAR_PORT: u16 = 9740;
 
@@ -99,6 +102,16 @@ pub(crate) fn inject_spec(
     let inherited_env = aws_env(trainer);
 
     let mount = checkpoint_mount(spec, trainer_index, request, &trainer_name)?;
+    // What the trainer needs to know of the sidecar: its container's mark (see the sidecar's
+    // NERVE_CONTAINER below) and where the checkpoint goes (trainer integrations write their
+    // done marker there).
+    let trainer_env = [
+        (CONTAINER_ENV, trainer_name.clone()),
+        ("NERVE_CHECKPOINT_DIR", request.dir.clone()),
+    ];
+    for (name, value) in trainer_env {
+        set_env(spec, trainer_index, name, &value, &trainer_name, &mut notes)?;
+    }
 
     let mut env = vec![
         field_env("NODE_NAME", "spec.nodeName"),
@@ -145,6 +158,10 @@ pub(crate) fn inject_spec(
     run_env.push(json!({"name": "NERVE_CLOUD", "value": settings.cloud}));
     // On SIGTERM the sidecar has until the pod's grace period ends to finish the upload.
     run_env.push(json!({"name": "NERVE_TERMINATION_GRACE", "value": format!("{grace}s")}));
+    // The sidecar signals only processes whose environment carries the same NERVE_CONTAINER, so
+    // another container's process in the shared namespace (a mesh proxy, a vault agent: Go
+    // programs catch every signal) is never signalled.
+    run_env.push(json!({"name": CONTAINER_ENV, "value": trainer_name}));
     let sidecar = json!({
         "name": SIDECAR_CONTAINER,
         "image": settings.image,
@@ -340,6 +357,43 @@ fn checkpoint_mount(
         .ok_or(ShapeError::Unexpected("volumeMounts is not a list"))?
         .push(mount.clone());
     Ok(mount)
+}
+
+/// Sets `name` to `value` in the env of container `index`, replacing (with a note) an entry of
+/// that name with another value.
+fn set_env(
+    spec: &mut Map<String, Value>,
+    index: usize,
+    name: &str,
+    value: &str,
+    container_name: &str,
+    notes: &mut Vec<String>,
+) -> Result<(), ShapeError> {
+    let container = spec["containers"][index]
+        .as_object_mut()
+        .ok_or(ShapeError::Unexpected("a container is not an object"))?;
+    let env = container.entry("env").or_insert_with(|| json!([]));
+    if env.is_null() {
+        *env = json!([]);
+    }
+    let env = env
+        .as_array_mut()
+        .ok_or(ShapeError::Unexpected("a container's env is not a list"))?;
+    let wanted = json!({"name": name, "value": value});
+    match env
+        .iter_mut()
+        .find(|e| e.get("name").and_then(Value::as_str) == Some(name))
+    {
+        Some(existing) if *existing == wanted => {}
+        Some(existing) => {
+            notes.push(format!(
+                "container `{container_name}` set {name} itself; replaced with `{value}`"
+            ));
+            *existing = wanted;
+        }
+        None => env.push(wanted),
+    }
+    Ok(())
 }
 
 fn field_env(name: &str, field: &str) -> Value {

@@ -97,7 +97,8 @@ fn injects_restore_then_native_sidecar_with_an_empty_dir_when_the_trainer_has_no
             "NERVE_JOB",
             "NERVE_AGENT_URL",
             "NERVE_CLOUD",
-            "NERVE_TERMINATION_GRACE"
+            "NERVE_TERMINATION_GRACE",
+            "NERVE_CONTAINER"
         ]
     );
     let env = sidecar["env"].as_array().expect("env");
@@ -121,6 +122,49 @@ fn injects_restore_then_native_sidecar_with_an_empty_dir_when_the_trainer_has_no
         env[9]["value"], "300s",
         "the sidecar knows the pod's grace period"
     );
+    assert_eq!(env[10]["value"], "trainer", "it signals only the trainer");
+    assert_eq!(
+        spec["containers"][0]["env"],
+        json!([{"name": "NERVE_CONTAINER", "value": "trainer"},
+               {"name": "NERVE_CHECKPOINT_DIR", "value": "/ckpt"}]),
+        "the trainer's processes carry the mark the sidecar looks for"
+    );
+    assert!(!env_names(&restore).contains(&"NERVE_CONTAINER".to_owned()));
+}
+
+#[test]
+fn marks_the_named_trainer_not_the_first_container_and_keeps_its_own_env() {
+    let mut p = pod(json!({"containers": [
+        {"name": "istio-proxy", "image": "proxy:1"},
+        {"name": "learner", "image": "t:1", "env": [
+            {"name": "LR", "value": "0.1"},
+            {"name": "NERVE_CHECKPOINT_DIR", "value": "/elsewhere"}]}]}));
+    p["metadata"]["annotations"]["nerve.io/container"] = json!("learner");
+    let injection = inject_pod_template(&mut p, None, &settings());
+    assert_eq!(injection.outcome, Outcome::Injected);
+    assert!(
+        p["spec"]["containers"][0].get("env").is_none(),
+        "the proxy is not marked"
+    );
+    assert_eq!(
+        p["spec"]["containers"][1]["env"],
+        json!([{"name": "LR", "value": "0.1"},
+               {"name": "NERVE_CHECKPOINT_DIR", "value": "/ckpt"},
+               {"name": "NERVE_CONTAINER", "value": "learner"}])
+    );
+    assert!(
+        injection.warnings[0].contains("NERVE_CHECKPOINT_DIR"),
+        "{:?}",
+        injection.warnings
+    );
+    let sidecar = init(&p, "nerve-sidecar");
+    let mark = sidecar["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .find(|e| e["name"] == "NERVE_CONTAINER")
+        .expect("NERVE_CONTAINER");
+    assert_eq!(mark["value"], "learner");
 }
 
 #[test]
