@@ -18,6 +18,13 @@ pub const ANNOTATION_SIGNAL: &str = "nerve.io/signal";
 pub const ANNOTATION_TARGET: &str = "nerve.io/target";
 /// Name of the trainer container (default: the first container).
 pub const ANNOTATION_CONTAINER: &str = "nerve.io/container";
+/// File (relative to the checkpoint directory, or absolute inside it) whose appearance means the
+/// checkpoint is complete; given to the trainer and the sidecar as `NERVE_DONE_MARKER`. Unset,
+/// both sides use their default (`.nerve-done` in the checkpoint directory).
+pub const ANNOTATION_DONE_MARKER: &str = "nerve.io/done-marker";
+/// Comma-separated globs, relative to the checkpoint directory, of files that are not checkpoint
+/// content (logs, TensorBoard events); given to the sidecar and restore as `NERVE_EXCLUDE`.
+pub const ANNOTATION_EXCLUDE: &str = "nerve.io/exclude";
 
 /// Labels the Job controller puts on its pods; their value is the Job's name.
 const JOB_NAME_LABELS: [&str; 2] = ["batch.kubernetes.io/job-name", "job-name"];
@@ -35,6 +42,9 @@ pub struct CheckpointRequest {
     pub signal: String,
     pub target: Option<String>,
     pub container: Option<String>,
+    pub done_marker: Option<String>,
+    /// Validated globs, in the order given.
+    pub exclude: Vec<String>,
 }
 
 /// One annotation that is missing or wrong.
@@ -103,6 +113,8 @@ pub fn read_annotations(
     let signal = get(ANNOTATION_SIGNAL, &mut errors);
     let target = get(ANNOTATION_TARGET, &mut errors);
     let container = get(ANNOTATION_CONTAINER, &mut errors);
+    let done_marker = get(ANNOTATION_DONE_MARKER, &mut errors);
+    let exclude = get(ANNOTATION_EXCLUDE, &mut errors);
 
     let dest = match dest {
         None if !has_error(&errors, ANNOTATION_DEST) => {
@@ -211,6 +223,27 @@ pub fn read_annotations(
         });
     }
 
+    if let Some(marker) = &done_marker
+        && let Err(problem) = check_done_marker(marker, dir.as_deref())
+    {
+        errors.push(AnnotationError::Invalid {
+            key: ANNOTATION_DONE_MARKER,
+            problem,
+        });
+    }
+
+    let exclude = match exclude.as_deref().map(parse_exclude) {
+        None => Vec::new(),
+        Some(Ok(patterns)) => patterns,
+        Some(Err(problem)) => {
+            errors.push(AnnotationError::Invalid {
+                key: ANNOTATION_EXCLUDE,
+                problem,
+            });
+            Vec::new()
+        }
+    };
+
     match (dest, job, dir, signal) {
         (Some(dest), Some(job), Some(dir), Some(signal)) if errors.is_empty() => {
             Ok(CheckpointRequest {
@@ -220,6 +253,8 @@ pub fn read_annotations(
                 signal,
                 target,
                 container,
+                done_marker,
+                exclude,
             })
         }
         _ => Err(errors),
@@ -253,6 +288,69 @@ fn check_dir(dir: &str) -> Result<String, String> {
         ));
     }
     Ok(trimmed.to_owned())
+}
+
+/// A done marker the trainer and the sidecar both see: a plain relative path (resolved against
+/// the checkpoint directory), or an absolute one inside it (the only filesystem they share).
+fn check_done_marker(marker: &str, dir: Option<&str>) -> Result<(), String> {
+    if marker.ends_with('/') {
+        return Err(format!("`{marker}` names a directory; name a file"));
+    }
+    let relative = match marker.strip_prefix('/') {
+        None => marker,
+        Some(_) => match dir {
+            // The directory is invalid or missing; that error is reported on its own.
+            None => return Ok(()),
+            Some(dir) => marker
+                .strip_prefix(dir)
+                .and_then(|rest| rest.strip_prefix('/'))
+                .ok_or_else(|| {
+                    format!(
+                        "`{marker}` is outside the checkpoint directory {dir}, which is all the \
+                         sidecar shares with the trainer; use a path inside it, e.g. .nerve-done"
+                    )
+                })?,
+        },
+    };
+    if relative
+        .split('/')
+        .any(|c| c.is_empty() || c == "." || c == "..")
+    {
+        return Err(format!(
+            "`{marker}` must be a plain path without `.`, `..` or `//`"
+        ));
+    }
+    Ok(())
+}
+
+/// Comma-separated globs relative to the checkpoint directory: none empty, none absolute, none
+/// climbing out with `..`. Every problem is named at once.
+fn parse_exclude(value: &str) -> Result<Vec<String>, String> {
+    let mut patterns = Vec::new();
+    let mut problems = Vec::new();
+    for (index, pattern) in value.split(',').map(str::trim).enumerate() {
+        let position = index + 1;
+        if pattern.is_empty() {
+            problems.push(format!(
+                "pattern {position} is empty (a doubled or trailing comma?)"
+            ));
+        } else if pattern.starts_with('/') {
+            problems.push(format!(
+                "`{pattern}` is absolute; patterns are relative to the checkpoint directory"
+            ));
+        } else if pattern.split('/').any(|c| c == "..") {
+            problems.push(format!(
+                "`{pattern}` contains `..`; patterns cannot reach outside the checkpoint directory"
+            ));
+        } else {
+            patterns.push(pattern.to_owned());
+        }
+    }
+    if problems.is_empty() {
+        Ok(patterns)
+    } else {
+        Err(problems.join("; "))
+    }
 }
 
 /// The signal as `nerve-sidecar run --signal` reads it, in canonical form (`usr1` → `SIGUSR1`).
@@ -296,8 +394,54 @@ mod tests {
                 signal: "SIGUSR2".into(),
                 target: Some("python.*train".into()),
                 container: Some("trainer".into()),
+                done_marker: None,
+                exclude: Vec::new(),
             }
         );
+    }
+
+    #[test]
+    fn reads_the_done_marker_and_the_exclude_globs() {
+        let m = metadata(json!({"annotations": {
+            "nerve.io/dest": "s3://bucket/ckpt", "nerve.io/job": "llama",
+            "nerve.io/checkpoint-dir": "/ckpt", "nerve.io/done-marker": "/ckpt/done/marker",
+            "nerve.io/exclude": "runs/**, *.log ,wandb/"}}));
+        let request = read_annotations(Some(&m), None).expect("valid");
+        assert_eq!(request.done_marker.as_deref(), Some("/ckpt/done/marker"));
+        assert_eq!(request.exclude, ["runs/**", "*.log", "wandb/"]);
+    }
+
+    #[test]
+    fn refuses_a_done_marker_outside_the_directory_and_bad_exclude_globs() {
+        for (marker, fragment) in [
+            ("/tmp/done", "outside the checkpoint directory"),
+            ("/ckptx/done", "outside the checkpoint directory"),
+            ("../done", "without `.`, `..`"),
+            ("done/", "names a directory"),
+        ] {
+            assert!(
+                check_done_marker(marker, Some("/ckpt"))
+                    .expect_err(marker)
+                    .contains(fragment),
+                "{marker}"
+            );
+        }
+        assert!(check_done_marker(".nerve-done", Some("/ckpt")).is_ok());
+
+        let problem = parse_exclude("runs/**,,/etc/*,a/../../b,").expect_err("bad globs");
+        assert!(problem.contains("pattern 2 is empty"), "{problem}");
+        assert!(problem.contains("`/etc/*` is absolute"), "{problem}");
+        assert!(problem.contains("`a/../../b` contains `..`"), "{problem}");
+        assert!(problem.contains("pattern 5 is empty"), "{problem}");
+
+        let m = metadata(json!({"annotations": {
+            "nerve.io/dest": "s3://bucket", "nerve.io/job": "j", "nerve.io/checkpoint-dir": "/c",
+            "nerve.io/done-marker": "/elsewhere", "nerve.io/exclude": "/abs"}}));
+        let errors = read_annotations(Some(&m), None).expect_err("both bad");
+        let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert_eq!(text.len(), 2, "{text:?}");
+        assert!(text[0].starts_with("annotation nerve.io/done-marker"));
+        assert!(text[1].starts_with("annotation nerve.io/exclude"));
     }
 
     #[test]

@@ -21,6 +21,9 @@ const SIDECAR_BINARY: &str = "/usr/local/bin/nerve-sidecar";
 /// Set in the trainer container and the sidecar to the trainer container's name; the sidecar
 /// signals only processes whose environment carries the same value.
 const CONTAINER_ENV: &str = "NERVE_CONTAINER";
+/// The done marker, in the trainer (its integration writes it) and the sidecar (which waits for
+/// it); set only when annotated, since both sides share the same default.
+const DONE_MARKER_ENV: &str = "NERVE_DONE_MARKER";
 /// Port of `nerve-sidecar run --listen` (DESIGN.md: 0.0.0.0:9740).
 const SIDECAR_PORT: u16 = 9740;
 
@@ -105,10 +108,13 @@ pub(crate) fn inject_spec(
     // What the trainer needs to know of the sidecar: its container's mark (see the sidecar's
     // NERVE_CONTAINER below) and where the checkpoint goes (trainer integrations write their
     // done marker there).
-    let trainer_env = [
+    let mut trainer_env = vec![
         (CONTAINER_ENV, trainer_name.clone()),
         ("NERVE_CHECKPOINT_DIR", request.dir.clone()),
     ];
+    if let Some(marker) = &request.done_marker {
+        trainer_env.push((DONE_MARKER_ENV, marker.clone()));
+    }
     for (name, value) in trainer_env {
         set_env(spec, trainer_index, name, &value, &trainer_name, &mut notes)?;
     }
@@ -122,6 +128,10 @@ pub(crate) fn inject_spec(
         json!({"name": "NERVE_DEST", "value": request.dest}),
         json!({"name": "NERVE_JOB", "value": request.job}),
     ];
+    if !request.exclude.is_empty() {
+        // Not checkpoint content: kept out of completion, upload and restore alike.
+        env.push(json!({"name": "NERVE_EXCLUDE", "value": request.exclude.join(",")}));
+    }
     env.extend(inherited_env);
 
     let restore = json!({
@@ -162,6 +172,9 @@ pub(crate) fn inject_spec(
     // another container's process in the shared namespace (a mesh proxy, a vault agent: Go
     // programs catch every signal) is never signalled.
     run_env.push(json!({"name": CONTAINER_ENV, "value": trainer_name}));
+    if let Some(marker) = &request.done_marker {
+        run_env.push(json!({"name": DONE_MARKER_ENV, "value": marker}));
+    }
     let sidecar = json!({
         "name": SIDECAR_CONTAINER,
         "image": settings.image,

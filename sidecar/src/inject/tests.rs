@@ -133,6 +133,57 @@ fn injects_restore_then_native_sidecar_with_an_empty_dir_when_the_trainer_has_no
 }
 
 #[test]
+fn passes_the_done_marker_to_trainer_and_sidecar_and_the_exclude_globs_to_sidecar_and_restore() {
+    let mut p = pod(json!({"containers": [{"name": "trainer", "image": "t:1"}]}));
+    p["metadata"]["annotations"]["nerve.io/done-marker"] = json!("checkpoint.done");
+    p["metadata"]["annotations"]["nerve.io/exclude"] = json!("runs/**, *.log");
+    let injection = inject_pod_template(&mut p, None, &settings());
+    assert_eq!(
+        injection.outcome,
+        Outcome::Injected,
+        "{:?}",
+        injection.warnings
+    );
+    let value = |container: &Value, name: &str| {
+        container["env"]
+            .as_array()
+            .expect("env")
+            .iter()
+            .find(|e| e["name"] == name)
+            .map(|e| e["value"].clone())
+    };
+    let trainer = &p["spec"]["containers"][0];
+    let sidecar = init(&p, "nerve-sidecar");
+    let restore = init(&p, "nerve-restore");
+    assert_eq!(
+        value(trainer, "NERVE_DONE_MARKER"),
+        Some(json!("checkpoint.done"))
+    );
+    assert_eq!(
+        value(&sidecar, "NERVE_DONE_MARKER"),
+        Some(json!("checkpoint.done"))
+    );
+    assert_eq!(value(&restore, "NERVE_DONE_MARKER"), None);
+    assert_eq!(
+        value(&sidecar, "NERVE_EXCLUDE"),
+        Some(json!("runs/**,*.log"))
+    );
+    assert_eq!(
+        value(&restore, "NERVE_EXCLUDE"),
+        Some(json!("runs/**,*.log"))
+    );
+    assert_eq!(value(trainer, "NERVE_EXCLUDE"), None);
+
+    // Unannotated: both sides keep their shared default, so nothing is set.
+    let mut plain = pod(json!({"containers": [{"name": "trainer", "image": "t:1"}]}));
+    inject_pod_template(&mut plain, None, &settings());
+    for name in ["NERVE_DONE_MARKER", "NERVE_EXCLUDE"] {
+        assert_eq!(value(&init(&plain, "nerve-sidecar"), name), None, "{name}");
+        assert_eq!(value(&plain["spec"]["containers"][0], name), None, "{name}");
+    }
+}
+
+#[test]
 fn marks_the_named_trainer_not_the_first_container_and_keeps_its_own_env() {
     let mut p = pod(json!({"containers": [
         {"name": "istio-proxy", "image": "proxy:1"},
