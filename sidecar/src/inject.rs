@@ -32,8 +32,9 @@ use anyhow::Context;
 use serde_json::Value;
 
 pub use annotation::{
-    ANNOTATION_CONTAINER, ANNOTATION_DEST, ANNOTATION_DIR, ANNOTATION_JOB, ANNOTATION_SIGNAL,
-    ANNOTATION_TARGET, AnnotationError, CheckpointRequest, read_annotations,
+    ANNOTATION_CONTAINER, ANNOTATION_DEST, ANNOTATION_DIR, ANNOTATION_DONE_MARKER,
+    ANNOTATION_EXCLUDE, ANNOTATION_JOB, ANNOTATION_SIGNAL, ANNOTATION_TARGET, AnnotationError,
+    CheckpointRequest, JobName, Owner, read_annotations,
 };
 pub use manifest::{ManifestError, ManifestReport, inject_manifest};
 pub use pod::{RESTORE_CONTAINER, SIDECAR_CONTAINER, ShapeError};
@@ -145,15 +146,15 @@ pub struct Injection {
 /// Injects the sidecar into `template`, a Pod or a pod template (an object with `metadata` and
 /// `spec`), in place. On [`Outcome::NotInjected`] the template is exactly as it was.
 ///
-/// The job name comes from `nerve.io/job`, else the pod's `batch.kubernetes.io/job-name` label,
-/// else `owner_name` (the workload's name when injecting a manifest offline).
+/// The job name comes from `nerve.io/job` as given; else it is the workload's name (a label
+/// naming it on the pod, else `owner`) in the pod's namespace.
 pub fn inject_pod_template(
     template: &mut Value,
-    owner_name: Option<&str>,
+    owner: Owner<'_>,
     settings: &InjectSettings,
 ) -> Injection {
     let metadata = template.get("metadata").and_then(Value::as_object);
-    let request = match read_annotations(metadata, owner_name) {
+    let request = match read_annotations(metadata, owner) {
         Ok(request) => request,
         Err(errors) => {
             return Injection {

@@ -253,7 +253,11 @@ async fn webhook_answers_a_real_admission_review_with_a_patch_that_injects_the_s
             .cloned()
             .unwrap_or_else(|| panic!("no {name}"))
     };
-    assert_eq!(env("NERVE_JOB")["value"], "llama-finetune");
+    assert_eq!(
+        env("NERVE_JOB")["value"],
+        "$(POD_NAMESPACE).llama-finetune",
+        "the Job's name in the pod's namespace"
+    );
     assert_eq!(env("NERVE_CHECKPOINT_DIR")["value"], "/ckpt/llama");
     assert_eq!(env("NERVE_DEST")["value"], "s3://ckpt-bucket/runs");
     assert_eq!(

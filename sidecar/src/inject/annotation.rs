@@ -26,8 +26,42 @@ pub const ANNOTATION_DONE_MARKER: &str = "nerve.io/done-marker";
 /// content (logs, TensorBoard events); given to the sidecar and restore as `NERVE_EXCLUDE`.
 pub const ANNOTATION_EXCLUDE: &str = "nerve.io/exclude";
 
-/// Labels the Job controller puts on its pods; their value is the Job's name.
-const JOB_NAME_LABELS: [&str; 2] = ["batch.kubernetes.io/job-name", "job-name"];
+/// Labels whose value names the training job a pod belongs to, most specific first: JobSet puts
+/// its name on every pod of every Job it runs (each of which has its own Job name), the Kubeflow
+/// training operator its PyTorchJob's name, the Job controller the Job's name.
+const JOB_NAME_LABELS: [&str; 4] = [
+    "jobset.sigs.k8s.io/jobset-name",
+    "training.kubeflow.org/job-name",
+    "batch.kubernetes.io/job-name",
+    "job-name",
+];
+
+/// The Job controller's label on every pod of a Job (Kubernetes 1.27 and later).
+pub(crate) const JOB_NAME_LABEL: &str = "batch.kubernetes.io/job-name";
+
+/// What names the workload around a pod template, for the default job name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owner<'a> {
+    /// A Pod on its own (its name changes with every replacement, so it names nothing).
+    None,
+    /// A workload with a stable name (a Job, a Deployment, a PyTorchJob...).
+    Named(&'a str),
+    /// A Job created with `generateName`, not named yet when admitted; its pods carry the name in
+    /// [`JOB_NAME_LABEL`].
+    UnnamedJob,
+}
+
+/// The training job's name as the sidecar gets it in `NERVE_JOB`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobName {
+    /// `nerve.io/job`, used as given.
+    Given(String),
+    /// A workload's name; the pod's namespace is put in front at run time
+    /// (`$(POD_NAMESPACE).<name>`), so same-named Jobs in two namespaces never share generations.
+    InNamespace(String),
+    /// The Job's name from the pod's [`JOB_NAME_LABEL`], in the pod's namespace.
+    FromJobLabel,
+}
 
 /// The signal the sidecar sends when the pod does not say (DESIGN.md).
 const DEFAULT_SIGNAL: &str = "SIGUSR1";
@@ -36,7 +70,7 @@ const DEFAULT_SIGNAL: &str = "SIGUSR1";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckpointRequest {
     pub dest: String,
-    pub job: String,
+    pub job: JobName,
     pub dir: String,
     /// Canonical name, e.g. `SIGUSR1`.
     pub signal: String,
@@ -74,10 +108,11 @@ impl fmt::Display for AnnotationError {
 impl std::error::Error for AnnotationError {}
 
 /// Reads and checks the annotations in a pod's (or pod template's) `metadata`, reporting every
-/// problem at once. `owner_name` is the job name of last resort (the workload's name).
+/// problem at once. Without `nerve.io/job`, the job is named after the workload: a label naming
+/// it on the pod, else `owner`.
 pub fn read_annotations(
     metadata: Option<&Map<String, Value>>,
-    owner_name: Option<&str>,
+    owner: Owner<'_>,
 ) -> Result<CheckpointRequest, Vec<AnnotationError>> {
     let annotations = metadata
         .and_then(|m| m.get("annotations"))
@@ -137,29 +172,9 @@ pub fn read_annotations(
         },
     };
 
-    let job_from_owner = || {
-        JOB_NAME_LABELS
-            .iter()
-            .find_map(|l| labels.and_then(|m| m.get(*l)).and_then(Value::as_str))
-            .or(owner_name)
-            .map(str::to_owned)
-    };
-    let job = match job.or_else(|| {
-        (!has_error(&errors, ANNOTATION_JOB))
-            .then(job_from_owner)
-            .flatten()
-    }) {
-        None if !has_error(&errors, ANNOTATION_JOB) => {
-            errors.push(AnnotationError::Missing {
-                key: ANNOTATION_JOB,
-                fix: "set it to the training job's stable name (the same in every pod that \
-                      resumes it)",
-            });
-            None
-        }
-        None => None,
-        Some(job) => match crate::cli::parse_job(&job) {
-            Ok(job) => Some(job),
+    let job = match job {
+        Some(given) => match crate::cli::parse_job(&given) {
+            Ok(given) => Some(JobName::Given(given)),
             Err(problem) => {
                 errors.push(AnnotationError::Invalid {
                     key: ANNOTATION_JOB,
@@ -168,6 +183,35 @@ pub fn read_annotations(
                 None
             }
         },
+        None if has_error(&errors, ANNOTATION_JOB) => None,
+        None => {
+            let labelled = JOB_NAME_LABELS
+                .iter()
+                .find_map(|l| labels.and_then(|m| m.get(*l)).and_then(Value::as_str));
+            match (labelled, owner) {
+                (Some(name), _) | (None, Owner::Named(name)) => match crate::cli::parse_job(name) {
+                    Ok(name) => Some(JobName::InNamespace(name)),
+                    Err(problem) => {
+                        errors.push(AnnotationError::Invalid {
+                                key: ANNOTATION_JOB,
+                                problem: format!(
+                                    "is not set, and the workload's name cannot be the job name: {problem}"
+                                ),
+                            });
+                        None
+                    }
+                },
+                (None, Owner::UnnamedJob) => Some(JobName::FromJobLabel),
+                (None, Owner::None) => {
+                    errors.push(AnnotationError::Missing {
+                        key: ANNOTATION_JOB,
+                        fix: "set it to the training job's stable name (the same in every pod \
+                              that resumes it)",
+                    });
+                    None
+                }
+            }
+        }
     };
 
     let dir = match dir {
@@ -384,12 +428,12 @@ mod tests {
             "nerve.io/dest": "s3://bucket/ckpt", "nerve.io/job": "llama-7b",
             "nerve.io/checkpoint-dir": "/ckpt/", "nerve.io/signal": "usr2",
             "nerve.io/target": "python.*train", "nerve.io/container": "trainer"}}));
-        let request = read_annotations(Some(&m), None).expect("valid");
+        let request = read_annotations(Some(&m), Owner::None).expect("valid");
         assert_eq!(
             request,
             CheckpointRequest {
                 dest: "s3://bucket/ckpt".into(),
-                job: "llama-7b".into(),
+                job: JobName::Given("llama-7b".into()),
                 dir: "/ckpt".into(),
                 signal: "SIGUSR2".into(),
                 target: Some("python.*train".into()),
@@ -406,7 +450,7 @@ mod tests {
             "nerve.io/dest": "s3://bucket/ckpt", "nerve.io/job": "llama",
             "nerve.io/checkpoint-dir": "/ckpt", "nerve.io/done-marker": "/ckpt/done/marker",
             "nerve.io/exclude": "runs/**, *.log ,wandb/"}}));
-        let request = read_annotations(Some(&m), None).expect("valid");
+        let request = read_annotations(Some(&m), Owner::None).expect("valid");
         assert_eq!(request.done_marker.as_deref(), Some("/ckpt/done/marker"));
         assert_eq!(request.exclude, ["runs/**", "*.log", "wandb/"]);
     }
@@ -437,7 +481,7 @@ mod tests {
         let m = metadata(json!({"annotations": {
             "nerve.io/dest": "s3://bucket", "nerve.io/job": "j", "nerve.io/checkpoint-dir": "/c",
             "nerve.io/done-marker": "/elsewhere", "nerve.io/exclude": "/abs"}}));
-        let errors = read_annotations(Some(&m), None).expect_err("both bad");
+        let errors = read_annotations(Some(&m), Owner::None).expect_err("both bad");
         let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
         assert_eq!(text.len(), 2, "{text:?}");
         assert!(text[0].starts_with("annotation nerve.io/done-marker"));
@@ -446,7 +490,7 @@ mod tests {
 
     #[test]
     fn reports_every_missing_annotation_at_once() {
-        let errors = read_annotations(None, None).expect_err("nothing set");
+        let errors = read_annotations(None, Owner::None).expect_err("nothing set");
         let keys: Vec<_> = errors
             .iter()
             .map(|e| match e {
@@ -462,12 +506,24 @@ mod tests {
         let m = metadata(json!({
             "labels": {"batch.kubernetes.io/job-name": "train-1"},
             "annotations": {"nerve.io/dest": "s3://bucket", "nerve.io/checkpoint-dir": "/c"}}));
-        let request = read_annotations(Some(&m), Some("owner")).expect("valid");
-        assert_eq!(request.job, "train-1");
+        let request = read_annotations(Some(&m), Owner::Named("owner")).expect("valid");
+        assert_eq!(request.job, JobName::InNamespace("train-1".into()));
         let m = metadata(json!({
             "annotations": {"nerve.io/dest": "s3://bucket", "nerve.io/checkpoint-dir": "/c"}}));
-        let request = read_annotations(Some(&m), Some("owner")).expect("valid");
-        assert_eq!(request.job, "owner");
+        let request = read_annotations(Some(&m), Owner::Named("owner")).expect("valid");
+        assert_eq!(request.job, JobName::InNamespace("owner".into()));
+        let request = read_annotations(Some(&m), Owner::UnnamedJob).expect("valid");
+        assert_eq!(request.job, JobName::FromJobLabel);
+        let m = metadata(json!({
+            "labels": {"batch.kubernetes.io/job-name": "train-1-worker-0",
+                       "jobset.sigs.k8s.io/jobset-name": "train-1"},
+            "annotations": {"nerve.io/dest": "s3://bucket", "nerve.io/checkpoint-dir": "/c"}}));
+        let request = read_annotations(Some(&m), Owner::None).expect("valid");
+        assert_eq!(
+            request.job,
+            JobName::InNamespace("train-1".into()),
+            "every Job of a JobSet is one training job"
+        );
     }
 
     #[test]
@@ -476,7 +532,7 @@ mod tests {
             "nerve.io/dest": "gs://bucket", "nerve.io/job": "a/b",
             "nerve.io/checkpoint-dir": "ckpt/../x", "nerve.io/signal": "SIGKILL",
             "nerve.io/target": "(", "nerve.io/container": "Trainer_1"}}));
-        let errors = read_annotations(Some(&m), None).expect_err("all bad");
+        let errors = read_annotations(Some(&m), Owner::None).expect_err("all bad");
         let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
         assert_eq!(text.len(), 6, "{text:?}");
         assert!(text[0].contains("nerve.io/dest") && text[0].contains("s3://"));

@@ -3,7 +3,7 @@
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{InjectSettings, OPT_IN_LABEL, OPT_IN_VALUE, Outcome, inject_pod_template};
+use super::{InjectSettings, OPT_IN_LABEL, OPT_IN_VALUE, Outcome, Owner, inject_pod_template};
 
 /// Why a manifest stream could not be read or written (the pods in it never cause this).
 #[derive(Debug, thiserror::Error)]
@@ -126,7 +126,11 @@ fn inject_document(
         return 0;
     }
     // A Pod's own name changes with every replacement pod; a workload's name is stable.
-    let owner = (kind != "Pod").then_some(name.as_str());
+    let owner = if kind == "Pod" {
+        Owner::None
+    } else {
+        Owner::Named(&name)
+    };
     let injection = inject_pod_template(template, owner, settings);
     warnings.extend(
         injection

@@ -7,7 +7,7 @@
 use serde_json::{Map, Value, json};
 
 use super::InjectSettings;
-use super::annotation::CheckpointRequest;
+use super::annotation::{CheckpointRequest, JOB_NAME_LABEL, JobName};
 
 /// Name of the injected native sidecar; its presence means "already injected".
 pub const SIDECAR_CONTAINER: &str = "nerve-sidecar";
@@ -126,8 +126,23 @@ pub(crate) fn inject_spec(
         field_env("POD_NAMESPACE", "metadata.namespace"),
         json!({"name": "NERVE_CHECKPOINT_DIR", "value": request.dir}),
         json!({"name": "NERVE_DEST", "value": request.dest}),
-        json!({"name": "NERVE_JOB", "value": request.job}),
     ];
+    match &request.job {
+        JobName::Given(job) => env.push(json!({"name": "NERVE_JOB", "value": job})),
+        // Kubernetes expands $(POD_NAMESPACE) from the downward-API variable defined above; a
+        // namespace is a DNS label, so the dot cannot be confused with one inside it.
+        JobName::InNamespace(job) => env.push(json!({
+            "name": "NERVE_JOB",
+            "value": format!("$(POD_NAMESPACE).{job}"),
+        })),
+        JobName::FromJobLabel => {
+            env.push(field_env(
+                "JOB_NAME",
+                &format!("metadata.labels['{JOB_NAME_LABEL}']"),
+            ));
+            env.push(json!({"name": "NERVE_JOB", "value": "$(POD_NAMESPACE).$(JOB_NAME)"}));
+        }
+    }
     if !request.exclude.is_empty() {
         // Not checkpoint content: kept out of completion, upload and restore alike.
         env.push(json!({"name": "NERVE_EXCLUDE", "value": request.exclude.join(",")}));

@@ -46,7 +46,7 @@ fn env_names(container: &Value) -> Vec<String> {
 #[test]
 fn injects_restore_then_native_sidecar_with_an_empty_dir_when_the_trainer_has_no_volume() {
     let mut p = pod(json!({"containers": [{"name": "trainer", "image": "t:1"}]}));
-    let injection = inject_pod_template(&mut p, None, &settings());
+    let injection = inject_pod_template(&mut p, Owner::None, &settings());
     assert_eq!(injection.outcome, Outcome::Injected);
     assert!(injection.warnings.is_empty(), "{:?}", injection.warnings);
 
@@ -112,7 +112,7 @@ fn injects_restore_then_native_sidecar_with_an_empty_dir_when_the_trainer_has_no
     );
     assert_eq!(env[4]["value"], "/ckpt");
     assert_eq!(env[5]["value"], "s3://ckpt-bucket/runs");
-    assert_eq!(env[6]["value"], "llama");
+    assert_eq!(env[6]["value"], "llama", "nerve.io/job is used as given");
     assert_eq!(env[7]["value"], "http://$(HOST_IP):9739");
     assert_eq!(
         env[8]["value"], "aws",
@@ -137,7 +137,7 @@ fn passes_the_done_marker_to_trainer_and_sidecar_and_the_exclude_globs_to_sideca
     let mut p = pod(json!({"containers": [{"name": "trainer", "image": "t:1"}]}));
     p["metadata"]["annotations"]["nerve.io/done-marker"] = json!("checkpoint.done");
     p["metadata"]["annotations"]["nerve.io/exclude"] = json!("runs/**, *.log");
-    let injection = inject_pod_template(&mut p, None, &settings());
+    let injection = inject_pod_template(&mut p, Owner::None, &settings());
     assert_eq!(
         injection.outcome,
         Outcome::Injected,
@@ -176,7 +176,7 @@ fn passes_the_done_marker_to_trainer_and_sidecar_and_the_exclude_globs_to_sideca
 
     // Unannotated: both sides keep their shared default, so nothing is set.
     let mut plain = pod(json!({"containers": [{"name": "trainer", "image": "t:1"}]}));
-    inject_pod_template(&mut plain, None, &settings());
+    inject_pod_template(&mut plain, Owner::None, &settings());
     for name in ["NERVE_DONE_MARKER", "NERVE_EXCLUDE"] {
         assert_eq!(value(&init(&plain, "nerve-sidecar"), name), None, "{name}");
         assert_eq!(value(&plain["spec"]["containers"][0], name), None, "{name}");
@@ -191,7 +191,7 @@ fn marks_the_named_trainer_not_the_first_container_and_keeps_its_own_env() {
             {"name": "LR", "value": "0.1"},
             {"name": "NERVE_CHECKPOINT_DIR", "value": "/elsewhere"}]}]}));
     p["metadata"]["annotations"]["nerve.io/container"] = json!("learner");
-    let injection = inject_pod_template(&mut p, None, &settings());
+    let injection = inject_pod_template(&mut p, Owner::None, &settings());
     assert_eq!(injection.outcome, Outcome::Injected);
     assert!(
         p["spec"]["containers"][0].get("env").is_none(),
@@ -218,6 +218,67 @@ fn marks_the_named_trainer_not_the_first_container_and_keeps_its_own_env() {
     assert_eq!(mark["value"], "learner");
 }
 
+/// The env entries of `container` named `name`, with their position.
+fn env_entry(container: &Value, name: &str) -> (usize, Value) {
+    container["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .enumerate()
+        .find(|(_, e)| e["name"] == name)
+        .map(|(i, e)| (i, e.clone()))
+        .unwrap_or_else(|| panic!("no {name} in {container}"))
+}
+
+#[test]
+fn names_the_job_after_its_workload_in_the_pods_namespace_unless_annotated() {
+    // A pod of a Job, as the webhook sees it: the Job controller's label names the Job.
+    let mut p = pod(json!({"containers": [{"name": "trainer", "image": "t:1"}]}));
+    p["metadata"]["annotations"]
+        .as_object_mut()
+        .expect("annotations")
+        .remove("nerve.io/job");
+    p["metadata"]["labels"]["batch.kubernetes.io/job-name"] = json!("llama");
+    inject_pod_template(&mut p, Owner::None, &settings());
+    for name in ["nerve-restore", "nerve-sidecar"] {
+        let container = init(&p, name);
+        let (namespace_at, _) = env_entry(&container, "POD_NAMESPACE");
+        let (job_at, job) = env_entry(&container, "NERVE_JOB");
+        assert_eq!(job["value"], "$(POD_NAMESPACE).llama", "{name}");
+        assert!(
+            namespace_at < job_at,
+            "Kubernetes expands $(POD_NAMESPACE) only from an earlier entry"
+        );
+    }
+
+    // A Job admitted before the API server named it (generateName): the name comes from the
+    // label on its pods.
+    let mut p = pod(json!({"containers": [{"name": "trainer", "image": "t:1"}]}));
+    p["metadata"]["annotations"]
+        .as_object_mut()
+        .expect("annotations")
+        .remove("nerve.io/job");
+    inject_pod_template(&mut p, Owner::UnnamedJob, &settings());
+    let sidecar = init(&p, "nerve-sidecar");
+    let (label_at, label) = env_entry(&sidecar, "JOB_NAME");
+    let (job_at, job) = env_entry(&sidecar, "NERVE_JOB");
+    assert_eq!(
+        label["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.labels['batch.kubernetes.io/job-name']"
+    );
+    assert_eq!(job["value"], "$(POD_NAMESPACE).$(JOB_NAME)");
+    assert!(label_at < job_at);
+
+    // nerve.io/job is used exactly as given, even for a Job's pod.
+    let mut p = pod(json!({"containers": [{"name": "trainer", "image": "t:1"}]}));
+    p["metadata"]["labels"]["batch.kubernetes.io/job-name"] = json!("other");
+    inject_pod_template(&mut p, Owner::Named("owner"), &settings());
+    assert_eq!(
+        env_entry(&init(&p, "nerve-sidecar"), "NERVE_JOB").1["value"],
+        "llama"
+    );
+}
+
 #[test]
 fn shares_the_trainers_own_volume_when_it_holds_the_checkpoint_dir() {
     let mut p = pod(json!({
@@ -230,7 +291,7 @@ fn shares_the_trainers_own_volume_when_it_holds_the_checkpoint_dir() {
     let before_volumes = p["spec"]["volumes"].clone();
     let before_mounts = p["spec"]["containers"][0]["volumeMounts"].clone();
     assert_eq!(
-        inject_pod_template(&mut p, None, &settings()).outcome,
+        inject_pod_template(&mut p, Owner::None, &settings()).outcome,
         Outcome::Injected
     );
     assert_eq!(p["spec"]["volumes"], before_volumes, "no volume added");
@@ -250,7 +311,7 @@ fn shares_the_volume_mounted_above_the_checkpoint_dir() {
             "volumeMounts": [{"name": "work", "mountPath": "/"}]}],
         "volumes": [{"name": "work", "emptyDir": {}}]}));
     assert_eq!(
-        inject_pod_template(&mut p, None, &settings()).outcome,
+        inject_pod_template(&mut p, Owner::None, &settings()).outcome,
         Outcome::Injected
     );
     assert_eq!(
@@ -266,7 +327,7 @@ fn appends_after_existing_init_containers_and_keeps_them() {
     let mut p = pod(json!({"initContainers": existing,
                            "containers": [{"name": "trainer", "image": "t:1"}]}));
     assert_eq!(
-        inject_pod_template(&mut p, None, &settings()).outcome,
+        inject_pod_template(&mut p, Owner::None, &settings()).outcome,
         Outcome::Injected
     );
     let init = p["spec"]["initContainers"].as_array().expect("list");
@@ -280,9 +341,9 @@ fn appends_after_existing_init_containers_and_keeps_them() {
 #[test]
 fn injecting_twice_equals_injecting_once() {
     let mut once = pod(json!({"containers": [{"name": "trainer", "image": "t:1"}]}));
-    inject_pod_template(&mut once, None, &settings());
+    inject_pod_template(&mut once, Owner::None, &settings());
     let mut twice = once.clone();
-    let injection = inject_pod_template(&mut twice, None, &settings());
+    let injection = inject_pod_template(&mut twice, Owner::None, &settings());
     assert_eq!(injection.outcome, Outcome::AlreadyInjected);
     assert!(injection.warnings.is_empty());
     assert_eq!(twice, once);
@@ -319,7 +380,7 @@ fn leaves_a_pod_unchanged_when_an_injected_name_is_taken_in_any_container_list()
         };
         let mut p = pod(spec);
         let before = p.clone();
-        let injection = inject_pod_template(&mut p, None, &settings());
+        let injection = inject_pod_template(&mut p, Owner::None, &settings());
         assert_eq!(injection.outcome, Outcome::NotInjected, "{list}/{name}");
         assert_eq!(p, before, "{list}/{name}");
         let warning = &injection.warnings[0];
@@ -336,7 +397,7 @@ fn leaves_a_pod_with_bad_or_missing_annotations_unchanged_and_says_what_is_wrong
     p["metadata"]["annotations"] = json!({"nerve.io/dest": "bucket/prefix",
                                           "nerve.io/checkpoint-dir": "/ckpt"});
     let before = p.clone();
-    let injection = inject_pod_template(&mut p, None, &settings());
+    let injection = inject_pod_template(&mut p, Owner::None, &settings());
     assert_eq!(injection.outcome, Outcome::NotInjected);
     assert_eq!(p, before);
     assert_eq!(injection.warnings.len(), 2, "{:?}", injection.warnings);
@@ -350,7 +411,7 @@ fn leaves_the_pod_unchanged_when_the_named_container_does_not_exist() {
     let mut p = pod(json!({"containers": [{"name": "trainer", "image": "t:1"}]}));
     p["metadata"]["annotations"]["nerve.io/container"] = json!("learner");
     let before = p.clone();
-    let injection = inject_pod_template(&mut p, None, &settings());
+    let injection = inject_pod_template(&mut p, Owner::None, &settings());
     assert_eq!(injection.outcome, Outcome::NotInjected);
     assert_eq!(p, before);
     assert!(injection.warnings[0].contains("`learner`"));
@@ -367,7 +428,7 @@ fn leaves_an_unexpected_pod_shape_unchanged_with_a_warning() {
     ] {
         let mut p = pod(spec);
         let before = p.clone();
-        let injection = inject_pod_template(&mut p, None, &settings());
+        let injection = inject_pod_template(&mut p, Owner::None, &settings());
         assert_eq!(injection.outcome, Outcome::NotInjected, "{before}");
         assert_eq!(p, before);
         assert_eq!(injection.warnings.len(), 1);
@@ -380,7 +441,7 @@ fn runs_as_the_trainers_user_without_added_capabilities_when_the_user_is_known()
         "securityContext": {"runAsUser": 1000, "runAsGroup": 3000, "fsGroup": 2000},
         "containers": [{"name": "trainer", "image": "t:1",
                         "securityContext": {"runAsUser": 1001}}]}));
-    inject_pod_template(&mut p, None, &settings());
+    inject_pod_template(&mut p, Owner::None, &settings());
     for name in ["nerve-restore", "nerve-sidecar"] {
         let context = &init(&p, name)["securityContext"];
         assert_eq!(context["runAsUser"], 1001, "the container's own user wins");
@@ -395,7 +456,7 @@ fn runs_as_the_trainers_user_without_added_capabilities_when_the_user_is_known()
 #[test]
 fn adds_only_cap_kill_to_the_sidecar_when_the_trainers_user_is_unknown() {
     let mut p = pod(json!({"containers": [{"name": "trainer", "image": "t:1"}]}));
-    inject_pod_template(&mut p, None, &settings());
+    inject_pod_template(&mut p, Owner::None, &settings());
     let context = &init(&p, "nerve-sidecar")["securityContext"];
     assert_eq!(context["runAsUser"], 0);
     assert_eq!(
@@ -409,7 +470,7 @@ fn refuses_a_non_root_trainer_whose_user_it_cannot_match() {
     let mut p = pod(json!({"securityContext": {"runAsNonRoot": true},
                            "containers": [{"name": "trainer", "image": "t:1"}]}));
     let before = p.clone();
-    let injection = inject_pod_template(&mut p, None, &settings());
+    let injection = inject_pod_template(&mut p, Owner::None, &settings());
     assert_eq!(injection.outcome, Outcome::NotInjected);
     assert_eq!(p, before);
     assert!(injection.warnings[0].contains("runAsUser"));
@@ -421,7 +482,7 @@ fn keeps_a_longer_grace_period_and_host_pid() {
         json!({"terminationGracePeriodSeconds": 900, "hostPID": true,
                            "containers": [{"name": "trainer", "image": "t:1"}]}),
     );
-    inject_pod_template(&mut p, None, &settings());
+    inject_pod_template(&mut p, Owner::None, &settings());
     assert_eq!(p["spec"]["terminationGracePeriodSeconds"], 900);
     let sidecar = init(&p, "nerve-sidecar");
     let grace = sidecar["env"]
@@ -448,7 +509,7 @@ fn picks_the_named_trainer_and_passes_signal_target_and_aws_settings() {
     p["metadata"]["annotations"]["nerve.io/container"] = json!("trainer");
     p["metadata"]["annotations"]["nerve.io/signal"] = json!("SIGUSR2");
     p["metadata"]["annotations"]["nerve.io/target"] = json!("python .*train\\.py");
-    let injection = inject_pod_template(&mut p, None, &settings());
+    let injection = inject_pod_template(&mut p, Owner::None, &settings());
     assert_eq!(injection.outcome, Outcome::Injected);
     assert!(injection.warnings.is_empty());
     assert!(p["spec"]["containers"][0].get("volumeMounts").is_none());
@@ -477,7 +538,7 @@ fn picks_the_named_trainer_and_passes_signal_target_and_aws_settings() {
 fn warns_when_it_guesses_the_trainer_among_several_containers() {
     let mut p =
         pod(json!({"containers": [{"name": "a", "image": "a"}, {"name": "b", "image": "b"}]}));
-    let injection = inject_pod_template(&mut p, None, &settings());
+    let injection = inject_pod_template(&mut p, Owner::None, &settings());
     assert_eq!(injection.outcome, Outcome::Injected);
     assert!(injection.warnings[0].contains("`a`"));
 }
@@ -557,7 +618,10 @@ fn injects_opted_in_templates_of_a_multi_document_stream_and_keeps_the_rest() {
         .find(|e| e["name"] == "NERVE_JOB")
         .expect("NERVE_JOB")
         .clone();
-    assert_eq!(job_env["value"], "llama-finetune", "job name from the Job");
+    assert_eq!(
+        job_env["value"], "$(POD_NAMESPACE).llama-finetune",
+        "job name from the Job, in the pod's namespace"
+    );
     assert_eq!(documents[1]["data"]["lr"], "0.001");
     assert!(
         documents[2]["spec"]["template"]["spec"]
