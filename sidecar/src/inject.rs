@@ -23,6 +23,7 @@ mod manifest;
 mod pod;
 #[cfg(test)]
 mod tests;
+mod topology;
 pub mod webhook;
 
 use std::path::PathBuf;
@@ -38,6 +39,7 @@ pub use annotation::{
 };
 pub use manifest::{ManifestError, ManifestReport, inject_manifest};
 pub use pod::{RESTORE_CONTAINER, SIDECAR_CONTAINER, ShapeError};
+pub use topology::{JobSetShape, JobShape, PyTorchShape, Workload};
 pub use webhook::{WebhookArgs, serve_webhook};
 
 /// The label that opts a pod in; the webhook's objectSelector matches it.
@@ -148,9 +150,12 @@ pub struct Injection {
 ///
 /// The job name comes from `nerve.io/job` as given; else it is the workload's name (a label
 /// naming it on the pod, else `owner`) in the pod's namespace.
+///
+/// `workload` says what the template belongs to, for the pods' rank and world size.
 pub fn inject_pod_template(
     template: &mut Value,
     owner: Owner<'_>,
+    workload: &Workload,
     settings: &InjectSettings,
 ) -> Injection {
     let metadata = template.get("metadata").and_then(Value::as_object);
@@ -167,7 +172,7 @@ pub fn inject_pod_template(
         }
     };
     let mut injected = template.clone();
-    match pod::inject_spec(&mut injected, &request, settings) {
+    match pod::inject_spec(&mut injected, &request, workload, settings) {
         Ok(pod::SpecChange::Injected { notes }) => {
             *template = injected;
             Injection {

@@ -25,6 +25,13 @@ pub const ANNOTATION_DONE_MARKER: &str = "nerve.io/done-marker";
 /// Comma-separated globs, relative to the checkpoint directory, of files that are not checkpoint
 /// content (logs, TensorBoard events); given to the sidecar and restore as `NERVE_EXCLUDE`.
 pub const ANNOTATION_EXCLUDE: &str = "nerve.io/exclude";
+/// How many pods the training job has, each committing one part of a generation; overrides what
+/// the injector derives from the workload (an Indexed Job's completions, a launcher's variables).
+pub const ANNOTATION_WORLD_SIZE: &str = "nerve.io/world-size";
+
+/// Largest `nerve.io/world-size` accepted: far beyond any training job's pod count (the largest
+/// runs use tens of thousands of GPUs, at eight per pod), and small enough to be a typo's bound.
+const MAX_WORLD_SIZE: u32 = 65_536;
 
 /// Labels whose value names the training job a pod belongs to, most specific first: JobSet puts
 /// its name on every pod of every Job it runs (each of which has its own Job name), the Kubeflow
@@ -79,6 +86,8 @@ pub struct CheckpointRequest {
     pub done_marker: Option<String>,
     /// Validated globs, in the order given.
     pub exclude: Vec<String>,
+    /// `nerve.io/world-size`: the number of pods in the job, when the pod says.
+    pub world_size: Option<u32>,
 }
 
 /// One annotation that is missing or wrong.
@@ -150,6 +159,20 @@ pub fn read_annotations(
     let container = get(ANNOTATION_CONTAINER, &mut errors);
     let done_marker = get(ANNOTATION_DONE_MARKER, &mut errors);
     let exclude = get(ANNOTATION_EXCLUDE, &mut errors);
+    let world_size = get(ANNOTATION_WORLD_SIZE, &mut errors).and_then(|value| {
+        match value.parse::<u32>() {
+            Ok(n) if (1..=MAX_WORLD_SIZE).contains(&n) => Some(n),
+            _ => {
+                errors.push(AnnotationError::Invalid {
+                    key: ANNOTATION_WORLD_SIZE,
+                    problem: format!(
+                        "`{value}` is not a number of pods; use a whole number from 1 to {MAX_WORLD_SIZE}"
+                    ),
+                });
+                None
+            }
+        }
+    });
 
     let dest = match dest {
         None if !has_error(&errors, ANNOTATION_DEST) => {
@@ -299,6 +322,7 @@ pub fn read_annotations(
                 container,
                 done_marker,
                 exclude,
+                world_size,
             })
         }
         _ => Err(errors),
@@ -440,8 +464,28 @@ mod tests {
                 container: Some("trainer".into()),
                 done_marker: None,
                 exclude: Vec::new(),
+                world_size: None,
             }
         );
+    }
+
+    #[test]
+    fn reads_the_world_size_and_refuses_anything_but_a_count_of_pods() {
+        let with = |value: &str| {
+            metadata(json!({"annotations": {
+                "nerve.io/dest": "s3://bucket", "nerve.io/job": "j",
+                "nerve.io/checkpoint-dir": "/c", "nerve.io/world-size": value}}))
+        };
+        let request = read_annotations(Some(&with(" 4 ")), Owner::None).expect("valid");
+        assert_eq!(request.world_size, Some(4));
+        for bad in ["0", "-2", "two", "1.5", "65537"] {
+            let errors = read_annotations(Some(&with(bad)), Owner::None).expect_err(bad);
+            assert!(
+                errors[0].to_string().contains("nerve.io/world-size")
+                    && errors[0].to_string().contains("whole number"),
+                "{bad}: {errors:?}"
+            );
+        }
     }
 
     #[test]

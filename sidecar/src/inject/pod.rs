@@ -8,6 +8,7 @@ use serde_json::{Map, Value, json};
 
 use super::InjectSettings;
 use super::annotation::{CheckpointRequest, JOB_NAME_LABEL, JobName};
+use super::topology::{self, Workload};
 
 /// Name of the injected native sidecar; its presence means "already injected".
 pub const SIDECAR_CONTAINER: &str = "nerve-sidecar";
@@ -79,8 +80,10 @@ pub enum ShapeError {
 pub(crate) fn inject_spec(
     template: &mut Value,
     request: &CheckpointRequest,
+    workload: &Workload,
     settings: &InjectSettings,
 ) -> Result<SpecChange, ShapeError> {
+    let metadata = template.get("metadata").and_then(Value::as_object).cloned();
     let spec = template
         .get_mut("spec")
         .ok_or(ShapeError::Unexpected("the pod has no spec"))?
@@ -103,6 +106,8 @@ pub(crate) fn inject_spec(
     let trainer_name = trainer["name"].as_str().unwrap_or_default().to_owned();
     let identity = Identity::of(trainer, &pod_security, &trainer_name)?;
     let inherited_env = aws_env(trainer);
+    let placement = topology::place(workload, metadata.as_ref(), trainer, request.world_size);
+    notes.extend(placement.notes);
 
     let mount = checkpoint_mount(spec, trainer_index, request, &trainer_name)?;
     // What the trainer needs to know of the sidecar: its container's mark (see the sidecar's
@@ -143,6 +148,8 @@ pub(crate) fn inject_spec(
             env.push(json!({"name": "NERVE_JOB", "value": "$(POD_NAMESPACE).$(JOB_NAME)"}));
         }
     }
+    // Which part of a multi-pod job's generations this pod commits (restore needs it too).
+    env.extend(placement.env);
     if !request.exclude.is_empty() {
         // Not checkpoint content: kept out of completion, upload and restore alike.
         env.push(json!({"name": "NERVE_EXCLUDE", "value": request.exclude.join(",")}));

@@ -4,7 +4,7 @@
 use base64::Engine;
 use serde_json::{Value, json};
 
-use crate::inject::{InjectSettings, Outcome, Owner, inject_pod_template};
+use crate::inject::{InjectSettings, Outcome, Owner, Workload, inject_pod_template};
 
 /// Why a request body could not be answered at all. Without the request's `uid` no valid
 /// response exists; the API server then applies `failurePolicy: Ignore` and admits the pod.
@@ -71,7 +71,7 @@ fn mutate(request: &Value, settings: &InjectSettings) -> (Option<Vec<u8>>, Vec<S
         );
     };
     let mut pod = original.clone();
-    let injection = inject_pod_template(&mut pod, Owner::None, settings);
+    let injection = inject_pod_template(&mut pod, Owner::None, &Workload::Pod, settings);
     if injection.outcome != Outcome::Injected {
         return (None, injection.warnings);
     }
@@ -133,7 +133,12 @@ mod tests {
         let mut patched = opted_in_pod();
         json_patch::patch(&mut patched, &patch).expect("applies");
         let mut expected = opted_in_pod();
-        inject_pod_template(&mut expected, Owner::None, &InjectSettings::default());
+        inject_pod_template(
+            &mut expected,
+            Owner::None,
+            &Workload::Pod,
+            &InjectSettings::default(),
+        );
         assert_eq!(patched, expected);
         assert_eq!(
             patched["spec"]["initContainers"][1]["name"],
