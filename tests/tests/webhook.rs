@@ -396,3 +396,65 @@ async fn webhook_refuses_an_oversized_review_and_one_whose_body_never_arrives() 
         "answered after {waited:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_injects_an_indexed_jobs_template_so_its_pods_arrive_ranked_and_injected() {
+    let webhook = start_webhook();
+    let mut template = training_pod();
+    let metadata = template["metadata"].as_object_mut().expect("metadata");
+    metadata.remove("generateName");
+    metadata.remove("namespace");
+    metadata["labels"] = json!({"nerve.io/checkpoint": "enabled"});
+    let job = json!({
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "llama-finetune", "namespace": "ml"},
+        "spec": {"completionMode": "Indexed", "completions": 4, "parallelism": 4,
+                 "template": template}
+    });
+    let mut review = admission_review("job-1", job.clone());
+    review["request"]["kind"] = json!({"group": "batch", "version": "v1", "kind": "Job"});
+    review["request"]["resource"] = json!({"group": "batch", "version": "v1", "resource": "jobs"});
+    let answer = webhook.review(&review).await;
+    let response = &answer["response"];
+    assert_eq!(response["allowed"], true);
+    assert!(response.get("warnings").is_none(), "{response}");
+    let patch = base64::engine::general_purpose::STANDARD
+        .decode(response["patch"].as_str().expect("patch"))
+        .expect("base64");
+    let patch: json_patch::Patch = serde_json::from_slice(&patch).expect("a JSON Patch");
+    let mut job = job;
+    json_patch::patch(&mut job, &patch).expect("the patch applies to the Job");
+    let template = &job["spec"]["template"];
+    let env = |container: usize, name: &str| {
+        template["spec"]["initContainers"][container]["env"]
+            .as_array()
+            .expect("env")
+            .iter()
+            .find(|e| e["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {name}"))
+    };
+    for container in [0, 1] {
+        assert_eq!(
+            env(container, "NERVE_RANK")["valueFrom"]["fieldRef"]["fieldPath"],
+            "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+        );
+        assert_eq!(env(container, "NERVE_WORLD_SIZE")["value"], "4");
+        assert_eq!(
+            env(container, "NERVE_JOB")["value"],
+            "$(POD_NAMESPACE).llama-finetune"
+        );
+    }
+
+    // A pod of that Job, as the Job controller creates it: already injected, left alone.
+    let mut pod = template.clone();
+    pod["apiVersion"] = json!("v1");
+    pod["kind"] = json!("Pod");
+    pod["metadata"]["generateName"] = json!("llama-finetune-0-");
+    pod["metadata"]["labels"]["batch.kubernetes.io/job-name"] = json!("llama-finetune");
+    pod["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] = json!("0");
+    let again = webhook.review(&admission_review("pod-of-job", pod)).await;
+    assert_eq!(again["response"]["allowed"], true);
+    assert!(again["response"].get("patch").is_none(), "{again}");
+}
