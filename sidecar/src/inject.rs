@@ -116,9 +116,10 @@ fn parse_grace_period(value: &str) -> Result<Duration, String> {
 #[derive(Debug, Clone, clap::Args)]
 pub struct InjectArgs {
     /// YAML or JSON file of manifests (Pod, Job, CronJob, Deployment, StatefulSet, DaemonSet,
-    /// ReplicaSet, List; several documents separated by `---`), or `-` for standard input.
-    /// Pod templates labelled nerve.io/checkpoint=enabled get the sidecar; everything else is
-    /// written back unchanged. Comments are not kept.
+    /// ReplicaSet, PyTorchJob, JobSet, List; several documents separated by `---`), or `-` for
+    /// standard input. Pod templates labelled nerve.io/checkpoint=enabled get the sidecar;
+    /// everything else is written back unchanged (with a warning for a labelled object inside a
+    /// kind it does not know). Comments are not kept.
     #[arg(short = 'f', long = "filename", value_name = "FILE")]
     pub file: PathBuf,
 
