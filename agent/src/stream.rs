@@ -25,9 +25,10 @@ pub const MAX_SUBSCRIBERS: usize = 1024;
 /// Most concurrent subscribers from one address, so a client that opens streams and never reads
 /// them cannot take every slot. Sidecars on the host network and `nerve-sidecar@` units on a
 /// bare host all connect from the node's own address, and a node runs at most 250 pods (EKS's
-/// ceiling with prefix delegation; Kubernetes' default is 110): 256 never refuses a real sidecar,
-/// and one address holding all of its slots leaves 768 of the 1024, more than a node has pods.
-pub const MAX_SUBSCRIBERS_PER_PEER: usize = 256;
+/// ceiling with prefix delegation; Kubernetes' default is 110): half the slots, 512, never
+/// refuses a real sidecar even while it reconnects, and one address holding all of its slots
+/// leaves the other 512, twice the pods a node can run.
+pub const MAX_SUBSCRIBERS_PER_PEER: usize = MAX_SUBSCRIBERS / 2;
 
 pub struct NoticeStream {
     inner: Mutex<Inner>,

@@ -744,7 +744,7 @@ async fn one_client_holding_watch_streams_unread_leaves_room_for_the_sidecars() 
         .await;
         assert!(heard.is_ok(), "a sidecar never heard the notice");
     }
-    assert_eq!(refused_after, 256, "one address gets 256 streams");
+    assert_eq!(refused_after, 512, "one address gets half the streams");
 
     // Idle connections from the same address are capped too: 32 beyond its streams, then the
     // agent answers 503 and closes instead of serving another.
