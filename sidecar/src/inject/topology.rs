@@ -167,11 +167,13 @@ pub(crate) fn place(
     world_size_annotation: Option<u32>,
 ) -> Placement {
     let mut notes = Vec::new();
-    let (mut rank, mut world) = launcher_variables(trainer, &mut notes);
     let labels = metadata
         .and_then(|m| m.get("labels"))
         .and_then(Value::as_object);
     let label = |key: &str| labels.and_then(|l| l.get(key)).and_then(Value::as_str);
+    // In a JobSet of several Jobs, a completion index counts only within its own Job.
+    let index_is_global = label(JOBSET_GLOBAL_REPLICAS_LABEL).is_none_or(|total| total == "1");
+    let (mut rank, mut world) = launcher_variables(trainer, index_is_global, &mut notes);
 
     let (derived_rank, derived_world) = match workload {
         Workload::Pod => from_pod(metadata, trainer, &label),
@@ -248,6 +250,7 @@ pub(crate) fn place(
 /// The rank and world size the trainer container's own launcher variables give.
 fn launcher_variables(
     trainer: &Value,
+    index_is_global: bool,
     notes: &mut Vec<String>,
 ) -> (Option<Source>, Option<Source>) {
     let env = trainer
@@ -261,6 +264,9 @@ fn launcher_variables(
     };
     let mut rank = None;
     for name in RANK_VARIABLES {
+        if name == "JOB_COMPLETION_INDEX" && !index_is_global {
+            continue;
+        }
         let Some(entry) = find(name) else { continue };
         match usable(entry, false) {
             Ok(source) => {
@@ -620,7 +626,8 @@ mod tests {
         let pod = metadata(json!({
             "labels": {"jobset.sigs.k8s.io/global-replicas": "2"},
             "annotations": {"batch.kubernetes.io/job-completion-index": "0"}}));
-        let placement = place(&Workload::Pod, Some(&pod), &trainer(json!([])), Some(8));
+        let env = json!([{"name": "JOB_COMPLETION_INDEX", "value": "0"}]);
+        let placement = place(&Workload::Pod, Some(&pod), &trainer(env), Some(8));
         assert!(placement.env.is_empty(), "{:?}", placement.env);
         assert!(
             placement.notes[0].contains("rank cannot be found"),
