@@ -11,6 +11,11 @@
 # (TLS to S3 and the API server) and a non-root user. musl also resolves DNS itself, where a
 # static glibc binary would need NSS libraries at run time.
 #
+# Allocator: both binaries set mimalloc as the Rust global allocator, so musl's malloc (one lock
+# for all threads) is not on the transfer path, and the image runs the same allocator as the
+# glibc builds the benchmarks measure (docs/deploy.md, "Allocator"). Its C compiles with the same
+# compiler as ring's.
+#
 # What CI proves without Docker: CI machines can neither run Docker nor install the musl target,
 # so .ci/deploy-checks builds the same two binaries statically against glibc instead
 # (-C target-feature=+crt-static on x86_64-unknown-linux-gnu, cheaper profile) and runs their

@@ -84,6 +84,7 @@ WRONG_VALUES = [
     {"webhook": {"enabled": "true"}},
     {"webhook": {"timeoutSeconds": 60}},
     {"webhook": {"certManager": {"enabled": "no"}}},
+    {"webhook": {"injectJobs": "yes"}},
     {"image": {"pullPolicy": "Sometimes"}},
     {"metrics": {"serviceMonitor": {"enabled": "yes"}}},
     {"dashboard": {"enabled": None}},
@@ -160,6 +161,7 @@ RENDERINGS = {
         "dashboard": {"enabled": True},
     },
     "cert-manager": {"webhook": {"enabled": True, "certManager": {"enabled": True}}},
+    "pods-only-webhook": {"webhook": {"enabled": True, "injectJobs": False}},
 }
 
 REQUIRED_LABELS = ["app.kubernetes.io/name", "app.kubernetes.io/instance",
@@ -212,26 +214,49 @@ def check_agent(daemonset, name):
     return env
 
 
-def check_webhook(objects, name):
+def check_webhook(objects, name, values):
     configs = [o for o in objects if o["kind"] == "MutatingWebhookConfiguration"]
     if not check(len(configs) == 1, f"{name}: expected one MutatingWebhookConfiguration"):
         return {}
-    (hook,) = configs[0]["webhooks"]
-    where = f"{name}: webhook"
-    check(hook.get("failurePolicy") == "Ignore", f"{where}: failurePolicy is not Ignore")
-    check(hook.get("sideEffects") == "None", f"{where}: sideEffects is not None")
-    check(0 < hook.get("timeoutSeconds", 30) <= 10, f"{where}: timeout is not short")
-    check(hook.get("objectSelector") == {"matchLabels": {"nerve.io/checkpoint": "enabled"}},
-          f"{where}: objectSelector is not nerve.io/checkpoint=enabled")
-    check(hook.get("admissionReviewVersions") == ["v1"], f"{where}: not AdmissionReview v1")
+    hooks = {h["name"]: h for h in configs[0]["webhooks"]}
+    inject_jobs = values.get("webhook", {}).get("injectJobs", True)
+    expected = {"inject.nerve.io"} | ({"inject-jobs.nerve.io"} if inject_jobs else set())
+    check(set(hooks) == expected, f"{name}: webhooks {sorted(hooks)}, expected {sorted(expected)}")
     cert_manager = "cert-manager.io/inject-ca-from" in configs[0]["metadata"].get("annotations", {})
-    check(cert_manager or hook["clientConfig"].get("caBundle"),
-          f"{where}: neither a caBundle nor cert-manager CA injection")
+    for hook_name, hook in hooks.items():
+        where = f"{name}: webhook {hook_name}"
+        check(hook.get("failurePolicy") == "Ignore", f"{where}: failurePolicy is not Ignore")
+        check(hook.get("sideEffects") == "None", f"{where}: sideEffects is not None")
+        check(0 < hook.get("timeoutSeconds", 30) <= 10, f"{where}: timeout is not short")
+        check(hook.get("admissionReviewVersions") == ["v1"], f"{where}: not AdmissionReview v1")
+        check(cert_manager or hook["clientConfig"].get("caBundle"),
+              f"{where}: neither a caBundle nor cert-manager CA injection")
+        check(hook["clientConfig"].get("service", {}).get("path") == "/mutate",
+              f"{where}: does not call /mutate")
+        ops = {op for rule in hook.get("rules", []) for op in rule.get("operations", [])}
+        check(ops == {"CREATE"}, f"{where}: operations {sorted(ops)}, expected only CREATE")
+    pods = hooks.get("inject.nerve.io", {})
+    check(pods.get("objectSelector") == {"matchLabels": {"nerve.io/checkpoint": "enabled"}},
+          f"{name}: pod webhook objectSelector is not nerve.io/checkpoint=enabled")
+    check([(r["apiGroups"], r["resources"]) for r in pods.get("rules", [])] == [([""], ["pods"])],
+          f"{name}: pod webhook does not match exactly pods")
+    if "inject-jobs.nerve.io" in hooks:
+        jobs = hooks["inject-jobs.nerve.io"]
+        check([(r["apiGroups"], r["apiVersions"], r["resources"]) for r in jobs.get("rules", [])]
+              == [(["batch"], ["v1"], ["jobs"])], f"{name}: Job webhook does not match batch/v1 jobs")
+        # Every Job in the cluster would reach the webhook without a condition on the opt-in
+        # label (an objectSelector cannot see the pod template's labels).
+        conditions = " ".join(c.get("expression", "") for c in jobs.get("matchConditions", []))
+        check("object.spec.template.metadata.labels['nerve.io/checkpoint'] == 'enabled'"
+              in " ".join(conditions.split()),
+              f"{name}: Job webhook has no match condition on the template's opt-in label")
+        check(jobs.get("namespaceSelector") == pods.get("namespaceSelector"),
+              f"{name}: the Job and pod webhooks see different namespaces")
     deployment = next(o for o in objects
                       if o["kind"] == "Deployment"
                       and o["metadata"]["labels"].get("app.kubernetes.io/component") == "webhook")
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    check_hardened(container, f"{where} Deployment")
+    check_hardened(container, f"{name}: webhook Deployment")
     return {e["name"]: e for e in container.get("env", [])}
 
 
@@ -262,7 +287,7 @@ def render_chart(helm):
         if check(len(daemonsets) == 1, f"{name}: expected one DaemonSet"):
             env_vars["agent"] |= set(check_agent(daemonsets[0], name))
         if values.get("webhook", {}).get("enabled"):
-            env_vars["webhook"] |= set(check_webhook(objects, name))
+            env_vars["webhook"] |= set(check_webhook(objects, name, values))
         kinds = sorted({o["kind"] for o in objects})
         print(f"ok: rendered '{name}': {len(objects)} objects ({', '.join(kinds)})")
     report = helm.lint(str(CHART), strict=True, namespace="nerve-system")

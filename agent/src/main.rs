@@ -9,6 +9,11 @@ use tokio_util::sync::CancellationToken;
 /// Exit status for a bad flag or value (sysexits EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
 
+/// mimalloc, on purpose: the image links musl, whose malloc serialises threads on one lock, and
+/// the same allocator on every libc keeps the glibc benchmarks true of the image (docs/deploy.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let config = match Config::try_parse() {
         Ok(config) => config,

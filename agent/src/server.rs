@@ -1,8 +1,10 @@
 //! HTTP on `--listen`: the notice stream, metrics and health.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -18,10 +20,21 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::metrics::Metrics;
-use crate::stream::{MAX_SUBSCRIBERS, NoticeStream};
+use crate::stream::{MAX_SUBSCRIBERS, MAX_SUBSCRIBERS_PER_PEER, NoticeStream};
 
 /// Open connections at most: every subscriber holds one, plus room for scrapes and probes.
 const MAX_CONNECTIONS: usize = MAX_SUBSCRIBERS + 64;
+
+/// Open connections from one address at most: its watch streams plus room for its scrapes and
+/// probes. Without it, one client holding idle connections could take every slot of
+/// [`MAX_CONNECTIONS`] and the sidecars on the node could not even connect.
+const MAX_CONNECTIONS_PER_PEER: usize = MAX_SUBSCRIBERS_PER_PEER + 32;
+
+/// Sent, best effort, on a connection refused for [`MAX_CONNECTIONS_PER_PEER`] before closing
+/// it, so the client logs a reason instead of a reset.
+const TOO_MANY_CONNECTIONS: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n\
+connection: close\r\ncontent-length: 46\r\n\r\ntoo many connections from this address; retry\n";
 
 /// A client must send its request headers within this time (slowloris guard).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -37,6 +50,7 @@ pub async fn serve(
 ) {
     let tracker = TaskTracker::new();
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let per_peer = PeerConnections::default();
     loop {
         let permit = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -57,12 +71,22 @@ pub async fn serve(
                 }
             },
         };
+        let Some(peer_slot) = per_peer.claim(peer.ip()) else {
+            // Debug, not warn: a client that reconnects in a loop must not flood the log.
+            tracing::debug!(
+                %peer,
+                limit = MAX_CONNECTIONS_PER_PEER,
+                "too many connections from one address; refusing this one"
+            );
+            let _ = tcp.try_write(TOO_MANY_CONNECTIONS);
+            continue;
+        };
         let stream = stream.clone();
         let metrics = metrics.clone();
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
             let service = service_fn(move |request| {
-                let response = route(&request, &stream, &metrics);
+                let response = route(&request, peer.ip(), &stream, &metrics);
                 async move { Ok::<_, Infallible>(response) }
             });
             let connection = hyper::server::conn::http1::Builder::new()
@@ -81,6 +105,7 @@ pub async fn serve(
                     let _ = connection.await;
                 }
             }
+            drop(peer_slot);
             drop(permit);
         });
     }
@@ -89,7 +114,49 @@ pub async fn serve(
     tracker.wait().await;
 }
 
-fn route(request: &Request<Incoming>, stream: &NoticeStream, metrics: &Metrics) -> Response<Body> {
+/// Connections open per client address.
+#[derive(Clone, Default)]
+struct PeerConnections(Arc<Mutex<HashMap<IpAddr, usize>>>);
+
+/// One open connection of a peer; gives its slot back when dropped.
+struct PeerSlot {
+    peers: PeerConnections,
+    peer: IpAddr,
+}
+
+impl PeerConnections {
+    fn claim(&self, peer: IpAddr) -> Option<PeerSlot> {
+        let mut open = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let count = open.entry(peer).or_default();
+        if *count >= MAX_CONNECTIONS_PER_PEER {
+            return None;
+        }
+        *count += 1;
+        Some(PeerSlot {
+            peers: self.clone(),
+            peer,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut open = self.peers.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = open.get_mut(&self.peer) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.peer);
+            }
+        }
+    }
+}
+
+fn route(
+    request: &Request<Incoming>,
+    peer: IpAddr,
+    stream: &NoticeStream,
+    metrics: &Metrics,
+) -> Response<Body> {
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is served\n");
     }
@@ -101,8 +168,8 @@ fn route(request: &Request<Incoming>, stream: &NoticeStream, metrics: &Metrics) 
                     .any(|pair| pair == "watch=true" || pair == "watch=1")
             });
             if watch {
-                match stream.subscribe() {
-                    Some(rx) => {
+                match stream.subscribe(peer) {
+                    Ok(rx) => {
                         let mut response = respond(
                             StatusCode::OK,
                             "application/x-ndjson",
@@ -114,10 +181,15 @@ fn route(request: &Request<Incoming>, stream: &NoticeStream, metrics: &Metrics) 
                         );
                         response
                     }
-                    None => text(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "too many subscribers or shutting down; retry later\n",
-                    ),
+                    Err(refused) => {
+                        tracing::debug!(%peer, "watch refused: {refused}");
+                        let body = format!("{refused}; retry later\n");
+                        respond(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "text/plain",
+                            Either::Left(Full::new(Bytes::from(body))),
+                        )
+                    }
                 }
             } else {
                 let body = serde_json::json!({ "notices": stream.active() }).to_string();

@@ -23,6 +23,7 @@ mod manifest;
 mod pod;
 #[cfg(test)]
 mod tests;
+mod topology;
 pub mod webhook;
 
 use std::path::PathBuf;
@@ -32,11 +33,13 @@ use anyhow::Context;
 use serde_json::Value;
 
 pub use annotation::{
-    ANNOTATION_CONTAINER, ANNOTATION_DEST, ANNOTATION_DIR, ANNOTATION_JOB, ANNOTATION_SIGNAL,
-    ANNOTATION_TARGET, AnnotationError, CheckpointRequest, read_annotations,
+    ANNOTATION_CONTAINER, ANNOTATION_DEST, ANNOTATION_DIR, ANNOTATION_DONE_MARKER,
+    ANNOTATION_EXCLUDE, ANNOTATION_JOB, ANNOTATION_SIGNAL, ANNOTATION_TARGET, AnnotationError,
+    CheckpointRequest, JobName, Owner, read_annotations,
 };
 pub use manifest::{ManifestError, ManifestReport, inject_manifest};
 pub use pod::{RESTORE_CONTAINER, SIDECAR_CONTAINER, ShapeError};
+pub use topology::{JobSetShape, JobShape, PyTorchShape, Workload};
 pub use webhook::{WebhookArgs, serve_webhook};
 
 /// The label that opts a pod in; the webhook's objectSelector matches it.
@@ -113,9 +116,10 @@ fn parse_grace_period(value: &str) -> Result<Duration, String> {
 #[derive(Debug, Clone, clap::Args)]
 pub struct InjectArgs {
     /// YAML or JSON file of manifests (Pod, Job, CronJob, Deployment, StatefulSet, DaemonSet,
-    /// ReplicaSet, List; several documents separated by `---`), or `-` for standard input.
-    /// Pod templates labelled nerve.io/checkpoint=enabled get the sidecar; everything else is
-    /// written back unchanged. Comments are not kept.
+    /// ReplicaSet, PyTorchJob, JobSet, List; several documents separated by `---`), or `-` for
+    /// standard input. Pod templates labelled nerve.io/checkpoint=enabled get the sidecar;
+    /// everything else is written back unchanged (with a warning for a labelled object inside a
+    /// kind it does not know). Comments are not kept.
     #[arg(short = 'f', long = "filename", value_name = "FILE")]
     pub file: PathBuf,
 
@@ -145,15 +149,18 @@ pub struct Injection {
 /// Injects the sidecar into `template`, a Pod or a pod template (an object with `metadata` and
 /// `spec`), in place. On [`Outcome::NotInjected`] the template is exactly as it was.
 ///
-/// The job name comes from `nerve.io/job`, else the pod's `batch.kubernetes.io/job-name` label,
-/// else `owner_name` (the workload's name when injecting a manifest offline).
+/// The job name comes from `nerve.io/job` as given; else it is the workload's name (a label
+/// naming it on the pod, else `owner`) in the pod's namespace.
+///
+/// `workload` says what the template belongs to, for the pods' rank and world size.
 pub fn inject_pod_template(
     template: &mut Value,
-    owner_name: Option<&str>,
+    owner: Owner<'_>,
+    workload: &Workload,
     settings: &InjectSettings,
 ) -> Injection {
     let metadata = template.get("metadata").and_then(Value::as_object);
-    let request = match read_annotations(metadata, owner_name) {
+    let request = match read_annotations(metadata, owner) {
         Ok(request) => request,
         Err(errors) => {
             return Injection {
@@ -166,7 +173,7 @@ pub fn inject_pod_template(
         }
     };
     let mut injected = template.clone();
-    match pod::inject_spec(&mut injected, &request, settings) {
+    match pod::inject_spec(&mut injected, &request, workload, settings) {
         Ok(pod::SpecChange::Injected { notes }) => {
             *template = injected;
             Injection {

@@ -10,6 +10,11 @@ use tokio_util::sync::CancellationToken;
 /// Where Kubernetes looks for a container's last words (`kubectl describe pod`).
 const TERMINATION_LOG: &str = "/dev/termination-log";
 
+/// mimalloc, on purpose: the image links musl, whose malloc serialises threads on one lock, and
+/// the same allocator on every libc keeps the glibc benchmarks true of the image (docs/deploy.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

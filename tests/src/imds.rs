@@ -67,6 +67,8 @@ struct State {
     gcp_preempted: bool,
     azure_preempt: Option<Option<OffsetDateTime>>,
     azure_resource: String,
+    azure_name_fails: bool,
+    azure_name_requests: u64,
     fault: Fault,
     token_policy: TokenPolicy,
     tokens: HashMap<String, Instant>,
@@ -102,6 +104,8 @@ impl MetadataSimulator {
             gcp_preempted: false,
             azure_preempt: None,
             azure_resource: AZURE_VM_NAME.to_owned(),
+            azure_name_fails: false,
+            azure_name_requests: 0,
             fault: Fault::None,
             token_policy: TokenPolicy::Optional,
             tokens: HashMap::new(),
@@ -180,6 +184,17 @@ impl MetadataSimulator {
         } else {
             AZURE_VM_NAME.to_owned()
         };
+    }
+
+    /// Azure: `/metadata/instance/compute/name` answers 500 (true) or the name (false); the
+    /// scheduled events keep answering either way.
+    pub fn set_azure_name_fails(&self, fails: bool) {
+        self.state().azure_name_fails = fails;
+    }
+
+    /// Azure: requests for this VM's name so far.
+    pub fn azure_name_requests(&self) -> u64 {
+        self.state().azure_name_requests
     }
 
     pub fn clear_azure_preempt(&self) {
@@ -416,7 +431,17 @@ async fn answer(
             return respond(StatusCode::BAD_REQUEST, r#"{"error":"Bad request"}"#);
         }
         return match path.as_str() {
-            "/metadata/instance/compute/name" => respond(StatusCode::OK, AZURE_VM_NAME),
+            "/metadata/instance/compute/name" => {
+                state.azure_name_requests += 1;
+                if state.azure_name_fails {
+                    respond(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        r#"{"error":"Internal error"}"#,
+                    )
+                } else {
+                    respond(StatusCode::OK, AZURE_VM_NAME)
+                }
+            }
             "/metadata/scheduledevents" => {
                 let events: Vec<serde_json::Value> = state
                     .azure_preempt

@@ -859,3 +859,149 @@ async fn a_drain_blocked_by_a_disruption_budget_stops_at_the_notice_deadline() {
     assert!(api.evicted().is_empty());
     assert!(agent.log().contains("drain stopped at the notice deadline"));
 }
+
+/// Opens a watch stream from `source` (a loopback address) and reads only the status line and
+/// headers: the status, and the connection, left unread from then on.
+async fn watch_from(
+    agent: &AgentProcess,
+    source: std::net::Ipv4Addr,
+) -> (u16, tokio::io::BufReader<TcpStream>) {
+    use tokio::io::AsyncBufReadExt;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(std::net::SocketAddr::from((source, 0)))
+        .unwrap();
+    let mut tcp = socket.connect(agent.addr()).await.unwrap();
+    tcp.write_all(b"GET /v1/notices?watch=true HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reader = tokio::io::BufReader::new(tcp);
+    let mut status_line = String::new();
+    reader.read_line(&mut status_line).await.unwrap();
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in {status_line:?}"));
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).await.unwrap();
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+    }
+    (status, reader)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_holding_watch_streams_unread_leaves_room_for_the_sidecars() {
+    use tokio::io::AsyncBufReadExt;
+    let sim = MetadataSimulator::start();
+    let agent = start_agent(&sim, None, &[]);
+    agent.wait_ready().await;
+
+    // One address opens streams and never reads them, until the agent refuses or it holds
+    // every slot the agent has (1024).
+    let hog = std::net::Ipv4Addr::new(127, 0, 0, 1);
+    let mut held = Vec::new();
+    let refused_after = loop {
+        let (status, reader) = watch_from(&agent, hog).await;
+        if status != 200 {
+            assert_eq!(status, 503);
+            break held.len();
+        }
+        held.push(reader);
+        assert!(
+            held.len() <= 1024,
+            "one address was given every watch slot the agent has"
+        );
+    };
+
+    // The sidecars, each from its own pod address, still subscribe and hear the notice.
+    let mut sidecars = Vec::new();
+    for host in 2..12 {
+        let (status, mut reader) =
+            watch_from(&agent, std::net::Ipv4Addr::new(127, 0, 0, host)).await;
+        assert_eq!(status, 200, "sidecar at 127.0.0.{host} refused");
+        let mut snapshot = String::new();
+        reader.read_line(&mut snapshot).await.unwrap();
+        assert!(snapshot.contains("snapshot"), "{snapshot}");
+        sidecars.push(reader);
+    }
+    let deadline = in_two_minutes();
+    sim.set_spot_interruption("terminate", deadline);
+    for reader in &mut sidecars {
+        let heard = tokio::time::timeout(WAIT, async {
+            loop {
+                let mut line = String::new();
+                assert!(
+                    reader.read_line(&mut line).await.unwrap() > 0,
+                    "stream closed"
+                );
+                if line.contains(&spot_id(deadline)) {
+                    return;
+                }
+            }
+        })
+        .await;
+        assert!(heard.is_ok(), "a sidecar never heard the notice");
+    }
+    assert_eq!(refused_after, 512, "one address gets half the streams");
+
+    // Idle connections from the same address are capped too: 32 beyond its streams, then the
+    // agent answers 503 and closes instead of serving another.
+    let mut idle = Vec::new();
+    for _ in 0..32 {
+        idle.push(TcpStream::connect(agent.addr()).await.unwrap());
+    }
+    let mut refused = TcpStream::connect(agent.addr()).await.unwrap();
+    let mut answer = String::new();
+    let read = tokio::time::timeout(WAIT, async {
+        use tokio::io::AsyncReadExt;
+        refused.read_to_string(&mut answer).await
+    })
+    .await;
+    assert!(matches!(read, Ok(Ok(_))), "no answer: {read:?}");
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer:?}");
+    drop(idle);
+    drop(held);
+    assert!(
+        wait_for(WAIT, || async {
+            matches!(agent.get("/healthz").await, Some((200, _)))
+        })
+        .await,
+        "the address gets its slots back once its connections close"
+    );
+}
+
+#[tokio::test]
+async fn an_azure_preemption_is_a_notice_even_when_the_vm_name_cannot_be_read() {
+    let sim = MetadataSimulator::start();
+    sim.set_azure_name_fails(true);
+    let azure = start_agent(&sim, None, &["--cloud", "azure"]);
+    azure.wait_ready().await;
+    sim.set_azure_preempt(Some(in_two_minutes()));
+    assert!(
+        wait_for(WAIT, || async { azure.active_notices().await.len() == 1 }).await,
+        "no notice while the name lookup fails; log:\n{}",
+        azure.log()
+    );
+    let notice = &azure.active_notices().await[0];
+    assert_eq!(notice["kind"], "preemption");
+    assert_eq!(notice["source"], "azure");
+    assert!(sim.azure_name_requests() >= 1, "the name was asked for");
+    assert_eq!(
+        azure.log().matches("cannot read this VM's name").count(),
+        1,
+        "the failure is logged once, not every poll"
+    );
+
+    // Once the name answers, an event for another VM of the scale set is not ours again.
+    sim.set_azure_name_fails(false);
+    sim.set_azure_preempt_for_other_vm(true);
+    assert!(
+        wait_for(WAIT, || async { azure.active_notices().await.is_empty() }).await,
+        "an event naming another VM still counts once the name is known"
+    );
+    assert!(azure.log().contains("ignored again"), "{}", azure.log());
+}

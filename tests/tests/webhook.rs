@@ -253,7 +253,11 @@ async fn webhook_answers_a_real_admission_review_with_a_patch_that_injects_the_s
             .cloned()
             .unwrap_or_else(|| panic!("no {name}"))
     };
-    assert_eq!(env("NERVE_JOB")["value"], "llama-finetune");
+    assert_eq!(
+        env("NERVE_JOB")["value"],
+        "$(POD_NAMESPACE).llama-finetune",
+        "the Job's name in the pod's namespace"
+    );
     assert_eq!(env("NERVE_CHECKPOINT_DIR")["value"], "/ckpt/llama");
     assert_eq!(env("NERVE_DEST")["value"], "s3://ckpt-bucket/runs");
     assert_eq!(
@@ -304,4 +308,153 @@ async fn webhook_admits_an_unexpected_pod_shape_unchanged_with_a_warning() {
         .request("POST", "/mutate", b"{\"kind\":\"Nonsense\"}".to_vec())
         .await;
     assert_eq!(status, 400);
+}
+
+impl Webhook {
+    /// An HTTPS connection to the webhook for writing a request by hand.
+    async fn connect(&self) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(self.ca.clone())
+        .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .expect("connect");
+        TlsConnector::from(Arc::new(config))
+            .connect(ServerName::try_from("localhost").expect("name"), tcp)
+            .await
+            .expect("TLS")
+    }
+}
+
+/// Reads a whole HTTP/1.1 response the server closes after; returns its status and text.
+async fn read_response(
+    mut tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+) -> (u16, String) {
+    use tokio::io::AsyncReadExt;
+    let mut raw = Vec::new();
+    // The server closes after answering a request whose body it did not read; a TLS close
+    // without close_notify still leaves the answer in `raw`.
+    let _ = tls.read_to_end(&mut raw).await;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
+    (status, text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_refuses_an_oversized_review_and_one_whose_body_never_arrives() {
+    use tokio::io::AsyncWriteExt;
+    let webhook = start_webhook();
+
+    // 9 MiB announced: refused before a byte of it is read.
+    let mut tls = webhook.connect().await;
+    tls.write_all(
+        b"POST /mutate HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
+          content-length: 9437184\r\n\r\n",
+    )
+    .await
+    .expect("send headers");
+    let (status, text) = tokio::time::timeout(REQUEST_TIMEOUT, read_response(tls))
+        .await
+        .expect("answered at once");
+    assert_eq!(status, 413, "{text}");
+
+    // 1000 bytes announced, 10 sent, then nothing: the webhook gives up after its body
+    // timeout (10 s) instead of holding the connection for as long as the client likes.
+    let mut tls = webhook.connect().await;
+    tls.write_all(
+        b"POST /mutate HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
+          content-length: 1000\r\n\r\n{\"kind\":\"",
+    )
+    .await
+    .expect("send the start of a review");
+    tls.flush().await.expect("flush");
+    let started = std::time::Instant::now();
+    let slow = tokio::spawn(read_response(tls));
+
+    // Meanwhile the API server's own reviews are answered.
+    let answer = webhook
+        .review(&admission_review("while-slow", training_pod()))
+        .await;
+    assert_eq!(answer["response"]["allowed"], true);
+
+    let (status, text) = tokio::time::timeout(REQUEST_TIMEOUT, slow)
+        .await
+        .expect("the stalled request was answered")
+        .expect("reader task");
+    assert_eq!(status, 408, "{text}");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(9) && waited < Duration::from_secs(20),
+        "answered after {waited:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_injects_an_indexed_jobs_template_so_its_pods_arrive_ranked_and_injected() {
+    let webhook = start_webhook();
+    let mut template = training_pod();
+    let metadata = template["metadata"].as_object_mut().expect("metadata");
+    metadata.remove("generateName");
+    metadata.remove("namespace");
+    metadata["labels"] = json!({"nerve.io/checkpoint": "enabled"});
+    let job = json!({
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "llama-finetune", "namespace": "ml"},
+        "spec": {"completionMode": "Indexed", "completions": 4, "parallelism": 4,
+                 "template": template}
+    });
+    let mut review = admission_review("job-1", job.clone());
+    review["request"]["kind"] = json!({"group": "batch", "version": "v1", "kind": "Job"});
+    review["request"]["resource"] = json!({"group": "batch", "version": "v1", "resource": "jobs"});
+    let answer = webhook.review(&review).await;
+    let response = &answer["response"];
+    assert_eq!(response["allowed"], true);
+    assert!(response.get("warnings").is_none(), "{response}");
+    let patch = base64::engine::general_purpose::STANDARD
+        .decode(response["patch"].as_str().expect("patch"))
+        .expect("base64");
+    let patch: json_patch::Patch = serde_json::from_slice(&patch).expect("a JSON Patch");
+    let mut job = job;
+    json_patch::patch(&mut job, &patch).expect("the patch applies to the Job");
+    let template = &job["spec"]["template"];
+    let env = |container: usize, name: &str| {
+        template["spec"]["initContainers"][container]["env"]
+            .as_array()
+            .expect("env")
+            .iter()
+            .find(|e| e["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {name}"))
+    };
+    for container in [0, 1] {
+        assert_eq!(
+            env(container, "NERVE_RANK")["valueFrom"]["fieldRef"]["fieldPath"],
+            "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+        );
+        assert_eq!(env(container, "NERVE_WORLD_SIZE")["value"], "4");
+        assert_eq!(
+            env(container, "NERVE_JOB")["value"],
+            "$(POD_NAMESPACE).llama-finetune"
+        );
+    }
+
+    // A pod of that Job, as the Job controller creates it: already injected, left alone.
+    let mut pod = template.clone();
+    pod["apiVersion"] = json!("v1");
+    pod["kind"] = json!("Pod");
+    pod["metadata"]["generateName"] = json!("llama-finetune-0-");
+    pod["metadata"]["labels"]["batch.kubernetes.io/job-name"] = json!("llama-finetune");
+    pod["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] = json!("0");
+    let again = webhook.review(&admission_review("pod-of-job", pod)).await;
+    assert_eq!(again["response"]["allowed"], true);
+    assert!(again["response"].get("patch").is_none(), "{again}");
 }

@@ -83,3 +83,33 @@ capabilities:
 seccompProfile:
   type: RuntimeDefault
 {{- end }}
+
+{{/*
+Namespaces the webhooks see: the configured selector, else every namespace but kube-system and
+the release's own.
+*/}}
+{{- define "nerve.webhookNamespaceSelector" -}}
+{{- if .Values.webhook.namespaceSelector }}
+{{- toYaml .Values.webhook.namespaceSelector }}
+{{- else -}}
+matchExpressions:
+  - key: kubernetes.io/metadata.name
+    operator: NotIn
+    values: ["kube-system", {{ .Release.Namespace | quote }}]
+{{- end }}
+{{- end }}
+
+{{/*
+How the API server reaches the webhook. Takes a dict: root (the chart context), name (the
+webhook's Service) and caBundle (empty with cert-manager, which injects it).
+*/}}
+{{- define "nerve.webhookClientConfig" -}}
+service:
+  name: {{ .name }}
+  namespace: {{ .root.Release.Namespace }}
+  path: /mutate
+  port: 443
+{{- if not .root.Values.webhook.certManager.enabled }}
+caBundle: {{ .caBundle }}
+{{- end }}
+{{- end }}

@@ -18,9 +18,57 @@ pub const ANNOTATION_SIGNAL: &str = "nerve.io/signal";
 pub const ANNOTATION_TARGET: &str = "nerve.io/target";
 /// Name of the trainer container (default: the first container).
 pub const ANNOTATION_CONTAINER: &str = "nerve.io/container";
+/// File (relative to the checkpoint directory, or absolute inside it) whose appearance means the
+/// checkpoint is complete; given to the trainer and the sidecar as `NERVE_DONE_MARKER`. Unset,
+/// both sides use their default (`.nerve-done` in the checkpoint directory).
+pub const ANNOTATION_DONE_MARKER: &str = "nerve.io/done-marker";
+/// Comma-separated globs, relative to the checkpoint directory, of files that are not checkpoint
+/// content (logs, TensorBoard events); given to the sidecar and restore as `NERVE_EXCLUDE`.
+pub const ANNOTATION_EXCLUDE: &str = "nerve.io/exclude";
+/// How many pods the training job has, each committing one part of a generation; overrides what
+/// the injector derives from the workload (an Indexed Job's completions, a launcher's variables).
+pub const ANNOTATION_WORLD_SIZE: &str = "nerve.io/world-size";
 
-/// Labels the Job controller puts on its pods; their value is the Job's name.
-const JOB_NAME_LABELS: [&str; 2] = ["batch.kubernetes.io/job-name", "job-name"];
+/// Largest `nerve.io/world-size` accepted: far beyond any training job's pod count (the largest
+/// runs use tens of thousands of GPUs, at eight per pod), and small enough to be a typo's bound.
+const MAX_WORLD_SIZE: u32 = 65_536;
+
+/// Labels whose value names the training job a pod belongs to, most specific first: JobSet puts
+/// its name on every pod of every Job it runs (each of which has its own Job name), the Kubeflow
+/// training operator its PyTorchJob's name, the Job controller the Job's name.
+const JOB_NAME_LABELS: [&str; 4] = [
+    "jobset.sigs.k8s.io/jobset-name",
+    "training.kubeflow.org/job-name",
+    "batch.kubernetes.io/job-name",
+    "job-name",
+];
+
+/// The Job controller's label on every pod of a Job (Kubernetes 1.27 and later).
+pub(crate) const JOB_NAME_LABEL: &str = "batch.kubernetes.io/job-name";
+
+/// What names the workload around a pod template, for the default job name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owner<'a> {
+    /// A Pod on its own (its name changes with every replacement, so it names nothing).
+    None,
+    /// A workload with a stable name (a Job, a Deployment, a PyTorchJob...).
+    Named(&'a str),
+    /// A Job created with `generateName`, not named yet when admitted; its pods carry the name in
+    /// [`JOB_NAME_LABEL`].
+    UnnamedJob,
+}
+
+/// The training job's name as the sidecar gets it in `NERVE_JOB`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobName {
+    /// `nerve.io/job`, used as given.
+    Given(String),
+    /// A workload's name; the pod's namespace is put in front at run time
+    /// (`$(POD_NAMESPACE).<name>`), so same-named Jobs in two namespaces never share generations.
+    InNamespace(String),
+    /// The Job's name from the pod's [`JOB_NAME_LABEL`], in the pod's namespace.
+    FromJobLabel,
+}
 
 /// The signal the sidecar sends when the pod does not say (DESIGN.md).
 const DEFAULT_SIGNAL: &str = "SIGUSR1";
@@ -29,12 +77,17 @@ const DEFAULT_SIGNAL: &str = "SIGUSR1";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckpointRequest {
     pub dest: String,
-    pub job: String,
+    pub job: JobName,
     pub dir: String,
     /// Canonical name, e.g. `SIGUSR1`.
     pub signal: String,
     pub target: Option<String>,
     pub container: Option<String>,
+    pub done_marker: Option<String>,
+    /// Validated globs, in the order given.
+    pub exclude: Vec<String>,
+    /// `nerve.io/world-size`: the number of pods in the job, when the pod says.
+    pub world_size: Option<u32>,
 }
 
 /// One annotation that is missing or wrong.
@@ -64,10 +117,11 @@ impl fmt::Display for AnnotationError {
 impl std::error::Error for AnnotationError {}
 
 /// Reads and checks the annotations in a pod's (or pod template's) `metadata`, reporting every
-/// problem at once. `owner_name` is the job name of last resort (the workload's name).
+/// problem at once. Without `nerve.io/job`, the job is named after the workload: a label naming
+/// it on the pod, else `owner`.
 pub fn read_annotations(
     metadata: Option<&Map<String, Value>>,
-    owner_name: Option<&str>,
+    owner: Owner<'_>,
 ) -> Result<CheckpointRequest, Vec<AnnotationError>> {
     let annotations = metadata
         .and_then(|m| m.get("annotations"))
@@ -103,6 +157,22 @@ pub fn read_annotations(
     let signal = get(ANNOTATION_SIGNAL, &mut errors);
     let target = get(ANNOTATION_TARGET, &mut errors);
     let container = get(ANNOTATION_CONTAINER, &mut errors);
+    let done_marker = get(ANNOTATION_DONE_MARKER, &mut errors);
+    let exclude = get(ANNOTATION_EXCLUDE, &mut errors);
+    let world_size = get(ANNOTATION_WORLD_SIZE, &mut errors).and_then(|value| {
+        match value.parse::<u32>() {
+            Ok(n) if (1..=MAX_WORLD_SIZE).contains(&n) => Some(n),
+            _ => {
+                errors.push(AnnotationError::Invalid {
+                    key: ANNOTATION_WORLD_SIZE,
+                    problem: format!(
+                        "`{value}` is not a number of pods; use a whole number from 1 to {MAX_WORLD_SIZE}"
+                    ),
+                });
+                None
+            }
+        }
+    });
 
     let dest = match dest {
         None if !has_error(&errors, ANNOTATION_DEST) => {
@@ -125,29 +195,9 @@ pub fn read_annotations(
         },
     };
 
-    let job_from_owner = || {
-        JOB_NAME_LABELS
-            .iter()
-            .find_map(|l| labels.and_then(|m| m.get(*l)).and_then(Value::as_str))
-            .or(owner_name)
-            .map(str::to_owned)
-    };
-    let job = match job.or_else(|| {
-        (!has_error(&errors, ANNOTATION_JOB))
-            .then(job_from_owner)
-            .flatten()
-    }) {
-        None if !has_error(&errors, ANNOTATION_JOB) => {
-            errors.push(AnnotationError::Missing {
-                key: ANNOTATION_JOB,
-                fix: "set it to the training job's stable name (the same in every pod that \
-                      resumes it)",
-            });
-            None
-        }
-        None => None,
-        Some(job) => match nerve_store::s3::check_job_name(&job) {
-            Ok(job) => Some(job),
+    let job = match job {
+        Some(given) => match nerve_store::s3::check_job_name(&given) {
+            Ok(given) => Some(JobName::Given(given)),
             Err(problem) => {
                 errors.push(AnnotationError::Invalid {
                     key: ANNOTATION_JOB,
@@ -156,6 +206,37 @@ pub fn read_annotations(
                 None
             }
         },
+        None if has_error(&errors, ANNOTATION_JOB) => None,
+        None => {
+            let labelled = JOB_NAME_LABELS
+                .iter()
+                .find_map(|l| labels.and_then(|m| m.get(*l)).and_then(Value::as_str));
+            match (labelled, owner) {
+                (Some(name), _) | (None, Owner::Named(name)) => {
+                    match nerve_store::s3::check_job_name(name) {
+                        Ok(name) => Some(JobName::InNamespace(name)),
+                        Err(problem) => {
+                            errors.push(AnnotationError::Invalid {
+                                key: ANNOTATION_JOB,
+                                problem: format!(
+                                    "is not set, and the workload's name cannot be the job name: {problem}"
+                                ),
+                            });
+                            None
+                        }
+                    }
+                }
+                (None, Owner::UnnamedJob) => Some(JobName::FromJobLabel),
+                (None, Owner::None) => {
+                    errors.push(AnnotationError::Missing {
+                        key: ANNOTATION_JOB,
+                        fix: "set it to the training job's stable name (the same in every pod \
+                              that resumes it)",
+                    });
+                    None
+                }
+            }
+        }
     };
 
     let dir = match dir {
@@ -211,6 +292,27 @@ pub fn read_annotations(
         });
     }
 
+    if let Some(marker) = &done_marker
+        && let Err(problem) = check_done_marker(marker, dir.as_deref())
+    {
+        errors.push(AnnotationError::Invalid {
+            key: ANNOTATION_DONE_MARKER,
+            problem,
+        });
+    }
+
+    let exclude = match exclude.as_deref().map(parse_exclude) {
+        None => Vec::new(),
+        Some(Ok(patterns)) => patterns,
+        Some(Err(problem)) => {
+            errors.push(AnnotationError::Invalid {
+                key: ANNOTATION_EXCLUDE,
+                problem,
+            });
+            Vec::new()
+        }
+    };
+
     match (dest, job, dir, signal) {
         (Some(dest), Some(job), Some(dir), Some(signal)) if errors.is_empty() => {
             Ok(CheckpointRequest {
@@ -220,6 +322,9 @@ pub fn read_annotations(
                 signal,
                 target,
                 container,
+                done_marker,
+                exclude,
+                world_size,
             })
         }
         _ => Err(errors),
@@ -255,6 +360,69 @@ fn check_dir(dir: &str) -> Result<String, String> {
     Ok(trimmed.to_owned())
 }
 
+/// A done marker the trainer and the sidecar both see: a plain relative path (resolved against
+/// the checkpoint directory), or an absolute one inside it (the only filesystem they share).
+fn check_done_marker(marker: &str, dir: Option<&str>) -> Result<(), String> {
+    if marker.ends_with('/') {
+        return Err(format!("`{marker}` names a directory; name a file"));
+    }
+    let relative = match marker.strip_prefix('/') {
+        None => marker,
+        Some(_) => match dir {
+            // The directory is invalid or missing; that error is reported on its own.
+            None => return Ok(()),
+            Some(dir) => marker
+                .strip_prefix(dir)
+                .and_then(|rest| rest.strip_prefix('/'))
+                .ok_or_else(|| {
+                    format!(
+                        "`{marker}` is outside the checkpoint directory {dir}, which is all the \
+                         sidecar shares with the trainer; use a path inside it, e.g. .nerve-done"
+                    )
+                })?,
+        },
+    };
+    if relative
+        .split('/')
+        .any(|c| c.is_empty() || c == "." || c == "..")
+    {
+        return Err(format!(
+            "`{marker}` must be a plain path without `.`, `..` or `//`"
+        ));
+    }
+    Ok(())
+}
+
+/// Comma-separated globs relative to the checkpoint directory: none empty, none absolute, none
+/// climbing out with `..`. Every problem is named at once.
+fn parse_exclude(value: &str) -> Result<Vec<String>, String> {
+    let mut patterns = Vec::new();
+    let mut problems = Vec::new();
+    for (index, pattern) in value.split(',').map(str::trim).enumerate() {
+        let position = index + 1;
+        if pattern.is_empty() {
+            problems.push(format!(
+                "pattern {position} is empty (a doubled or trailing comma?)"
+            ));
+        } else if pattern.starts_with('/') {
+            problems.push(format!(
+                "`{pattern}` is absolute; patterns are relative to the checkpoint directory"
+            ));
+        } else if pattern.split('/').any(|c| c == "..") {
+            problems.push(format!(
+                "`{pattern}` contains `..`; patterns cannot reach outside the checkpoint directory"
+            ));
+        } else {
+            patterns.push(pattern.to_owned());
+        }
+    }
+    if problems.is_empty() {
+        Ok(patterns)
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
 /// The signal as `nerve-sidecar run --signal` reads it, in canonical form (`usr1` → `SIGUSR1`).
 fn parse_signal(value: &str) -> Result<String, String> {
     crate::run::signal::parse_signal(value).map(|signal| signal.as_str().to_owned())
@@ -286,23 +454,89 @@ mod tests {
             "nerve.io/dest": "s3://bucket/ckpt", "nerve.io/job": "llama-7b",
             "nerve.io/checkpoint-dir": "/ckpt/", "nerve.io/signal": "usr2",
             "nerve.io/target": "python.*train", "nerve.io/container": "trainer"}}));
-        let request = read_annotations(Some(&m), None).expect("valid");
+        let request = read_annotations(Some(&m), Owner::None).expect("valid");
         assert_eq!(
             request,
             CheckpointRequest {
                 dest: "s3://bucket/ckpt".into(),
-                job: "llama-7b".into(),
+                job: JobName::Given("llama-7b".into()),
                 dir: "/ckpt".into(),
                 signal: "SIGUSR2".into(),
                 target: Some("python.*train".into()),
                 container: Some("trainer".into()),
+                done_marker: None,
+                exclude: Vec::new(),
+                world_size: None,
             }
         );
     }
 
     #[test]
+    fn reads_the_world_size_and_refuses_anything_but_a_count_of_pods() {
+        let with = |value: &str| {
+            metadata(json!({"annotations": {
+                "nerve.io/dest": "s3://bucket", "nerve.io/job": "j",
+                "nerve.io/checkpoint-dir": "/c", "nerve.io/world-size": value}}))
+        };
+        let request = read_annotations(Some(&with(" 4 ")), Owner::None).expect("valid");
+        assert_eq!(request.world_size, Some(4));
+        for bad in ["0", "-2", "two", "1.5", "65537"] {
+            let errors = read_annotations(Some(&with(bad)), Owner::None).expect_err(bad);
+            assert!(
+                errors[0].to_string().contains("nerve.io/world-size")
+                    && errors[0].to_string().contains("whole number"),
+                "{bad}: {errors:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn reads_the_done_marker_and_the_exclude_globs() {
+        let m = metadata(json!({"annotations": {
+            "nerve.io/dest": "s3://bucket/ckpt", "nerve.io/job": "llama",
+            "nerve.io/checkpoint-dir": "/ckpt", "nerve.io/done-marker": "/ckpt/done/marker",
+            "nerve.io/exclude": "runs/**, *.log ,wandb/"}}));
+        let request = read_annotations(Some(&m), Owner::None).expect("valid");
+        assert_eq!(request.done_marker.as_deref(), Some("/ckpt/done/marker"));
+        assert_eq!(request.exclude, ["runs/**", "*.log", "wandb/"]);
+    }
+
+    #[test]
+    fn refuses_a_done_marker_outside_the_directory_and_bad_exclude_globs() {
+        for (marker, fragment) in [
+            ("/tmp/done", "outside the checkpoint directory"),
+            ("/ckptx/done", "outside the checkpoint directory"),
+            ("../done", "without `.`, `..`"),
+            ("done/", "names a directory"),
+        ] {
+            assert!(
+                check_done_marker(marker, Some("/ckpt"))
+                    .expect_err(marker)
+                    .contains(fragment),
+                "{marker}"
+            );
+        }
+        assert!(check_done_marker(".nerve-done", Some("/ckpt")).is_ok());
+
+        let problem = parse_exclude("runs/**,,/etc/*,a/../../b,").expect_err("bad globs");
+        assert!(problem.contains("pattern 2 is empty"), "{problem}");
+        assert!(problem.contains("`/etc/*` is absolute"), "{problem}");
+        assert!(problem.contains("`a/../../b` contains `..`"), "{problem}");
+        assert!(problem.contains("pattern 5 is empty"), "{problem}");
+
+        let m = metadata(json!({"annotations": {
+            "nerve.io/dest": "s3://bucket", "nerve.io/job": "j", "nerve.io/checkpoint-dir": "/c",
+            "nerve.io/done-marker": "/elsewhere", "nerve.io/exclude": "/abs"}}));
+        let errors = read_annotations(Some(&m), Owner::None).expect_err("both bad");
+        let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert_eq!(text.len(), 2, "{text:?}");
+        assert!(text[0].starts_with("annotation nerve.io/done-marker"));
+        assert!(text[1].starts_with("annotation nerve.io/exclude"));
+    }
+
+    #[test]
     fn reports_every_missing_annotation_at_once() {
-        let errors = read_annotations(None, None).expect_err("nothing set");
+        let errors = read_annotations(None, Owner::None).expect_err("nothing set");
         let keys: Vec<_> = errors
             .iter()
             .map(|e| match e {
@@ -318,12 +552,24 @@ mod tests {
         let m = metadata(json!({
             "labels": {"batch.kubernetes.io/job-name": "train-1"},
             "annotations": {"nerve.io/dest": "s3://bucket", "nerve.io/checkpoint-dir": "/c"}}));
-        let request = read_annotations(Some(&m), Some("owner")).expect("valid");
-        assert_eq!(request.job, "train-1");
+        let request = read_annotations(Some(&m), Owner::Named("owner")).expect("valid");
+        assert_eq!(request.job, JobName::InNamespace("train-1".into()));
         let m = metadata(json!({
             "annotations": {"nerve.io/dest": "s3://bucket", "nerve.io/checkpoint-dir": "/c"}}));
-        let request = read_annotations(Some(&m), Some("owner")).expect("valid");
-        assert_eq!(request.job, "owner");
+        let request = read_annotations(Some(&m), Owner::Named("owner")).expect("valid");
+        assert_eq!(request.job, JobName::InNamespace("owner".into()));
+        let request = read_annotations(Some(&m), Owner::UnnamedJob).expect("valid");
+        assert_eq!(request.job, JobName::FromJobLabel);
+        let m = metadata(json!({
+            "labels": {"batch.kubernetes.io/job-name": "train-1-worker-0",
+                       "jobset.sigs.k8s.io/jobset-name": "train-1"},
+            "annotations": {"nerve.io/dest": "s3://bucket", "nerve.io/checkpoint-dir": "/c"}}));
+        let request = read_annotations(Some(&m), Owner::None).expect("valid");
+        assert_eq!(
+            request.job,
+            JobName::InNamespace("train-1".into()),
+            "every Job of a JobSet is one training job"
+        );
     }
 
     #[test]
@@ -332,7 +578,7 @@ mod tests {
             "nerve.io/dest": "gs://bucket", "nerve.io/job": "a/b",
             "nerve.io/checkpoint-dir": "ckpt/../x", "nerve.io/signal": "SIGKILL",
             "nerve.io/target": "(", "nerve.io/container": "Trainer_1"}}));
-        let errors = read_annotations(Some(&m), None).expect_err("all bad");
+        let errors = read_annotations(Some(&m), Owner::None).expect_err("all bad");
         let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
         assert_eq!(text.len(), 6, "{text:?}");
         assert!(text[0].contains("nerve.io/dest") && text[0].contains("s3://"));

@@ -7,7 +7,8 @@
 use serde_json::{Map, Value, json};
 
 use super::InjectSettings;
-use super::annotation::CheckpointRequest;
+use super::annotation::{CheckpointRequest, JOB_NAME_LABEL, JobName};
+use super::topology::{self, Workload};
 
 /// Name of the injected native sidecar; its presence means "already injected".
 pub const SIDECAR_CONTAINER: &str = "nerve-sidecar";
@@ -18,6 +19,12 @@ const CHECKPOINT_VOLUME: &str = "nerve-checkpoint";
 /// Where the image (Dockerfile) puts the binary; the injected containers name it explicitly so
 /// they do not depend on the image's entrypoint.
 const SIDECAR_BINARY: &str = "/usr/local/bin/nerve-sidecar";
+/// Set in the trainer container and the sidecar to the trainer container's name; the sidecar
+/// signals only processes whose environment carries the same value.
+const CONTAINER_ENV: &str = "NERVE_CONTAINER";
+/// The done marker, in the trainer (its integration writes it) and the sidecar (which waits for
+/// it); set only when annotated, since both sides share the same default.
+const DONE_MARKER_ENV: &str = "NERVE_DONE_MARKER";
 /// Port of `nerve-sidecar run --listen` (DESIGN.md: 0.0.0.0:9740).
 const SIDECAR_PORT: u16 = 9740;
 
@@ -62,6 +69,10 @@ pub enum ShapeError {
     UnknownUser { container: String },
     #[error("the pod already has a volume named {CHECKPOINT_VOLUME}")]
     VolumeNameTaken,
+    #[error(
+        "the pod already has a container named `{name}` in {list}; the API server would refuse the pod with a second one, so rename that container"
+    )]
+    ContainerNameTaken { name: &'static str, list: String },
 }
 
 /// Adds the sidecar to `template` (`{"metadata": ..., "spec": ...}`); on error `template` may
@@ -69,8 +80,10 @@ pub enum ShapeError {
 pub(crate) fn inject_spec(
     template: &mut Value,
     request: &CheckpointRequest,
+    workload: &Workload,
     settings: &InjectSettings,
 ) -> Result<SpecChange, ShapeError> {
+    let metadata = template.get("metadata").and_then(Value::as_object).cloned();
     let spec = template
         .get_mut("spec")
         .ok_or(ShapeError::Unexpected("the pod has no spec"))?
@@ -79,12 +92,13 @@ pub(crate) fn inject_spec(
     let mut notes = Vec::new();
 
     let init_containers = list(spec, "initContainers")?;
-    if init_containers
-        .iter()
-        .any(|c| c.get("name").and_then(Value::as_str) == Some(SIDECAR_CONTAINER))
-    {
+    if init_containers.iter().any(|c| {
+        c.get("name").and_then(Value::as_str) == Some(SIDECAR_CONTAINER)
+            && c.get("restartPolicy").and_then(Value::as_str) == Some("Always")
+    }) {
         return Ok(SpecChange::AlreadyInjected);
     }
+    check_names_free(spec)?;
 
     let trainer_index = find_trainer(spec, request, &mut notes)?;
     let pod_security = spec.get("securityContext").cloned().unwrap_or(Value::Null);
@@ -92,8 +106,23 @@ pub(crate) fn inject_spec(
     let trainer_name = trainer["name"].as_str().unwrap_or_default().to_owned();
     let identity = Identity::of(trainer, &pod_security, &trainer_name)?;
     let inherited_env = aws_env(trainer);
+    let placement = topology::place(workload, metadata.as_ref(), trainer, request.world_size);
+    notes.extend(placement.notes);
 
     let mount = checkpoint_mount(spec, trainer_index, request, &trainer_name)?;
+    // What the trainer needs to know of the sidecar: its container's mark (see the sidecar's
+    // NERVE_CONTAINER below) and where the checkpoint goes (trainer integrations write their
+    // done marker there).
+    let mut trainer_env = vec![
+        (CONTAINER_ENV, trainer_name.clone()),
+        ("NERVE_CHECKPOINT_DIR", request.dir.clone()),
+    ];
+    if let Some(marker) = &request.done_marker {
+        trainer_env.push((DONE_MARKER_ENV, marker.clone()));
+    }
+    for (name, value) in trainer_env {
+        set_env(spec, trainer_index, name, &value, &trainer_name, &mut notes)?;
+    }
 
     let mut env = vec![
         field_env("NODE_NAME", "spec.nodeName"),
@@ -102,8 +131,29 @@ pub(crate) fn inject_spec(
         field_env("POD_NAMESPACE", "metadata.namespace"),
         json!({"name": "NERVE_CHECKPOINT_DIR", "value": request.dir}),
         json!({"name": "NERVE_DEST", "value": request.dest}),
-        json!({"name": "NERVE_JOB", "value": request.job}),
     ];
+    match &request.job {
+        JobName::Given(job) => env.push(json!({"name": "NERVE_JOB", "value": job})),
+        // Kubernetes expands $(POD_NAMESPACE) from the downward-API variable defined above; a
+        // namespace is a DNS label, so the dot cannot be confused with one inside it.
+        JobName::InNamespace(job) => env.push(json!({
+            "name": "NERVE_JOB",
+            "value": format!("$(POD_NAMESPACE).{job}"),
+        })),
+        JobName::FromJobLabel => {
+            env.push(field_env(
+                "JOB_NAME",
+                &format!("metadata.labels['{JOB_NAME_LABEL}']"),
+            ));
+            env.push(json!({"name": "NERVE_JOB", "value": "$(POD_NAMESPACE).$(JOB_NAME)"}));
+        }
+    }
+    // Which part of a multi-pod job's generations this pod commits (restore needs it too).
+    env.extend(placement.env);
+    if !request.exclude.is_empty() {
+        // Not checkpoint content: kept out of completion, upload and restore alike.
+        env.push(json!({"name": "NERVE_EXCLUDE", "value": request.exclude.join(",")}));
+    }
     env.extend(inherited_env);
 
     let restore = json!({
@@ -140,6 +190,13 @@ pub(crate) fn inject_spec(
     run_env.push(json!({"name": "NERVE_CLOUD", "value": settings.cloud}));
     // On SIGTERM the sidecar has until the pod's grace period ends to finish the upload.
     run_env.push(json!({"name": "NERVE_TERMINATION_GRACE", "value": format!("{grace}s")}));
+    // The sidecar signals only processes whose environment carries the same NERVE_CONTAINER, so
+    // another container's process in the shared namespace (a mesh proxy, a vault agent: Go
+    // programs catch every signal) is never signalled.
+    run_env.push(json!({"name": CONTAINER_ENV, "value": trainer_name}));
+    if let Some(marker) = &request.done_marker {
+        run_env.push(json!({"name": DONE_MARKER_ENV, "value": marker}));
+    }
     let sidecar = json!({
         "name": SIDECAR_CONTAINER,
         "image": settings.image,
@@ -179,6 +236,25 @@ pub(crate) fn inject_spec(
     Ok(SpecChange::Injected { notes })
 }
 
+/// Container names are unique across a pod's containers, init containers and ephemeral
+/// containers; injecting a second `nerve-restore` or `nerve-sidecar` would get the pod refused.
+fn check_names_free(spec: &Map<String, Value>) -> Result<(), ShapeError> {
+    for key in ["initContainers", "containers", "ephemeralContainers"] {
+        for container in list(spec, key)? {
+            let name = container.get("name").and_then(Value::as_str);
+            for injected in [RESTORE_CONTAINER, SIDECAR_CONTAINER] {
+                if name == Some(injected) {
+                    return Err(ShapeError::ContainerNameTaken {
+                        name: injected,
+                        list: format!("spec.{key}"),
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 fn list<'a>(spec: &'a Map<String, Value>, key: &'static str) -> Result<&'a [Value], ShapeError> {
     match spec.get(key) {
         None | Some(Value::Null) => Ok(&[]),
@@ -186,6 +262,7 @@ fn list<'a>(spec: &'a Map<String, Value>, key: &'static str) -> Result<&'a [Valu
         Some(_) => Err(ShapeError::Unexpected(match key {
             "containers" => "spec.containers is not a list of named containers",
             "initContainers" => "spec.initContainers is not a list of named containers",
+            "ephemeralContainers" => "spec.ephemeralContainers is not a list of named containers",
             _ => "spec.volumes is not a list of named volumes",
         })),
     }
@@ -315,6 +392,43 @@ fn checkpoint_mount(
         .ok_or(ShapeError::Unexpected("volumeMounts is not a list"))?
         .push(mount.clone());
     Ok(mount)
+}
+
+/// Sets `name` to `value` in the env of container `index`, replacing (with a note) an entry of
+/// that name with another value.
+fn set_env(
+    spec: &mut Map<String, Value>,
+    index: usize,
+    name: &str,
+    value: &str,
+    container_name: &str,
+    notes: &mut Vec<String>,
+) -> Result<(), ShapeError> {
+    let container = spec["containers"][index]
+        .as_object_mut()
+        .ok_or(ShapeError::Unexpected("a container is not an object"))?;
+    let env = container.entry("env").or_insert_with(|| json!([]));
+    if env.is_null() {
+        *env = json!([]);
+    }
+    let env = env
+        .as_array_mut()
+        .ok_or(ShapeError::Unexpected("a container's env is not a list"))?;
+    let wanted = json!({"name": name, "value": value});
+    match env
+        .iter_mut()
+        .find(|e| e.get("name").and_then(Value::as_str) == Some(name))
+    {
+        Some(existing) if *existing == wanted => {}
+        Some(existing) => {
+            notes.push(format!(
+                "container `{container_name}` set {name} itself; replaced with `{value}`"
+            ));
+            *existing = wanted;
+        }
+        None => env.push(wanted),
+    }
+    Ok(())
 }
 
 fn field_env(name: &str, field: &str) -> Value {

@@ -46,7 +46,7 @@ fn env_names(container: &Value) -> Vec<String> {
 #[test]
 fn injects_restore_then_native_sidecar_with_an_empty_dir_when_the_trainer_has_no_volume() {
     let mut p = pod(json!({"containers": [{"name": "trainer", "image": "t:1"}]}));
-    let injection = inject_pod_template(&mut p, None, &settings());
+    let injection = inject_pod_template(&mut p, Owner::None, &Workload::Pod, &settings());
     assert_eq!(injection.outcome, Outcome::Injected);
     assert!(injection.warnings.is_empty(), "{:?}", injection.warnings);
 
@@ -97,7 +97,8 @@ fn injects_restore_then_native_sidecar_with_an_empty_dir_when_the_trainer_has_no
             "NERVE_JOB",
             "NERVE_AGENT_URL",
             "NERVE_CLOUD",
-            "NERVE_TERMINATION_GRACE"
+            "NERVE_TERMINATION_GRACE",
+            "NERVE_CONTAINER"
         ]
     );
     let env = sidecar["env"].as_array().expect("env");
@@ -111,7 +112,7 @@ fn injects_restore_then_native_sidecar_with_an_empty_dir_when_the_trainer_has_no
     );
     assert_eq!(env[4]["value"], "/ckpt");
     assert_eq!(env[5]["value"], "s3://ckpt-bucket/runs");
-    assert_eq!(env[6]["value"], "llama");
+    assert_eq!(env[6]["value"], "llama", "nerve.io/job is used as given");
     assert_eq!(env[7]["value"], "http://$(HOST_IP):9739");
     assert_eq!(
         env[8]["value"], "aws",
@@ -120,6 +121,161 @@ fn injects_restore_then_native_sidecar_with_an_empty_dir_when_the_trainer_has_no
     assert_eq!(
         env[9]["value"], "300s",
         "the sidecar knows the pod's grace period"
+    );
+    assert_eq!(env[10]["value"], "trainer", "it signals only the trainer");
+    assert_eq!(
+        spec["containers"][0]["env"],
+        json!([{"name": "NERVE_CONTAINER", "value": "trainer"},
+               {"name": "NERVE_CHECKPOINT_DIR", "value": "/ckpt"}]),
+        "the trainer's processes carry the mark the sidecar looks for"
+    );
+    assert!(!env_names(&restore).contains(&"NERVE_CONTAINER".to_owned()));
+}
+
+#[test]
+fn passes_the_done_marker_to_trainer_and_sidecar_and_the_exclude_globs_to_sidecar_and_restore() {
+    let mut p = pod(json!({"containers": [{"name": "trainer", "image": "t:1"}]}));
+    p["metadata"]["annotations"]["nerve.io/done-marker"] = json!("checkpoint.done");
+    p["metadata"]["annotations"]["nerve.io/exclude"] = json!("runs/**, *.log");
+    let injection = inject_pod_template(&mut p, Owner::None, &Workload::Pod, &settings());
+    assert_eq!(
+        injection.outcome,
+        Outcome::Injected,
+        "{:?}",
+        injection.warnings
+    );
+    let value = |container: &Value, name: &str| {
+        container["env"]
+            .as_array()
+            .expect("env")
+            .iter()
+            .find(|e| e["name"] == name)
+            .map(|e| e["value"].clone())
+    };
+    let trainer = &p["spec"]["containers"][0];
+    let sidecar = init(&p, "nerve-sidecar");
+    let restore = init(&p, "nerve-restore");
+    assert_eq!(
+        value(trainer, "NERVE_DONE_MARKER"),
+        Some(json!("checkpoint.done"))
+    );
+    assert_eq!(
+        value(&sidecar, "NERVE_DONE_MARKER"),
+        Some(json!("checkpoint.done"))
+    );
+    assert_eq!(value(&restore, "NERVE_DONE_MARKER"), None);
+    assert_eq!(
+        value(&sidecar, "NERVE_EXCLUDE"),
+        Some(json!("runs/**,*.log"))
+    );
+    assert_eq!(
+        value(&restore, "NERVE_EXCLUDE"),
+        Some(json!("runs/**,*.log"))
+    );
+    assert_eq!(value(trainer, "NERVE_EXCLUDE"), None);
+
+    // Unannotated: both sides keep their shared default, so nothing is set.
+    let mut plain = pod(json!({"containers": [{"name": "trainer", "image": "t:1"}]}));
+    inject_pod_template(&mut plain, Owner::None, &Workload::Pod, &settings());
+    for name in ["NERVE_DONE_MARKER", "NERVE_EXCLUDE"] {
+        assert_eq!(value(&init(&plain, "nerve-sidecar"), name), None, "{name}");
+        assert_eq!(value(&plain["spec"]["containers"][0], name), None, "{name}");
+    }
+}
+
+#[test]
+fn marks_the_named_trainer_not_the_first_container_and_keeps_its_own_env() {
+    let mut p = pod(json!({"containers": [
+        {"name": "istio-proxy", "image": "proxy:1"},
+        {"name": "learner", "image": "t:1", "env": [
+            {"name": "LR", "value": "0.1"},
+            {"name": "NERVE_CHECKPOINT_DIR", "value": "/elsewhere"}]}]}));
+    p["metadata"]["annotations"]["nerve.io/container"] = json!("learner");
+    let injection = inject_pod_template(&mut p, Owner::None, &Workload::Pod, &settings());
+    assert_eq!(injection.outcome, Outcome::Injected);
+    assert!(
+        p["spec"]["containers"][0].get("env").is_none(),
+        "the proxy is not marked"
+    );
+    assert_eq!(
+        p["spec"]["containers"][1]["env"],
+        json!([{"name": "LR", "value": "0.1"},
+               {"name": "NERVE_CHECKPOINT_DIR", "value": "/ckpt"},
+               {"name": "NERVE_CONTAINER", "value": "learner"}])
+    );
+    assert!(
+        injection.warnings[0].contains("NERVE_CHECKPOINT_DIR"),
+        "{:?}",
+        injection.warnings
+    );
+    let sidecar = init(&p, "nerve-sidecar");
+    let mark = sidecar["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .find(|e| e["name"] == "NERVE_CONTAINER")
+        .expect("NERVE_CONTAINER");
+    assert_eq!(mark["value"], "learner");
+}
+
+/// The env entries of `container` named `name`, with their position.
+fn env_entry(container: &Value, name: &str) -> (usize, Value) {
+    container["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .enumerate()
+        .find(|(_, e)| e["name"] == name)
+        .map(|(i, e)| (i, e.clone()))
+        .unwrap_or_else(|| panic!("no {name} in {container}"))
+}
+
+#[test]
+fn names_the_job_after_its_workload_in_the_pods_namespace_unless_annotated() {
+    // A pod of a Job, as the webhook sees it: the Job controller's label names the Job.
+    let mut p = pod(json!({"containers": [{"name": "trainer", "image": "t:1"}]}));
+    p["metadata"]["annotations"]
+        .as_object_mut()
+        .expect("annotations")
+        .remove("nerve.io/job");
+    p["metadata"]["labels"]["batch.kubernetes.io/job-name"] = json!("llama");
+    inject_pod_template(&mut p, Owner::None, &Workload::Pod, &settings());
+    for name in ["nerve-restore", "nerve-sidecar"] {
+        let container = init(&p, name);
+        let (namespace_at, _) = env_entry(&container, "POD_NAMESPACE");
+        let (job_at, job) = env_entry(&container, "NERVE_JOB");
+        assert_eq!(job["value"], "$(POD_NAMESPACE).llama", "{name}");
+        assert!(
+            namespace_at < job_at,
+            "Kubernetes expands $(POD_NAMESPACE) only from an earlier entry"
+        );
+    }
+
+    // A Job admitted before the API server named it (generateName): the name comes from the
+    // label on its pods.
+    let mut p = pod(json!({"containers": [{"name": "trainer", "image": "t:1"}]}));
+    p["metadata"]["annotations"]
+        .as_object_mut()
+        .expect("annotations")
+        .remove("nerve.io/job");
+    inject_pod_template(&mut p, Owner::UnnamedJob, &Workload::Pod, &settings());
+    let sidecar = init(&p, "nerve-sidecar");
+    let (label_at, label) = env_entry(&sidecar, "JOB_NAME");
+    let (job_at, job) = env_entry(&sidecar, "NERVE_JOB");
+    assert_eq!(
+        label["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.labels['batch.kubernetes.io/job-name']"
+    );
+    assert_eq!(job["value"], "$(POD_NAMESPACE).$(JOB_NAME)");
+    assert!(label_at < job_at);
+
+    // nerve.io/job is used exactly as given, even for a Job's pod.
+    let mut p = pod(json!({"containers": [{"name": "trainer", "image": "t:1"}]}));
+    p["metadata"]["labels"]["batch.kubernetes.io/job-name"] = json!("other");
+    inject_pod_template(&mut p, Owner::Named("owner"), &Workload::Pod, &settings());
+    assert_eq!(
+        env_entry(&init(&p, "nerve-sidecar"), "NERVE_JOB").1["value"],
+        "llama"
     );
 }
 
@@ -135,7 +291,7 @@ fn shares_the_trainers_own_volume_when_it_holds_the_checkpoint_dir() {
     let before_volumes = p["spec"]["volumes"].clone();
     let before_mounts = p["spec"]["containers"][0]["volumeMounts"].clone();
     assert_eq!(
-        inject_pod_template(&mut p, None, &settings()).outcome,
+        inject_pod_template(&mut p, Owner::None, &Workload::Pod, &settings()).outcome,
         Outcome::Injected
     );
     assert_eq!(p["spec"]["volumes"], before_volumes, "no volume added");
@@ -155,7 +311,7 @@ fn shares_the_volume_mounted_above_the_checkpoint_dir() {
             "volumeMounts": [{"name": "work", "mountPath": "/"}]}],
         "volumes": [{"name": "work", "emptyDir": {}}]}));
     assert_eq!(
-        inject_pod_template(&mut p, None, &settings()).outcome,
+        inject_pod_template(&mut p, Owner::None, &Workload::Pod, &settings()).outcome,
         Outcome::Injected
     );
     assert_eq!(
@@ -171,7 +327,7 @@ fn appends_after_existing_init_containers_and_keeps_them() {
     let mut p = pod(json!({"initContainers": existing,
                            "containers": [{"name": "trainer", "image": "t:1"}]}));
     assert_eq!(
-        inject_pod_template(&mut p, None, &settings()).outcome,
+        inject_pod_template(&mut p, Owner::None, &Workload::Pod, &settings()).outcome,
         Outcome::Injected
     );
     let init = p["spec"]["initContainers"].as_array().expect("list");
@@ -185,12 +341,54 @@ fn appends_after_existing_init_containers_and_keeps_them() {
 #[test]
 fn injecting_twice_equals_injecting_once() {
     let mut once = pod(json!({"containers": [{"name": "trainer", "image": "t:1"}]}));
-    inject_pod_template(&mut once, None, &settings());
+    inject_pod_template(&mut once, Owner::None, &Workload::Pod, &settings());
     let mut twice = once.clone();
-    let injection = inject_pod_template(&mut twice, None, &settings());
+    let injection = inject_pod_template(&mut twice, Owner::None, &Workload::Pod, &settings());
     assert_eq!(injection.outcome, Outcome::AlreadyInjected);
     assert!(injection.warnings.is_empty());
     assert_eq!(twice, once);
+}
+
+#[test]
+fn leaves_a_pod_unchanged_when_an_injected_name_is_taken_in_any_container_list() {
+    for (list, name, extra) in [
+        ("containers", "nerve-sidecar", json!({})),
+        ("containers", "nerve-restore", json!({})),
+        ("ephemeralContainers", "nerve-restore", json!({})),
+        ("initContainers", "nerve-restore", json!({})),
+        // An ordinary init container of that name is not the injected native sidecar.
+        ("initContainers", "nerve-sidecar", json!({})),
+        (
+            "initContainers",
+            "nerve-restore",
+            json!({"restartPolicy": "Always"}),
+        ),
+    ] {
+        let mut container = json!({"name": name, "image": "other:1"});
+        container
+            .as_object_mut()
+            .expect("object")
+            .extend(extra.as_object().expect("object").clone());
+        let mut spec = json!({"containers": [{"name": "trainer", "image": "t:1"}]});
+        spec[list] = match spec.get(list) {
+            Some(Value::Array(existing)) => {
+                let mut all = existing.clone();
+                all.push(container);
+                Value::Array(all)
+            }
+            _ => json!([container]),
+        };
+        let mut p = pod(spec);
+        let before = p.clone();
+        let injection = inject_pod_template(&mut p, Owner::None, &Workload::Pod, &settings());
+        assert_eq!(injection.outcome, Outcome::NotInjected, "{list}/{name}");
+        assert_eq!(p, before, "{list}/{name}");
+        let warning = &injection.warnings[0];
+        assert!(
+            warning.contains(&format!("`{name}`")) && warning.contains(&format!("spec.{list}")),
+            "{warning}"
+        );
+    }
 }
 
 #[test]
@@ -199,7 +397,7 @@ fn leaves_a_pod_with_bad_or_missing_annotations_unchanged_and_says_what_is_wrong
     p["metadata"]["annotations"] = json!({"nerve.io/dest": "bucket/prefix",
                                           "nerve.io/checkpoint-dir": "/ckpt"});
     let before = p.clone();
-    let injection = inject_pod_template(&mut p, None, &settings());
+    let injection = inject_pod_template(&mut p, Owner::None, &Workload::Pod, &settings());
     assert_eq!(injection.outcome, Outcome::NotInjected);
     assert_eq!(p, before);
     assert_eq!(injection.warnings.len(), 2, "{:?}", injection.warnings);
@@ -213,7 +411,7 @@ fn leaves_the_pod_unchanged_when_the_named_container_does_not_exist() {
     let mut p = pod(json!({"containers": [{"name": "trainer", "image": "t:1"}]}));
     p["metadata"]["annotations"]["nerve.io/container"] = json!("learner");
     let before = p.clone();
-    let injection = inject_pod_template(&mut p, None, &settings());
+    let injection = inject_pod_template(&mut p, Owner::None, &Workload::Pod, &settings());
     assert_eq!(injection.outcome, Outcome::NotInjected);
     assert_eq!(p, before);
     assert!(injection.warnings[0].contains("`learner`"));
@@ -230,7 +428,7 @@ fn leaves_an_unexpected_pod_shape_unchanged_with_a_warning() {
     ] {
         let mut p = pod(spec);
         let before = p.clone();
-        let injection = inject_pod_template(&mut p, None, &settings());
+        let injection = inject_pod_template(&mut p, Owner::None, &Workload::Pod, &settings());
         assert_eq!(injection.outcome, Outcome::NotInjected, "{before}");
         assert_eq!(p, before);
         assert_eq!(injection.warnings.len(), 1);
@@ -243,7 +441,7 @@ fn runs_as_the_trainers_user_without_added_capabilities_when_the_user_is_known()
         "securityContext": {"runAsUser": 1000, "runAsGroup": 3000, "fsGroup": 2000},
         "containers": [{"name": "trainer", "image": "t:1",
                         "securityContext": {"runAsUser": 1001}}]}));
-    inject_pod_template(&mut p, None, &settings());
+    inject_pod_template(&mut p, Owner::None, &Workload::Pod, &settings());
     for name in ["nerve-restore", "nerve-sidecar"] {
         let context = &init(&p, name)["securityContext"];
         assert_eq!(context["runAsUser"], 1001, "the container's own user wins");
@@ -258,7 +456,7 @@ fn runs_as_the_trainers_user_without_added_capabilities_when_the_user_is_known()
 #[test]
 fn adds_only_cap_kill_to_the_sidecar_when_the_trainers_user_is_unknown() {
     let mut p = pod(json!({"containers": [{"name": "trainer", "image": "t:1"}]}));
-    inject_pod_template(&mut p, None, &settings());
+    inject_pod_template(&mut p, Owner::None, &Workload::Pod, &settings());
     let context = &init(&p, "nerve-sidecar")["securityContext"];
     assert_eq!(context["runAsUser"], 0);
     assert_eq!(
@@ -272,7 +470,7 @@ fn refuses_a_non_root_trainer_whose_user_it_cannot_match() {
     let mut p = pod(json!({"securityContext": {"runAsNonRoot": true},
                            "containers": [{"name": "trainer", "image": "t:1"}]}));
     let before = p.clone();
-    let injection = inject_pod_template(&mut p, None, &settings());
+    let injection = inject_pod_template(&mut p, Owner::None, &Workload::Pod, &settings());
     assert_eq!(injection.outcome, Outcome::NotInjected);
     assert_eq!(p, before);
     assert!(injection.warnings[0].contains("runAsUser"));
@@ -284,7 +482,7 @@ fn keeps_a_longer_grace_period_and_host_pid() {
         json!({"terminationGracePeriodSeconds": 900, "hostPID": true,
                            "containers": [{"name": "trainer", "image": "t:1"}]}),
     );
-    inject_pod_template(&mut p, None, &settings());
+    inject_pod_template(&mut p, Owner::None, &Workload::Pod, &settings());
     assert_eq!(p["spec"]["terminationGracePeriodSeconds"], 900);
     let sidecar = init(&p, "nerve-sidecar");
     let grace = sidecar["env"]
@@ -311,7 +509,7 @@ fn picks_the_named_trainer_and_passes_signal_target_and_aws_settings() {
     p["metadata"]["annotations"]["nerve.io/container"] = json!("trainer");
     p["metadata"]["annotations"]["nerve.io/signal"] = json!("SIGUSR2");
     p["metadata"]["annotations"]["nerve.io/target"] = json!("python .*train\\.py");
-    let injection = inject_pod_template(&mut p, None, &settings());
+    let injection = inject_pod_template(&mut p, Owner::None, &Workload::Pod, &settings());
     assert_eq!(injection.outcome, Outcome::Injected);
     assert!(injection.warnings.is_empty());
     assert!(p["spec"]["containers"][0].get("volumeMounts").is_none());
@@ -340,7 +538,7 @@ fn picks_the_named_trainer_and_passes_signal_target_and_aws_settings() {
 fn warns_when_it_guesses_the_trainer_among_several_containers() {
     let mut p =
         pod(json!({"containers": [{"name": "a", "image": "a"}, {"name": "b", "image": "b"}]}));
-    let injection = inject_pod_template(&mut p, None, &settings());
+    let injection = inject_pod_template(&mut p, Owner::None, &Workload::Pod, &settings());
     assert_eq!(injection.outcome, Outcome::Injected);
     assert!(injection.warnings[0].contains("`a`"));
 }
@@ -420,7 +618,10 @@ fn injects_opted_in_templates_of_a_multi_document_stream_and_keeps_the_rest() {
         .find(|e| e["name"] == "NERVE_JOB")
         .expect("NERVE_JOB")
         .clone();
-    assert_eq!(job_env["value"], "llama-finetune", "job name from the Job");
+    assert_eq!(
+        job_env["value"], "$(POD_NAMESPACE).llama-finetune",
+        "job name from the Job, in the pod's namespace"
+    );
     assert_eq!(documents[1]["data"]["lr"], "0.001");
     assert!(
         documents[2]["spec"]["template"]["spec"]
@@ -451,4 +652,212 @@ fn reports_the_document_that_is_not_yaml() {
     let error =
         inject_manifest("kind: Pod\n---\nkind: [unclosed\n", &settings()).expect_err("bad YAML");
     assert!(error.to_string().contains("document 2"), "{error}");
+}
+
+/// The env entry `name` of the container `container` in `template`'s init containers.
+fn template_env(template: &Value, container: &str, name: &str) -> Option<Value> {
+    template["spec"]["initContainers"]
+        .as_array()?
+        .iter()
+        .find(|c| c["name"] == container)?["env"]
+        .as_array()?
+        .iter()
+        .find(|e| e["name"] == name)
+        .cloned()
+}
+
+fn documents(output: &str) -> Vec<Value> {
+    serde_norway::Deserializer::from_str(output)
+        .map(|d| Value::deserialize(d).expect("document"))
+        .collect()
+}
+
+const INDEXED_JOB: &str = r#"
+apiVersion: batch/v1
+kind: Job
+metadata: {name: llama, namespace: ml}
+spec:
+  completionMode: Indexed
+  completions: 4
+  parallelism: 4
+  template:
+    metadata:
+      labels: {nerve.io/checkpoint: enabled}
+      annotations: {nerve.io/dest: "s3://ckpt-bucket/runs", nerve.io/checkpoint-dir: /ckpt}
+    spec:
+      restartPolicy: Never
+      containers: [{name: trainer, image: "t:1"}]
+"#;
+
+#[test]
+fn an_indexed_job_manifest_gives_restore_and_sidecar_its_rank_and_completions() {
+    let report = inject_manifest(INDEXED_JOB, &settings()).expect("valid");
+    assert_eq!(report.injected, 1);
+    assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+    let template = &documents(&report.output)[0]["spec"]["template"];
+    for container in ["nerve-restore", "nerve-sidecar"] {
+        let rank = template_env(template, container, "NERVE_RANK").expect("rank");
+        assert_eq!(
+            rank["valueFrom"]["fieldRef"]["fieldPath"],
+            "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+        );
+        let world = template_env(template, container, "NERVE_WORLD_SIZE").expect("world");
+        assert_eq!(world["value"], "4");
+    }
+
+    let overridden = INDEXED_JOB.replace(
+        "nerve.io/checkpoint-dir: /ckpt}",
+        "nerve.io/checkpoint-dir: /ckpt, nerve.io/world-size: \"2\"}",
+    );
+    let report = inject_manifest(&overridden, &settings()).expect("valid");
+    let template = &documents(&report.output)[0]["spec"]["template"];
+    assert_eq!(
+        template_env(template, "nerve-sidecar", "NERVE_WORLD_SIZE").expect("world")["value"],
+        "2",
+        "nerve.io/world-size overrides completions"
+    );
+}
+
+const PYTORCHJOB: &str = r#"
+apiVersion: kubeflow.org/v1
+kind: PyTorchJob
+metadata: {name: llama}
+spec:
+  pytorchReplicaSpecs:
+    Master:
+      replicas: 1
+      template:
+        metadata:
+          labels: {nerve.io/checkpoint: enabled}
+          annotations: {nerve.io/dest: "s3://ckpt-bucket/runs", nerve.io/checkpoint-dir: /ckpt}
+        spec:
+          containers: [{name: pytorch, image: "t:1"}]
+    Worker:
+      replicas: 3
+      template:
+        metadata:
+          labels: {nerve.io/checkpoint: enabled}
+          annotations: {nerve.io/dest: "s3://ckpt-bucket/runs", nerve.io/checkpoint-dir: /ckpt}
+        spec:
+          containers: [{name: pytorch, image: "t:1"}]
+"#;
+
+#[test]
+fn injects_every_replica_template_of_a_pytorchjob_with_distinct_ranks() {
+    let report = inject_manifest(PYTORCHJOB, &settings()).expect("valid");
+    assert_eq!(report.injected, 2, "{:?}", report.warnings);
+    assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+    let job = &documents(&report.output)[0];
+    let master = &job["spec"]["pytorchReplicaSpecs"]["Master"]["template"];
+    let worker = &job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"];
+    assert_eq!(
+        template_env(master, "nerve-sidecar", "NERVE_JOB").expect("job")["value"],
+        "$(POD_NAMESPACE).llama"
+    );
+    assert_eq!(
+        template_env(master, "nerve-sidecar", "NERVE_RANK").expect("rank")["value"],
+        "3",
+        "the Master takes the rank after the three Workers"
+    );
+    assert_eq!(
+        template_env(worker, "nerve-restore", "NERVE_RANK").expect("rank")["valueFrom"]["fieldRef"]
+            ["fieldPath"],
+        "metadata.labels['training.kubeflow.org/replica-index']"
+    );
+    for template in [master, worker] {
+        assert_eq!(
+            template_env(template, "nerve-sidecar", "NERVE_WORLD_SIZE").expect("world")["value"],
+            "4"
+        );
+    }
+}
+
+const JOBSET: &str = r#"
+apiVersion: jobset.x-k8s.io/v1alpha2
+kind: JobSet
+metadata: {name: llama}
+spec:
+  replicatedJobs:
+    - name: workers
+      replicas: 1
+      template:
+        spec:
+          completionMode: Indexed
+          completions: 8
+          parallelism: 8
+          template:
+            metadata:
+              labels: {nerve.io/checkpoint: enabled}
+              annotations: {nerve.io/dest: "s3://ckpt-bucket/runs", nerve.io/checkpoint-dir: /ckpt}
+            spec:
+              restartPolicy: Never
+              containers: [{name: trainer, image: "t:1"}]
+"#;
+
+#[test]
+fn injects_a_jobsets_templates_and_ranks_pods_where_the_downward_api_can() {
+    let report = inject_manifest(JOBSET, &settings()).expect("valid");
+    assert_eq!(report.injected, 1, "{:?}", report.warnings);
+    assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+    let template =
+        &documents(&report.output)[0]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"];
+    assert_eq!(
+        template_env(template, "nerve-sidecar", "NERVE_WORLD_SIZE").expect("world")["value"],
+        "8"
+    );
+    assert_eq!(
+        template_env(template, "nerve-sidecar", "NERVE_JOB").expect("job")["value"],
+        "$(POD_NAMESPACE).llama"
+    );
+
+    // Two Jobs of eight pods: a global rank would need arithmetic. Injected, unranked, and said.
+    let two = JOBSET.replace("replicas: 1", "replicas: 2");
+    let report = inject_manifest(&two, &settings()).expect("valid");
+    assert_eq!(report.injected, 1);
+    let warning = &report.warnings[0];
+    assert!(
+        warning.starts_with("JobSet/llama spec.replicatedJobs[0].template.spec.template:"),
+        "{warning}"
+    );
+    assert!(
+        warning.contains("cannot be written with the downward API"),
+        "{warning}"
+    );
+    let template =
+        &documents(&report.output)[0]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"];
+    assert!(template_env(template, "nerve-sidecar", "NERVE_RANK").is_none());
+}
+
+#[test]
+fn warns_about_a_labelled_template_inside_a_kind_it_does_not_know() {
+    let input = r#"
+apiVersion: ray.io/v1
+kind: RayJob
+metadata: {name: tune}
+spec:
+  rayClusterSpec:
+    workerGroupSpecs:
+      - groupName: gpu
+        template:
+          metadata:
+            labels: {nerve.io/checkpoint: enabled}
+          spec:
+            containers: [{name: ray-worker, image: "ray:2"}]
+---
+apiVersion: kubeflow.org/v1
+kind: TFJob
+metadata: {name: plain}
+spec: {}
+"#;
+    let report = inject_manifest(input, &settings()).expect("valid");
+    assert_eq!(report.injected, 0);
+    assert_eq!(report.warnings.len(), 1, "{:?}", report.warnings);
+    let warning = &report.warnings[0];
+    assert!(
+        warning.starts_with(
+            "RayJob/tune: spec.rayClusterSpec.workerGroupSpecs[0].template is labelled"
+        ),
+        "{warning}"
+    );
+    assert!(warning.contains("does not know"), "{warning}");
 }

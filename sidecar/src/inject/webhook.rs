@@ -48,6 +48,10 @@ const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time for a client to send the request headers once connected.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time for a client to send the whole body once the headers are in. The API server writes a
+/// review (a few MiB at most) in one go, which takes milliseconds on any cluster network; a body
+/// still trickling in after 10 s is not the API server, and must not hold a connection slot.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time for connections in flight to finish after shutdown starts (Kubernetes sends SIGTERM
 /// and waits 30 s by default before SIGKILL).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -187,17 +191,47 @@ async fn route(request: Request<Incoming>, settings: &InjectSettings) -> Respons
 
 #[tracing::instrument(skip_all)]
 async fn mutate(request: Request<Incoming>, settings: &InjectSettings) -> Response<Full<Bytes>> {
-    let body = match Limited::new(request.into_body(), MAX_BODY_BYTES)
-        .collect()
-        .await
-    {
-        Ok(body) => body.to_bytes(),
-        Err(e) => {
+    let too_large = || {
+        reply(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "text/plain",
+            format!("a review is at most {MAX_BODY_BYTES} bytes\n"),
+        )
+    };
+    // Refuse a body announced too large before reading any of it.
+    let announced = request
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|length| length > MAX_BODY_BYTES as u64) {
+        tracing::warn!(length = announced, "review body too large; refused unread");
+        return too_large();
+    }
+    let read = Limited::new(request.into_body(), MAX_BODY_BYTES).collect();
+    let body = match tokio::time::timeout(BODY_READ_TIMEOUT, read).await {
+        Ok(Ok(body)) => body.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            tracing::warn!("review body too large; refused");
+            return too_large();
+        }
+        Ok(Err(e)) => {
             tracing::warn!(error = %e, "reading the review failed");
             return reply(
                 StatusCode::BAD_REQUEST,
                 "text/plain",
                 format!("reading the review: {e}\n"),
+            );
+        }
+        Err(_) => {
+            tracing::warn!(timeout = ?BODY_READ_TIMEOUT, "review body not received in time");
+            return reply(
+                StatusCode::REQUEST_TIMEOUT,
+                "text/plain",
+                format!(
+                    "the review body did not arrive within {}s\n",
+                    BODY_READ_TIMEOUT.as_secs()
+                ),
             );
         }
     };
