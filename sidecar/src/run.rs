@@ -13,6 +13,7 @@ pub mod checkpoint;
 pub mod deadline;
 pub mod health;
 pub mod listen;
+pub mod peers;
 pub mod response;
 pub mod signal;
 pub mod sync;
@@ -38,6 +39,7 @@ use tokio_util::task::TaskTracker;
 use self::checkpoint::Content;
 use self::deadline::Throughput;
 use self::listen::{ListenConfig, ListenStatus};
+use self::peers::PeerConfig;
 use self::response::{Runner, RunnerConfig};
 use self::signal::Scope;
 use self::sync::{SyncConfig, SyncShared};
@@ -123,6 +125,14 @@ pub struct RunArgs {
           value_parser = clap::value_parser!(u16).range(1..=256))]
     pub sync_concurrency: u16,
 
+    /// In a multi-pod job: how often the job-wide notice in the store is polled, so that a
+    /// notice received by another pod's node reaches this one (a conditional GET; see
+    /// docs/DESIGN.md for the cost).
+    // 2 s: other ranks start their checkpoint within ~2.5 s of the notice, a small part of a
+    // two-minute window, for 43,200 GETs a day per pod.
+    #[arg(long, env = "NERVE_PEER_POLL", default_value = "2s", value_parser = parse_peer_poll)]
+    pub peer_poll: Duration,
+
     /// Deadline assumed for SIGTERM (pod deletion, drain): the pod's termination grace period.
     #[arg(long, env = "NERVE_TERMINATION_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub termination_grace: Duration,
@@ -150,6 +160,18 @@ fn parse_http_url(value: &str) -> Result<http::Uri, String> {
         ));
     }
     Ok(uri)
+}
+
+/// Shortest and longest peer poll: below 200 ms the GETs cost more than they save; above a
+/// minute half the notice window is gone before the other ranks hear it.
+fn parse_peer_poll(value: &str) -> Result<Duration, String> {
+    let poll = humantime::parse_duration(value)
+        .map_err(|e| format!("`{value}` is not a duration like 2s: {e}"))?;
+    if (Duration::from_millis(200)..=Duration::from_secs(60)).contains(&poll) {
+        Ok(poll)
+    } else {
+        Err(format!("must be between 200ms and 60s, got {value}"))
+    }
 }
 
 fn parse_regex(value: &str) -> Result<Regex, String> {
@@ -266,6 +288,16 @@ pub async fn run(
             stop.clone(),
         ));
     }
+    let (peer_tx, mut peer_notices) = mpsc::channel(NOTICE_CHANNEL_CAPACITY);
+    if rank.is_multi_pod() {
+        let config = PeerConfig {
+            store: store.clone(),
+            rank: rank.rank,
+            poll: args.peer_poll,
+            marker: content.marker.clone(),
+        };
+        tracker.spawn(peers::listen_to_peers(config, peer_tx, stop.clone()));
+    }
     let watch = Arc::new(TrainerWatch::default());
     tracker.spawn(
         watch
@@ -301,6 +333,7 @@ pub async fn run(
                 let Some(heard) = heard else { break };
                 runner.hear(heard).await;
             }
+            Some(peer) = peer_notices.recv() => runner.hear_peer(peer).await,
             // The deadline passed and the machine is still here (a notice withdrawn, or a
             // false alarm): keep the store in sync again.
             _ = sleep_until_deadline(runner.emergency_until), if runner.emergency_until.is_some() => {

@@ -6,7 +6,7 @@
 //! only its own trainer (the checkpoint directory is unique per test).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -87,20 +87,7 @@ impl Rig {
 
     /// The real agent against the simulator; returns it and its stream URL.
     pub fn agent(&self) -> (Proc, String) {
-        let agent = Proc::spawn(
-            "nerve-agent",
-            Command::new(crate::binary_path("nerve-agent"))
-                .args(["--log-format", "json", "--kubernetes", "off"])
-                .args(["--listen", "127.0.0.1:0", "--poll-interval", "200ms"])
-                .args(["--metadata-url", &self.imds.url()])
-                .env("RUST_LOG", "info"),
-        );
-        let line = agent.log(
-            "nerve-agent serving the notice stream, metrics and health",
-            STARTUP_TIMEOUT,
-        );
-        let addr = line["fields"]["addr"].as_str().expect("addr").to_owned();
-        (agent, format!("http://{addr}"))
+        agent_for(&self.imds.url())
     }
 
     pub fn sidecar(&self, agent_url: &str, extra: &[&str]) -> Proc {
@@ -109,7 +96,11 @@ impl Rig {
 
     /// A sidecar with extra environment variables (`AWS_ENDPOINT_URL` of a proxy, say).
     pub fn sidecar_with_env(&self, agent_url: &str, extra: &[&str], env: &[(&str, &str)]) -> Proc {
-        self.sidecar_in(&self.dir, agent_url, extra, env)
+        let node = Node {
+            agent_url: agent_url.to_owned(),
+            metadata_url: self.imds.url(),
+        };
+        self.sidecar_in(&self.dir, &node, extra, env)
     }
 
     /// A sidecar guarding `dir` (another pod's directory, in a multi-pod test), signalling only
@@ -117,7 +108,7 @@ impl Rig {
     pub fn sidecar_in(
         &self,
         dir: &Path,
-        agent_url: &str,
+        node: &Node,
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Proc {
@@ -126,7 +117,8 @@ impl Rig {
             .args(["--log-format", "json", "run", "--dir"])
             .arg(dir)
             .args(self.store_args())
-            .args(["--agent-url", agent_url, "--metadata-url", &self.imds.url()])
+            .args(["--agent-url", &node.agent_url])
+            .args(["--metadata-url", &node.metadata_url])
             .args(["--poll-interval", "200ms", "--listen", "127.0.0.1:0"])
             .args(["--target", &target_for(dir), "--quiet-period", "2s"])
             .args(["--part-size", "5MiB", "--concurrency", "4"])
@@ -225,6 +217,173 @@ impl Rig {
         assert!(status.success(), "verify failed:\n{}", verify.output());
         verify.event("resumed", Duration::from_secs(5))
     }
+}
+
+/// A job of `world` pods (a trainer and a sidecar each, with ranks) sharing the rig's S3
+/// server; the trainers agree on the step to save through files in `peers` (a MAX all-reduce).
+pub struct Job {
+    pub rig: Rig,
+    pub world: u32,
+    pub peers: PathBuf,
+}
+
+impl Job {
+    pub fn new(name: &str, world: u32) -> Job {
+        let rig = Rig::new(name);
+        let peers = rig.work.path().join("peers");
+        for rank in 0..world {
+            std::fs::create_dir_all(rig.work.path().join(format!("pod-{rank}"))).expect("mkdir");
+        }
+        Job { rig, world, peers }
+    }
+
+    pub fn dir(&self, rank: u32) -> PathBuf {
+        self.rig.work.path().join(format!("pod-{rank}"))
+    }
+
+    pub fn rank_args(&self, rank: u32) -> Vec<String> {
+        vec![
+            "--rank".into(),
+            rank.to_string(),
+            "--world-size".into(),
+            self.world.to_string(),
+        ]
+    }
+
+    pub fn trainer(&self, rank: u32, extra: &[&str]) -> Proc {
+        let mut args = self.rank_args(rank);
+        args.extend(["--peers".into(), self.peers.display().to_string()]);
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.rig.trainer(&self.dir(rank), &args)
+    }
+
+    /// Rank `rank`'s sidecar, hearing notices from the rig's metadata service (no agent).
+    pub fn sidecar(&self, rank: u32, extra: &[&str], env: &[(&str, &str)]) -> Proc {
+        let node = Node {
+            agent_url: closed_port_url(),
+            metadata_url: self.rig.imds.url(),
+        };
+        self.sidecar_on(rank, &node, extra, env)
+    }
+
+    /// Rank `rank`'s sidecar on `node` (its own agent and metadata service).
+    pub fn sidecar_on(&self, rank: u32, node: &Node, extra: &[&str], env: &[(&str, &str)]) -> Proc {
+        let mut args = self.rank_args(rank);
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.rig.sidecar_in(&self.dir(rank), node, &args, env)
+    }
+
+    pub fn gen_dir(&self) -> PathBuf {
+        self.rig
+            .s3
+            .root()
+            .join(BUCKET)
+            .join(PREFIX)
+            .join(&self.rig.job)
+            .join("gen")
+    }
+
+    /// The job manifest of the generation of `step`, once committed.
+    pub fn job_manifest(&self, step: u64) -> Option<Value> {
+        let raw = std::fs::read(
+            self.gen_dir()
+                .join(format!("step-{step:012}.manifest.json")),
+        );
+        raw.ok().and_then(|raw| serde_json::from_slice(&raw).ok())
+    }
+
+    /// Ranks whose part of `step` is committed.
+    pub fn parts(&self, step: u64) -> Vec<u32> {
+        let dir = self.gen_dir().join(format!("step-{step:012}"));
+        let mut ranks: Vec<u32> = std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| {
+                        let name = e.file_name().to_string_lossy().into_owned();
+                        name.strip_prefix("rank-")?
+                            .strip_suffix(".manifest.json")?
+                            .parse()
+                            .ok()
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        ranks.sort_unstable();
+        ranks
+    }
+
+    pub fn store_command(&self, rank: u32, command: &str, extra: &[&str]) -> Output {
+        let mut args = self.rank_args(rank);
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.rig.store_command(command, &args)
+    }
+
+    pub fn command(&self, rank: u32, command: &str, dir: &Path, extra: &[&str]) -> Output {
+        let mut args = self.rank_args(rank);
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.rig.sidecar_command(command, dir, &args)
+    }
+
+    /// Restores into a fresh directory as `rank` and has that rank's trainer load it.
+    pub fn restore_and_verify(&self, rank: u32, extra: &[&str]) -> (PathBuf, Value) {
+        let dir = self
+            .rig
+            .work
+            .path()
+            .join(format!("restored-{rank}-{}", extra.join("")));
+        let output = self.command(rank, "restore", &dir, extra);
+        assert!(
+            output.status.success(),
+            "restore as rank {rank}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let mut args = self.rank_args(rank);
+        args.extend([
+            "--peers".into(),
+            self.peers.display().to_string(),
+            "--verify".into(),
+        ]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut verify = self.rig.trainer(&dir, &args);
+        let status = verify.wait_exit(EXIT_TIMEOUT);
+        assert!(
+            status.success(),
+            "verify as rank {rank}:\n{}",
+            verify.output()
+        );
+        (dir, verify.event("resumed", Duration::from_secs(5)))
+    }
+}
+
+/// Where a pod's sidecar hears notices: its node's agent and metadata service.
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub agent_url: String,
+    pub metadata_url: String,
+}
+
+/// The real agent against the metadata service at `metadata_url` (one node's); returns it and
+/// its stream URL.
+pub fn agent_for(metadata_url: &str) -> (Proc, String) {
+    let agent = Proc::spawn(
+        "nerve-agent",
+        Command::new(crate::binary_path("nerve-agent"))
+            .args(["--log-format", "json", "--kubernetes", "off"])
+            .args(["--listen", "127.0.0.1:0", "--poll-interval", "200ms"])
+            .args(["--metadata-url", metadata_url])
+            .env("RUST_LOG", "info"),
+    );
+    let line = agent.log(
+        "nerve-agent serving the notice stream, metrics and health",
+        STARTUP_TIMEOUT,
+    );
+    let addr = line["fields"]["addr"].as_str().expect("addr").to_owned();
+    (agent, format!("http://{addr}"))
 }
 
 /// A regex matching the trainers of `dir` only (tests share one process namespace).
