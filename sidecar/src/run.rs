@@ -44,7 +44,7 @@ use self::response::{Runner, RunnerConfig};
 use self::signal::Scope;
 use self::sync::{SyncConfig, SyncShared};
 use self::watch::TrainerWatch;
-use crate::cli::CheckpointArgs;
+use crate::settings::{CheckpointArgs, parse_byte_size};
 use nerve_store::Store;
 
 /// Notices waiting for the run loop; the agent sends a handful at most, and a full channel
@@ -138,7 +138,7 @@ pub struct RunArgs {
     pub termination_grace: Duration,
 
     /// Upload throughput assumed until one is measured, in bytes per second (e.g. 100MiB).
-    #[arg(long, env = "NERVE_ASSUMED_THROUGHPUT", default_value = "100MiB", value_parser = crate::cli::parse_byte_size)]
+    #[arg(long, env = "NERVE_ASSUMED_THROUGHPUT", default_value = "100MiB", value_parser = parse_byte_size)]
     pub assumed_throughput: u64,
 
     /// Node name recorded in the manifest.
