@@ -169,27 +169,7 @@ pub async fn poll_notice(store: &Store, seen: Option<&str>) -> Result<Polled, No
 /// When the newest complete generation was committed (its manifest written, by the store's
 /// clock), if any: a job-wide notice written before it was answered already.
 pub async fn newest_commit_time(store: &Store) -> Result<Option<OffsetDateTime>, S3Error> {
-    let prefix = store.generations_prefix();
-    let mut newest: Option<i64> = None;
-    let mut pages = store
-        .client()
-        .list_objects_v2()
-        .bucket(store.bucket())
-        .prefix(prefix)
-        .delimiter("/")
-        .into_paginator()
-        .send();
-    while let Some(page) = pages.next().await {
-        let page = page.map_err(|e| store.error(Operation::ListObjectsV2, prefix, e))?;
-        for object in page.contents() {
-            if object
-                .key()
-                .is_some_and(|k| k.ends_with(crate::manifest::MANIFEST_SUFFIX))
-            {
-                let time = object.last_modified().map(|t| t.secs());
-                newest = newest.max(time);
-            }
-        }
-    }
+    let listing = crate::list::list_generation_level(store).await?;
+    let newest = listing.committed.iter().map(|(_, written)| *written).max();
     Ok(newest.and_then(|secs| OffsetDateTime::from_unix_timestamp(secs).ok()))
 }
