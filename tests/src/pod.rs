@@ -386,10 +386,11 @@ pub fn agent_for(metadata_url: &str) -> (Proc, String) {
     (agent, format!("http://{addr}"))
 }
 
-/// A regex matching the trainers of `dir` only (tests share one process namespace).
+/// A regex matching the trainers of `dir` only (tests share one process namespace): the test
+/// trainer, or the Python one of the trainer integration's tests.
 pub fn target_for(dir: &Path) -> String {
     format!(
-        "nerve-trainer .*--dir {}( |$)",
+        "(nerve-trainer|hf_layout_trainer\\.py) .*--dir {}( |$)",
         dir.display().to_string().replace('.', "\\.")
     )
 }
