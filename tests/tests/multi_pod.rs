@@ -259,3 +259,53 @@ fn prune_keeps_complete_generations_and_drops_incomplete_ones_behind_them() {
     assert!(restored.join("checkpoint-9/rank-1/weights.bin").is_file());
     assert!(restored.join("checkpoint-9/rank-0/weights.bin").is_file());
 }
+
+#[test]
+fn a_rank_that_cannot_tell_its_step_refuses_to_commit_a_part_and_names_the_three_sources() {
+    let job = Job::new("no-step", 2);
+    let dir = job.dir(0);
+    std::fs::write(dir.join("weights.bin"), b"no step anywhere").expect("write");
+    let output = job.command(0, "upload", &dir, &[]);
+    assert!(!output.status.success());
+    let said = String::from_utf8_lossy(&output.stderr);
+    for source in ["done marker", "checkpoint-N", "trainer_state.json"] {
+        assert!(said.contains(source), "the message names {source}: {said}");
+    }
+    assert!(job.parts(0).is_empty());
+}
+
+#[test]
+fn a_ranks_unchanged_files_are_reused_from_its_own_previous_part() {
+    let job = Job::new("part-reuse", 2);
+    let dir = job.dir(1);
+    let frozen = vec![7u8; 256 * 1024];
+    for step in [5u64, 9] {
+        let checkpoint = dir.join(format!("checkpoint-{step}"));
+        std::fs::create_dir_all(&checkpoint).expect("mkdir");
+        std::fs::write(checkpoint.join("frozen.bin"), &frozen).expect("write");
+        std::fs::write(
+            checkpoint.join("trainer_state.json"),
+            format!("{{\"global_step\": {step}}}"),
+        )
+        .expect("write");
+        let output = job.command(1, "upload", &dir, &[]);
+        assert!(output.status.success(), "{output:?}");
+        std::fs::remove_dir_all(&checkpoint).expect("rm");
+    }
+    let part: Value = serde_json::from_slice(
+        &std::fs::read(job.gen_dir().join("step-000000000009/rank-1.manifest.json"))
+            .expect("part of step 9"),
+    )
+    .expect("json");
+    let frozen_entry = part["files"]
+        .as_array()
+        .expect("files")
+        .iter()
+        .find(|f| f["path"] == "checkpoint-9/frozen.bin")
+        .expect("frozen.bin");
+    let key = frozen_entry["key"].as_str().expect("key");
+    assert!(
+        key.contains("/gen/step-000000000005/rank-1/"),
+        "reused from the rank's part of step 5: {key}"
+    );
+}
