@@ -46,6 +46,7 @@ use self::sync::{SyncConfig, SyncShared};
 use self::watch::TrainerWatch;
 use crate::settings::{CheckpointArgs, parse_byte_size};
 use nerve_store::Store;
+use nerve_store::part::Rank;
 
 /// Notices waiting for the run loop; the agent sends a handful at most, and a full channel
 /// only slows the listener down.
@@ -194,8 +195,57 @@ pub async fn run(
     metrics_handle: metrics_exporter_prometheus::PrometheusHandle,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    // Every bad setting at once, each with its flag and the fix.
-    let dir = args.checkpoint.dir.clone();
+    let checked = check_settings(&args)?;
+    let listener = health::bind(args.listen).await?;
+    let address = listener
+        .local_addr()
+        .context("reading the listening address")?;
+    let store = Store::connect(&args.checkpoint.store.config()).await;
+    let stop = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let listen_status = Arc::new(ListenStatus::default());
+    let health_state = Arc::new(health::HealthState {
+        metrics: metrics_handle,
+        listen: listen_status.clone(),
+        ready: false.into(),
+    });
+    tracker.spawn(health::serve_health(
+        listener,
+        health_state.clone(),
+        stop.clone(),
+    ));
+    let mut started = start_tasks(&args, checked, store, listen_status, &tracker, &stop);
+    tracker.close();
+    health_state.ready.store(true, Ordering::Relaxed);
+    tracing::info!(%address, agent = %started.agent_url, dir = %args.checkpoint.dir.display(),
+        signal = %args.signal, background_sync = args.background_sync, "sidecar running");
+    respond_until_stopped(
+        &mut started.runner,
+        &mut started.notices,
+        &mut started.peer_notices,
+        &shutdown,
+    )
+    .await;
+    stop.cancel();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("background tasks did not stop within {SHUTDOWN_GRACE:?}; exiting anyway");
+    }
+    Ok(())
+}
+
+/// The settings `run` needs that parsing could not check, all checked at once.
+struct Checked {
+    agent_url: http::Uri,
+    scope: Scope,
+    rank: Rank,
+}
+
+/// Every bad setting at once, each with its flag and the fix (exit 64).
+fn check_settings(args: &RunArgs) -> Result<Checked, crate::ConfigError> {
+    let dir = &args.checkpoint.dir;
     let mut problems = Vec::new();
     if !dir.is_dir() {
         problems.push(format!(
@@ -220,30 +270,39 @@ pub async fn run(
         .resolve()
         .map_err(|e| problems.push(e.0))
         .ok();
-    let (Some(agent_url), Some(rank), true) = (agent_url, rank, problems.is_empty()) else {
-        return Err(crate::ConfigError(problems.join("\n")).into());
-    };
-    let listener = health::bind(args.listen).await?;
-    let address = listener
-        .local_addr()
-        .context("reading the listening address")?;
-    let store = Store::connect(&args.checkpoint.store.config()).await;
+    match (agent_url, rank, problems.is_empty()) {
+        (Some(agent_url), Some(rank), true) => Ok(Checked {
+            agent_url,
+            scope,
+            rank,
+        }),
+        _ => Err(crate::ConfigError(problems.join("\n"))),
+    }
+}
 
-    let stop = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let listen_status = Arc::new(ListenStatus::default());
-    let health_state = Arc::new(health::HealthState {
-        metrics: metrics_handle,
-        listen: listen_status.clone(),
-        ready: false.into(),
-    });
-    tracker.spawn(health::serve_health(
-        listener,
-        health_state.clone(),
-        stop.clone(),
-    ));
+/// The running sidecar: the responder and the channels its listeners feed.
+struct Started {
+    agent_url: http::Uri,
+    runner: Runner,
+    notices: mpsc::Receiver<listen::Heard>,
+    peer_notices: mpsc::Receiver<peers::PeerNotice>,
+}
 
-    let (notices_tx, mut notices) = mpsc::channel(NOTICE_CHANNEL_CAPACITY);
+/// Starts the listeners, the background sync, the peer poller and the trainer watch.
+fn start_tasks(
+    args: &RunArgs,
+    checked: Checked,
+    store: Store,
+    listen_status: Arc<ListenStatus>,
+    tracker: &TaskTracker,
+    stop: &CancellationToken,
+) -> Started {
+    let Checked {
+        agent_url,
+        scope,
+        rank,
+    } = checked;
+    let (notices_tx, notices) = mpsc::channel(NOTICE_CHANNEL_CAPACITY);
     let listen_config = ListenConfig {
         agent_url: agent_url.clone(),
         metadata_url: args.metadata_url.clone(),
@@ -256,16 +315,7 @@ pub async fn run(
         listen_status,
         stop.clone(),
     ));
-
-    let content_args = &args.checkpoint.content;
-    let content = Content {
-        marker: content_args.marker_path(&dir),
-        marker_only: content_args.done_marker.is_some(),
-        dir: dir.clone(),
-        quiet_period: args.quiet_period,
-        excludes: content_args.excludes(),
-        step_pattern: content_args.step_from.clone(),
-    };
+    let content = content_of(args);
     let shared = Arc::new(SyncShared::new(Throughput::assumed(
         args.assumed_throughput as f64,
     )));
@@ -288,7 +338,7 @@ pub async fn run(
             stop.clone(),
         ));
     }
-    let (peer_tx, mut peer_notices) = mpsc::channel(NOTICE_CHANNEL_CAPACITY);
+    let (peer_tx, peer_notices) = mpsc::channel(NOTICE_CHANNEL_CAPACITY);
     if rank.is_multi_pod() {
         let config = PeerConfig {
             store: store.clone(),
@@ -304,11 +354,6 @@ pub async fn run(
             .clone()
             .watch(args.signal, scope.clone(), stop.clone()),
     );
-    tracker.close();
-    health_state.ready.store(true, Ordering::Relaxed);
-    tracing::info!(%address, agent = %agent_url, dir = %dir.display(), signal = %args.signal,
-        background_sync = args.background_sync, "sidecar running");
-
     let config = RunnerConfig {
         content,
         signal: args.signal,
@@ -321,16 +366,45 @@ pub async fn run(
         node: args.node_name.clone(),
         pod: args.pod_name.clone(),
     };
-    let mut runner = Runner::new(config, store, shared, watch);
+    Started {
+        agent_url,
+        runner: Runner::new(config, store, shared, watch),
+        notices,
+        peer_notices,
+    }
+}
+
+/// What under `--dir` is the checkpoint, from the flags.
+fn content_of(args: &RunArgs) -> Content {
+    let dir = &args.checkpoint.dir;
+    let content_args = &args.checkpoint.content;
+    Content {
+        marker: content_args.marker_path(dir),
+        marker_only: content_args.done_marker.is_some(),
+        dir: dir.clone(),
+        quiet_period: args.quiet_period,
+        excludes: content_args.excludes(),
+        step_pattern: content_args.step_from.clone(),
+    }
+}
+
+/// Responds to notices (this node's, other pods', SIGTERM) until SIGTERM has been answered or
+/// the listeners stop.
+async fn respond_until_stopped(
+    runner: &mut Runner,
+    notices: &mut mpsc::Receiver<listen::Heard>,
+    peer_notices: &mut mpsc::Receiver<peers::PeerNotice>,
+    shutdown: &CancellationToken,
+) {
     loop {
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => {
                 runner.hear_sigterm().await;
-                break;
+                return;
             }
             heard = notices.recv() => {
-                let Some(heard) = heard else { break };
+                let Some(heard) = heard else { return };
                 runner.hear(heard).await;
             }
             Some(peer) = peer_notices.recv() => runner.hear_peer(peer).await,
@@ -343,14 +417,6 @@ pub async fn run(
             }
         }
     }
-    stop.cancel();
-    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("background tasks did not stop within {SHUTDOWN_GRACE:?}; exiting anyway");
-    }
-    Ok(())
 }
 
 async fn sleep_until_deadline(deadline: Option<OffsetDateTime>) {

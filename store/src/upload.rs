@@ -101,6 +101,8 @@ pub struct UploadSummary {
     pub generation: Generation,
     /// The rank whose part was committed, in a multi-pod job.
     pub rank: Option<Rank>,
+    /// The training step the manifest records.
+    pub step: Option<u64>,
     pub files: usize,
     pub bytes_uploaded: u64,
     pub bytes_reused: u64,
@@ -491,6 +493,7 @@ async fn commit(
     Ok(UploadSummary {
         generation: target.generation.clone(),
         rank: target.rank,
+        step: manifest.step,
         files: manifest.files.len(),
         bytes_uploaded,
         bytes_reused,
@@ -535,6 +538,7 @@ async fn part_already_committed(
     Ok(Some(UploadSummary {
         generation: target.generation.clone(),
         rank: Some(rank),
+        step: part.step,
         files: part.files.len(),
         bytes_uploaded: 0,
         bytes_reused: part.total_bytes(),

@@ -13,7 +13,7 @@ use std::time::Duration;
 use nerve_store::job_notice::{JobNotice, publish_notice};
 use nerve_store::part::Rank;
 use nerve_store::step::{MarkerContent, checkpoint_step};
-use nerve_store::{ManifestContext, Store, UploadOptions, upload_generation};
+use nerve_store::{ManifestContext, Store, UploadOptions, UploadSummary, upload_generation};
 use nix::sys::signal::Signal;
 use time::OffsetDateTime;
 use tokio::time::Instant;
@@ -558,13 +558,13 @@ impl Runner {
         outcome
     }
 
-    /// Uploads the directory at full speed and commits it, cancelled at the deadline (past it
-    /// the machine is gone anyway).
+    /// Uploads the directory at full speed and commits it, cancelled at `bound` (this node's
+    /// deadline, past which the machine is gone anyway; later for a peer's notice).
     async fn upload(
         &self,
         trigger: &Trigger,
         heard: Instant,
-        deadline: Instant,
+        bound: Instant,
         completion: &Completion,
         notice_to_signal_ms: f64,
     ) -> CheckpointOutcome {
@@ -580,56 +580,23 @@ impl Runner {
         })
         .await
         .unwrap_or_default();
-        let options = UploadOptions {
-            concurrency: self.config.concurrency,
-            part_size: self.config.part_size,
-            context: ManifestContext {
-                notice: Some(trigger.record.clone()),
-                node: self.config.node.clone(),
-                pod: self.config.pod.clone(),
-                step,
-            },
-            excludes: self.config.content.excludes.clone(),
-            step_pattern: self.config.content.step_pattern.clone(),
-            rank: Some(self.config.rank),
-        };
         let cancel = CancellationToken::new();
         let timer = tokio::spawn({
             let cancel = cancel.clone();
             async move {
-                tokio::time::sleep_until(deadline).await;
+                tokio::time::sleep_until(bound).await;
                 cancel.cancel();
             }
         });
-        let dir = self.config.content.dir.clone();
-        let result = upload_generation(&self.store, &dir, &options, &cancel).await;
+        let options = self.upload_options(trigger, step);
+        let dir = &self.config.content.dir;
+        let result = upload_generation(&self.store, dir, &options, &cancel).await;
         timer.abort();
         match result {
             Ok(summary) => {
                 self.shared
                     .record_upload(snapshot, summary.bytes_uploaded, summary.seconds);
-                let time_to_safe = heard.elapsed().as_secs_f64();
-                let margin = (trigger.deadline - OffsetDateTime::now_utc()).as_seconds_f64();
-                if summary.rank.is_some() {
-                    let timing = if margin >= 0.0 { "before" } else { "after" };
-                    ::metrics::counter!(metrics::PARTS, "timing" => timing).increment(1);
-                }
-                ::metrics::histogram!(metrics::TIME_TO_SAFE).record(time_to_safe);
-                ::metrics::gauge!(metrics::DEADLINE_MARGIN).set(margin);
-                tracing::info!(
-                    generation = %summary.generation,
-                    step,
-                    rank = summary.rank.map(|r| r.rank),
-                    job = %summary.job.map_or_else(String::new, |j| format!("{j:?}")),
-                    notice_to_signal_ms,
-                    completion = completion.as_str(),
-                    upload_seconds = summary.seconds,
-                    bytes_uploaded = summary.bytes_uploaded,
-                    bytes_reused = summary.bytes_reused,
-                    time_to_safe_seconds = time_to_safe,
-                    deadline_margin_seconds = margin,
-                    "checkpoint committed"
-                );
+                report_committed(trigger, &summary, heard, completion, notice_to_signal_ms);
                 CheckpointOutcome::Committed
             }
             Err(error) => {
@@ -644,6 +611,55 @@ impl Runner {
             }
         }
     }
+
+    /// A notice upload: full concurrency, the notice recorded, this rank's part when multi-pod.
+    fn upload_options(&self, trigger: &Trigger, step: Option<u64>) -> UploadOptions {
+        UploadOptions {
+            concurrency: self.config.concurrency,
+            part_size: self.config.part_size,
+            context: ManifestContext {
+                notice: Some(trigger.record.clone()),
+                node: self.config.node.clone(),
+                pod: self.config.pod.clone(),
+                step,
+            },
+            excludes: self.config.content.excludes.clone(),
+            step_pattern: self.config.content.step_pattern.clone(),
+            rank: Some(self.config.rank),
+        }
+    }
+}
+
+/// The figures of a committed notice checkpoint, in the log and the metrics.
+fn report_committed(
+    trigger: &Trigger,
+    summary: &UploadSummary,
+    heard: Instant,
+    completion: &Completion,
+    notice_to_signal_ms: f64,
+) {
+    let time_to_safe = heard.elapsed().as_secs_f64();
+    let margin = (trigger.deadline - OffsetDateTime::now_utc()).as_seconds_f64();
+    if summary.rank.is_some() {
+        let timing = if margin >= 0.0 { "before" } else { "after" };
+        ::metrics::counter!(metrics::PARTS, "timing" => timing).increment(1);
+    }
+    ::metrics::histogram!(metrics::TIME_TO_SAFE).record(time_to_safe);
+    ::metrics::gauge!(metrics::DEADLINE_MARGIN).set(margin);
+    tracing::info!(
+        generation = %summary.generation,
+        step = summary.step,
+        rank = summary.rank.map(|r| r.rank),
+        job = %summary.job.map_or_else(String::new, |j| format!("{j:?}")),
+        notice_to_signal_ms,
+        completion = completion.as_str(),
+        upload_seconds = summary.seconds,
+        bytes_uploaded = summary.bytes_uploaded,
+        bytes_reused = summary.bytes_reused,
+        time_to_safe_seconds = time_to_safe,
+        deadline_margin_seconds = margin,
+        "checkpoint committed"
+    );
 }
 
 /// Leaves `message` where `kubectl describe pod` shows it, when running in Kubernetes.
