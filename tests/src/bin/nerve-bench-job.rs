@@ -6,9 +6,15 @@
 //! Two measurements:
 //! - notice on one node → SIGUSR1 on every other rank, over `--trials` fresh jobs with a small
 //!   state (the node that gets the notice rotates), timed by when the bench reads each trainer's
-//!   `signal` line, from the moment the notice is set;
+//!   `signal` line, from the moment the notice is set. Two series: trainers that agree on the
+//!   step to save (whichever channel is first, the store or the agreed save's marker, brings the
+//!   notice), and trainers outside any agreement, which only the store's job-wide notice reaches;
 //! - notice on one rank → job manifest committed for `--ranks` × `--size` (4 × 512 MiB): wall
 //!   time, and each sidecar's CPU seconds (utime + stime of /proc/PID/stat, before and after).
+//!
+//! The test trainer prints `signal` when its loop takes the signal: while it writes a checkpoint
+//! that is only after the write, so each rank's sidecar is also timed by when it logged hearing
+//! the notice.
 //!
 //! Run by `bench/job`. Prints one JSON object per run and Markdown tables, then the targets met
 //! and missed and the results that must hold (every rank saved the same step, the job manifest
@@ -59,12 +65,35 @@ struct Args {
     step_time: String,
 }
 
+/// The trainers of a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Trainers {
+    /// Ranks of one job that agree on the step to save (a MAX all-reduce at step boundaries).
+    Agreeing,
+    /// Each trainer on its own: only the job-wide notice in the store reaches the other pods,
+    /// and each saves its own step (so no job manifest is expected).
+    Independent,
+}
+
+impl Trainers {
+    fn describe(self) -> &'static str {
+        match self {
+            Trainers::Agreeing => "trainers agreeing on the step",
+            Trainers::Independent => {
+                "trainers outside any agreement (only the store carries the notice)"
+            }
+        }
+    }
+}
+
 /// What one rank did after the notice; times are from the moment the notice was set.
 #[derive(Debug, Default)]
 struct RankRun {
     rank: u32,
     /// How its sidecar heard the notice: `agent` (its node's), `peer`, `marker`.
     channel: Option<String>,
+    /// When its sidecar logged hearing it.
+    heard: Option<Duration>,
     signal: Option<Duration>,
     /// The trainer had already saved for this notice when the signal came (the agreement first).
     already_answered: bool,
@@ -91,8 +120,16 @@ struct JobRun {
 impl JobRun {
     /// Notice → SIGUSR1 on the last of the other ranks.
     fn others_signalled(&self) -> Option<Duration> {
-        let others = self.ranks.iter().filter(|r| r.rank != self.noticed);
-        others.map(|r| r.signal).max().flatten()
+        self.others().map(|r| r.signal).max().flatten()
+    }
+
+    /// Notice → the last of the other ranks' sidecars heard it.
+    fn others_heard(&self) -> Option<Duration> {
+        self.others().map(|r| r.heard).max().flatten()
+    }
+
+    fn others(&self) -> impl Iterator<Item = &RankRun> {
+        self.ranks.iter().filter(|r| r.rank != self.noticed)
     }
 
     fn to_json(&self) -> Value {
@@ -100,7 +137,8 @@ impl JobRun {
             .ranks
             .iter()
             .map(|r| {
-                json!({"rank": r.rank, "channel": r.channel, "signal_ms": ms(r.signal),
+                json!({"rank": r.rank, "channel": r.channel, "heard_ms": ms(r.heard),
+                "signal_ms": ms(r.signal),
                 "already_answered": r.already_answered, "saved_step": r.saved_step,
                 "save_seconds": r.save_seconds, "part_committed_ms": ms(r.part_committed),
                 "upload_seconds": r.upload_seconds, "bytes_uploaded": r.bytes_uploaded,
@@ -118,39 +156,70 @@ fn ms(at: Option<Duration>) -> Option<f64> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let mut trials = Vec::with_capacity(args.trials);
-    for trial in 0..args.trials {
-        let noticed = u32::try_from(trial).unwrap_or(0) % args.ranks;
-        let run = run_job(&args, &args.trial_size, noticed, &format!("trial-{trial}"))?;
-        println!("{}", json!({"trial": trial, "run": run.to_json()}));
-        trials.push(run);
+    println!("load average at start (1, 5, 15 min): {}", load_average());
+    let mut series = Vec::new();
+    for trainers in [Trainers::Agreeing, Trainers::Independent] {
+        let mut trials = Vec::with_capacity(args.trials);
+        for trial in 0..args.trials {
+            let noticed = u32::try_from(trial).unwrap_or(0) % args.ranks;
+            let name = format!("{trainers:?}-{trial}").to_lowercase();
+            let run = run_job(&args, &args.trial_size, noticed, &name, trainers)?;
+            println!(
+                "{}",
+                json!({"trainers": format!("{trainers:?}"), "trial": trial, "run": run.to_json()})
+            );
+            trials.push(run);
+        }
+        series.push((trainers, trials));
     }
     let mut commits = Vec::with_capacity(args.commit_runs);
     for index in 0..args.commit_runs {
-        let run = run_job(
-            &args,
-            &args.size,
-            args.ranks - 1,
-            &format!("commit-{index}"),
-        )?;
+        let name = format!("commit-{index}");
+        let run = run_job(&args, &args.size, args.ranks - 1, &name, Trainers::Agreeing)?;
         println!("{}", json!({"commit_run": index, "run": run.to_json()}));
         commits.push(run);
     }
+    println!("load average at end (1, 5, 15 min): {}", load_average());
     println!();
-    print_signal_table(&args, &trials);
+    for (trainers, trials) in &series {
+        print_signal_table(&args, *trainers, trials);
+    }
     print_commit_table(&args, &commits);
-    judge(&args, &trials, &commits)
+    judge(&args, &series, &commits)
+}
+
+/// The first three fields of /proc/loadavg: how busy the machine was around the figures.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|text| {
+            text.split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_else(|e| format!("unknown ({e})"))
 }
 
 /// Starts a job of `--ranks` pods with `size` of state each, sets a notice on node `noticed`,
-/// and records what every rank did until the job manifest is committed.
-fn run_job(args: &Args, size: &str, noticed: u32, name: &str) -> anyhow::Result<JobRun> {
+/// and records what every rank did until its part (and, with agreeing trainers, the job
+/// manifest) is committed.
+fn run_job(
+    args: &Args,
+    size: &str,
+    noticed: u32,
+    name: &str,
+    kind: Trainers,
+) -> anyhow::Result<JobRun> {
     let tuning = tuning(args, size);
     let job = Job::try_new(name, args.ranks, tuning.clone())?;
     let nodes = Nodes::try_start(args.ranks as usize, &tuning.agent)?;
     let mut trainers = Vec::new();
     for rank in 0..args.ranks {
-        let mut command = job.trainer_command(rank, &["--done-marker", DONE_MARKER]);
+        let extra = ["--done-marker", DONE_MARKER];
+        let mut command = match kind {
+            Trainers::Agreeing => job.trainer_command(rank, &extra),
+            Trainers::Independent => job.rig.trainer_command(&job.dir(rank), &extra),
+        };
         trainers.push(Proc::try_spawn("nerve-trainer", &mut command)?);
     }
     for trainer in &trainers {
@@ -178,7 +247,10 @@ fn run_job(args: &Args, size: &str, noticed: u32, name: &str) -> anyhow::Result<
         let seen = observe_rank(rank, trainer, sidecar, notice_set, &mut run.wrong);
         run.ranks.push(seen);
     }
-    wait_job_manifest(&job, &mut run, notice_set);
+    match kind {
+        Trainers::Agreeing => wait_job_manifest(&job, &mut run, notice_set),
+        Trainers::Independent => check_heard_from_the_store(&mut run),
+    }
     for (rank, (sidecar, before)) in run.ranks.iter_mut().zip(sidecars.iter().zip(cpu_before)) {
         rank.cpu_seconds = sidecar.cpu_seconds()? - before;
     }
@@ -237,7 +309,8 @@ fn observe_rank(
         let message = v["fields"]["message"].as_str().unwrap_or_default();
         message == "notice" || message == "notice from another pod of the job"
     });
-    if let Some((_, heard)) = check(heard) {
+    if let Some((at, heard)) = check(heard) {
+        figures.heard = Some(since(at));
         figures.channel = heard["fields"]["channel"].as_str().map(str::to_owned);
     }
     if let Some((at, committed)) = check(sidecar.try_log("checkpoint committed", left())) {
@@ -248,6 +321,19 @@ fn observe_rank(
         figures.bytes_uploaded = committed["fields"]["bytes_uploaded"].as_u64().unwrap_or(0);
     }
     figures
+}
+
+/// Trainers outside any agreement: every other rank must have heard the notice from the store.
+fn check_heard_from_the_store(run: &mut JobRun) {
+    let noticed = run.noticed;
+    for rank in run.ranks.iter().filter(|r| r.rank != noticed) {
+        if rank.channel.as_deref() != Some("peer") {
+            run.wrong.push(format!(
+                "rank {} heard the notice by {:?}, not from the store",
+                rank.rank, rank.channel
+            ));
+        }
+    }
 }
 
 /// Waits (inside the window) for the job manifest of the step every rank saved, and checks it
@@ -307,9 +393,10 @@ fn seconds(at: Option<Duration>) -> String {
 }
 
 /// Notice → signal of every other rank, per trial, and by channel.
-fn print_signal_table(args: &Args, trials: &[JobRun]) {
+fn print_signal_table(args: &Args, trainers: Trainers, trials: &[JobRun]) {
     println!(
-        "notice on one node -> SIGUSR1 on every other rank ({} ranks, {} of state each, peer poll {}, agent poll {}, trainer step {}):",
+        "notice on one node -> SIGUSR1 on every other rank, {} ({} ranks, {} of state each, peer poll {}, agent poll {}, trainer step {}):",
+        trainers.describe(),
         args.ranks,
         args.trial_size,
         humantime::format_duration(args.peer_poll),
@@ -318,15 +405,16 @@ fn print_signal_table(args: &Args, trials: &[JobRun]) {
     );
     println!();
     println!(
-        "| trial | notice on rank | its own trainer signalled | every other rank signalled | channels of the others |"
+        "| trial | notice on rank | its trainer signalled | every other sidecar heard | every other trainer signalled | channels of the others |"
     );
-    println!("|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|");
     for (index, run) in trials.iter().enumerate() {
         let own = run.ranks.get(run.noticed as usize).and_then(|r| r.signal);
         println!(
-            "| {index} | {} | {} | {} | {} |",
+            "| {index} | {} | {} | {} | {} | {} |",
             run.noticed,
             seconds(own),
+            seconds(run.others_heard()),
             seconds(run.others_signalled()),
             channels(run)
         );
@@ -358,15 +446,16 @@ fn print_commit_table(args: &Args, commits: &[JobRun]) {
     );
     println!();
     println!(
-        "| run | rank | heard by | signalled | trainer save | part committed | upload | uploaded | sidecar CPU | job manifest |"
+        "| run | rank | heard by | heard | signalled | trainer save | part committed | upload | uploaded | sidecar CPU | job manifest |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for (index, run) in commits.iter().enumerate() {
         for rank in &run.ranks {
             println!(
-                "| {index} | {} | {} | {} | {:.1} s | {} | {:.1} s | {:.0} MiB | {:.2} s | {} |",
+                "| {index} | {} | {} | {} | {} | {:.1} s | {} | {:.1} s | {:.0} MiB | {:.2} s | {} |",
                 rank.rank,
                 rank.channel.as_deref().unwrap_or("-"),
+                seconds(rank.heard),
                 seconds(rank.signal),
                 rank.save_seconds,
                 seconds(rank.part_committed),
@@ -382,52 +471,48 @@ fn print_commit_table(args: &Args, commits: &[JobRun]) {
 
 /// Prints the targets met and missed and the results that must hold; an error when one does
 /// not.
-fn judge(args: &Args, trials: &[JobRun], commits: &[JobRun]) -> anyhow::Result<()> {
-    let target = args.peer_poll + PEER_SIGNAL_SLACK;
-    let samples: Vec<Duration> = trials.iter().filter_map(JobRun::others_signalled).collect();
+fn judge(
+    args: &Args,
+    series: &[(Trainers, Vec<JobRun>)],
+    commits: &[JobRun],
+) -> anyhow::Result<()> {
     println!("targets (issue 11):");
+    let mut judged = 0;
     let mut missed = 0;
-    let median_at = median(samples.clone());
-    let max_at = samples.iter().max().copied();
-    for (what, figure) in [("median", median_at), ("max", max_at)] {
-        let met = figure.is_some_and(|f| f <= target) && samples.len() == trials.len();
-        missed += usize::from(!met);
-        println!(
-            "  {} notice on one node -> SIGUSR1 on every other rank, {what} over {} trials {} (target <= peer poll + {} ms = {:.1} s)",
-            if met { "met   " } else { "MISSED" },
-            trials.len(),
-            seconds(figure),
-            PEER_SIGNAL_SLACK.as_millis(),
-            target.as_secs_f64()
-        );
+    for (trainers, trials) in series {
+        for met in judge_signals(args, *trainers, trials) {
+            judged += 1;
+            missed += usize::from(!met);
+        }
     }
     println!("results that must hold:");
     let mut wrong = Vec::new();
-    for (label, run) in trials
+    let runs = series.iter().flat_map(|(trainers, trials)| {
+        let label = move |i| format!("{trainers:?} trial {i}").to_lowercase();
+        trials.iter().enumerate().map(move |(i, r)| (label(i), r))
+    });
+    let commit_runs = commits
         .iter()
         .enumerate()
-        .map(|(i, r)| (format!("trial {i}"), r))
-        .chain(
-            commits
-                .iter()
-                .enumerate()
-                .map(|(i, r)| (format!("commit run {i}"), r)),
-        )
-    {
-        if run.wrong.is_empty() {
+        .map(|(i, r)| (format!("commit run {i}"), r));
+    for (label, run) in runs.chain(commit_runs) {
+        if !run.wrong.is_empty() {
+            println!("  WRONG  {label}: {}", run.wrong.join("; "));
+            wrong.push(label);
+        } else if let Some(step) = run.step {
             println!(
-                "  ok     {label}: every rank saved step {}, job manifest of {} parts committed {} after the notice (window {} s)",
-                run.step.unwrap_or_default(),
+                "  ok     {label}: every rank saved step {step}, job manifest of {} parts committed {} after the notice (window {} s)",
                 run.ranks.len(),
                 seconds(run.job_committed),
                 WINDOW.as_secs()
             );
         } else {
-            println!("  WRONG  {label}: {}", run.wrong.join("; "));
-            wrong.push(label);
+            println!(
+                "  ok     {label}: every other rank heard the notice from the store and committed its part"
+            );
         }
     }
-    let met = 2 - missed;
+    let met = judged - missed;
     if wrong.is_empty() {
         println!("result: {met} targets met, {missed} missed; every result holds");
         Ok(())
@@ -435,6 +520,31 @@ fn judge(args: &Args, trials: &[JobRun], commits: &[JobRun]) -> anyhow::Result<(
         println!("result: {met} targets met, {missed} missed; WRONG RESULT");
         bail!("wrong result in {}", wrong.join(", "))
     }
+}
+
+/// The median and max of notice → SIGUSR1 on every other rank against one peer poll plus the
+/// slack; whether each was met.
+fn judge_signals(args: &Args, trainers: Trainers, trials: &[JobRun]) -> [bool; 2] {
+    let target = args.peer_poll + PEER_SIGNAL_SLACK;
+    let samples: Vec<Duration> = trials.iter().filter_map(JobRun::others_signalled).collect();
+    let every_trial = samples.len() == trials.len();
+    let figures = [
+        ("median", median(samples.clone())),
+        ("max", samples.iter().max().copied()),
+    ];
+    figures.map(|(what, figure)| {
+        let met = every_trial && figure.is_some_and(|f| f <= target);
+        println!(
+            "  {} {}: notice on one node -> SIGUSR1 on every other rank, {what} over {} trials {} (target <= peer poll + {} ms = {:.1} s)",
+            if met { "met   " } else { "MISSED" },
+            trainers.describe(),
+            trials.len(),
+            seconds(figure),
+            PEER_SIGNAL_SLACK.as_millis(),
+            target.as_secs_f64()
+        );
+        met
+    })
 }
 
 #[cfg(test)]
