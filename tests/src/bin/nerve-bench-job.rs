@@ -123,6 +123,13 @@ impl JobRun {
         self.others().map(|r| r.signal).max().flatten()
     }
 
+    /// The noticed rank's own trainer signalled → every other rank's: how long the notice took
+    /// from the node that got it to the rest of the job, without that node's metadata poll.
+    fn others_after_own(&self) -> Option<Duration> {
+        let own = self.ranks.get(self.noticed as usize)?.signal?;
+        Some(self.others_signalled()?.saturating_sub(own))
+    }
+
     /// Notice → the last of the other ranks' sidecars heard it.
     fn others_heard(&self) -> Option<Duration> {
         self.others().map(|r| r.heard).max().flatten()
@@ -405,17 +412,18 @@ fn print_signal_table(args: &Args, trainers: Trainers, trials: &[JobRun]) {
     );
     println!();
     println!(
-        "| trial | notice on rank | its trainer signalled | every other sidecar heard | every other trainer signalled | channels of the others |"
+        "| trial | notice on rank | its trainer signalled | every other sidecar heard | every other trainer signalled | of which after the noticed rank's | channels of the others |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     for (index, run) in trials.iter().enumerate() {
         let own = run.ranks.get(run.noticed as usize).and_then(|r| r.signal);
         println!(
-            "| {index} | {} | {} | {} | {} | {} |",
+            "| {index} | {} | {} | {} | {} | {} | {} |",
             run.noticed,
             seconds(own),
             seconds(run.others_heard()),
             seconds(run.others_signalled()),
+            seconds(run.others_after_own()),
             channels(run)
         );
     }
@@ -484,6 +492,18 @@ fn judge(
             judged += 1;
             missed += usize::from(!met);
         }
+    }
+    println!(
+        "for reference, not a target: the same from the noticed rank's own signal (without its node's metadata poll):"
+    );
+    for (trainers, trials) in series {
+        let samples: Vec<Duration> = trials.iter().filter_map(JobRun::others_after_own).collect();
+        println!(
+            "         {}: median {}, max {}",
+            trainers.describe(),
+            seconds(median(samples.clone())),
+            seconds(samples.iter().max().copied())
+        );
     }
     println!("results that must hold:");
     let mut wrong = Vec::new();
