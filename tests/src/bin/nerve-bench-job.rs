@@ -12,6 +12,9 @@
 //! - notice on one rank → job manifest committed for `--ranks` × `--size` (4 × 512 MiB): wall
 //!   time, and each sidecar's CPU seconds (utime + stime of /proc/PID/stat, before and after).
 //!
+//! Each notice is set at a random moment (a uniform wait within one peer poll after the pods are
+//! ready), as a real one falls anywhere in the agents' and sidecars' poll cycles.
+//!
 //! The test trainer prints `signal` when its loop takes the signal: while it writes a checkpoint
 //! that is only after the write, so each rank's sidecar is also timed by when it logged hearing
 //! the notice.
@@ -238,6 +241,10 @@ fn run_job(
         sidecar.try_log("following the agent's notice stream", STARTUP_TIMEOUT)?;
         sidecars.push(sidecar);
     }
+    // A notice comes at any moment of the polls' cycles, not a fixed time after the pods
+    // started: without this wait every trial would catch the sidecars' first store poll at the
+    // same phase.
+    std::thread::sleep(args.peer_poll.mul_f64(rand::random_range(0.0..1.0)));
     let cpu_before = sidecars
         .iter()
         .map(Proc::cpu_seconds)
