@@ -270,7 +270,7 @@ mod tests {
         let before = Instant::now();
         let proc = Proc::spawn(
             "sh",
-            Command::new("sh").args(["-c", r#"echo '{"event":"started"}'; sleep 5"#]),
+            Command::new("sh").args(["-c", r#"echo '{"event":"started"}'; exec sleep 5"#]),
         );
         let (at, value) = proc.try_event("started", Duration::from_secs(10)).unwrap();
         assert_eq!(value["event"], "started");
