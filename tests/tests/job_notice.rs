@@ -6,9 +6,8 @@
 use std::time::{Duration, Instant};
 
 use nerve_tests::fault_proxy::{Fault, FaultProxy, Rule};
-use nerve_tests::imds::MetadataSimulator;
 use nerve_tests::pod::{
-    CHECKPOINT_TIMEOUT, Job, Node, Proc, STARTUP_TIMEOUT, agent_for, http_get, in_seconds, wait_for,
+    CHECKPOINT_TIMEOUT, Job, Nodes, Proc, STARTUP_TIMEOUT, http_get, in_seconds, wait_for,
 };
 use serde_json::Value;
 
@@ -16,36 +15,8 @@ use serde_json::Value;
 const PEER_POLL: Duration = Duration::from_secs(1);
 /// The latency budget of a peer's notice: one poll, plus the 500 ms, plus slack for the
 /// 2-core test machine running three trainers, three sidecars and three agents. The bench
-/// measures the real figure (bench/job-notice).
+/// measures the real figure (bench/job).
 const PEER_SIGNAL_BOUND: Duration = Duration::from_secs(4);
-
-/// Three simulated nodes: a metadata service and an agent each.
-struct Nodes {
-    simulators: Vec<MetadataSimulator>,
-    _agents: Vec<Proc>,
-    nodes: Vec<Node>,
-}
-
-fn nodes(count: usize) -> Nodes {
-    let simulators: Vec<MetadataSimulator> =
-        (0..count).map(|_| MetadataSimulator::start()).collect();
-    let (agents, nodes) = simulators
-        .iter()
-        .map(|imds| {
-            let (agent, agent_url) = agent_for(&imds.url());
-            let node = Node {
-                agent_url,
-                metadata_url: imds.url(),
-            };
-            (agent, node)
-        })
-        .unzip();
-    Nodes {
-        simulators,
-        _agents: agents,
-        nodes,
-    }
-}
 
 fn peer_args(extra: &[&str]) -> Vec<String> {
     let mut args = vec![
@@ -89,7 +60,7 @@ fn metric(sidecar: &Proc, name: &str) -> f64 {
 #[test]
 fn a_notice_on_one_node_signals_every_trainer_and_every_part_commits_at_one_step() {
     let job = Job::new("job-notice", 3);
-    let nodes = nodes(3);
+    let nodes = Nodes::start(3);
     let trainers: Vec<Proc> = (0..3)
         .map(|rank| job.trainer(rank, &["--done-marker", "DONE"]))
         .collect();
@@ -134,7 +105,7 @@ fn a_notice_on_one_node_signals_every_trainer_and_every_part_commits_at_one_step
 #[test]
 fn a_store_unreachable_for_ten_seconds_delays_the_peer_notice_but_it_is_still_taken() {
     let job = Job::new("notice-outage", 2);
-    let nodes = nodes(2);
+    let nodes = Nodes::start(2);
     // Trainers that do not agree with each other: only the store can bring rank 0 the notice.
     let trainers: Vec<Proc> = (0..2)
         .map(|rank| job.rig.trainer(&job.dir(rank), &["--done-marker", "DONE"]))
@@ -186,7 +157,7 @@ fn a_store_unreachable_for_ten_seconds_delays_the_peer_notice_but_it_is_still_ta
 #[test]
 fn a_stale_notice_in_the_store_is_ignored() {
     let job = Job::new("stale-notice", 2);
-    let nodes = nodes(2);
+    let nodes = Nodes::start(2);
     // A notice published long ago for a node that is gone.
     let stale = serde_json::json!({
         "id": "spot-interruption/2026-11-01T00:00:00Z", "kind": "spot-interruption", "rank": 1,
@@ -217,7 +188,7 @@ fn a_stale_notice_in_the_store_is_ignored() {
 #[test]
 fn a_rank_whose_trainer_never_finishes_leaves_the_generation_incomplete_and_never_restored() {
     let job = Job::new("hung-rank", 3);
-    let nodes = nodes(3);
+    let nodes = Nodes::start(3);
     let trainers: Vec<Proc> = (0..3)
         .map(|rank| {
             let mut extra = vec!["--done-marker", "DONE", "--checkpoint-at-start"];

@@ -162,6 +162,40 @@ fn a_rank_killed_mid_upload_leaves_its_generation_incomplete_and_restore_takes_t
     }
 }
 
+#[test]
+fn a_signal_that_arrives_during_a_long_agreed_save_is_taken_as_already_answered() {
+    let job = Job::new("late-signal", 2);
+    // A save longer than the trainer's 10 s answered window: 6 MiB with a 2 s pause per MiB.
+    let slow = ["--done-marker", "DONE", "--write-pause", "2s"];
+    let trainers: Vec<Proc> = (0..2).map(|rank| job.trainer(rank, &slow)).collect();
+    for trainer in &trainers {
+        trainer.event("started", STARTUP_TIMEOUT);
+    }
+    trainers[1].send(nix::sys::signal::Signal::SIGUSR1);
+    // Rank 0 saves for its peer through the agreement; its sidecar's signal for the same
+    // notice comes while it writes (the store's poll, or its own done marker, comes later).
+    std::thread::sleep(Duration::from_secs(1));
+    trainers[0].send(nix::sys::signal::Signal::SIGUSR1);
+    let saved = checkpoint_event(&trainers[0], "notice");
+    assert_eq!(saved["reason"], "peer");
+    let late = trainers[0].event("signal", CHECKPOINT_TIMEOUT);
+    assert_eq!(late["already_answered"], true, "{late}");
+    std::thread::sleep(Duration::from_secs(2));
+    for trainer in &trainers {
+        let saves = trainer
+            .json_lines()
+            .iter()
+            .filter(|v| v["event"] == "checkpoint")
+            .count();
+        assert_eq!(
+            saves,
+            1,
+            "no second save for one notice:\n{}",
+            trainer.output()
+        );
+    }
+}
+
 /// Writes a one-file checkpoint for `step` into `dir` holding `config` as `config.json`.
 fn write_small_checkpoint(dir: &Path, step: u64, config: &str, rank: u32) {
     let checkpoint = dir.join(format!("checkpoint-{step}"));
