@@ -28,7 +28,9 @@ pub struct UploadArgs {
     #[command(flatten)]
     pub checkpoint: CheckpointArgs,
 
-    /// Training step recorded in the manifest (informational).
+    /// Training step the generation commits [default: the done marker's, else the newest
+    /// step-named entry's]. Recorded in the manifest; step checkpoints newer than it are left
+    /// out (the trainer began them after this one).
     #[arg(long, env = "NERVE_STEP")]
     pub step: Option<u64>,
 }

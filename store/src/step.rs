@@ -224,6 +224,42 @@ pub fn newest_step_entry(
     step_entries(dir, pattern, excludes).pop()
 }
 
+/// The step-named entries under `dir` that a generation committing `step` leaves out: those
+/// of a newer step, a save the trainer began after the one being committed (the Hugging Face
+/// Trainer and Lightning train on after a save), which would otherwise be restored as the
+/// newest checkpoint half-written.
+///
+/// Two exceptions keep an upload whole. No entry holds `step` itself: the names do not count
+/// steps the way `step` does (a marker's epoch, a `--step` given by hand), so nothing is left
+/// out. DeepSpeed's `latest` names the entry: that save finished, and leaving it out would
+/// restore a `latest` naming a tag that is not there.
+pub fn newer_step_entries(
+    dir: &Path,
+    step: u64,
+    pattern: &StepPattern,
+    excludes: &Excludes,
+) -> Vec<StepEntry> {
+    let entries = step_entries(dir, pattern, excludes);
+    if !entries.iter().any(|entry| entry.step == step) {
+        return Vec::new();
+    }
+    entries
+        .into_iter()
+        .filter(|entry| entry.step > step && !named_by_deepspeed_latest(entry))
+        .collect()
+}
+
+/// DeepSpeed's `latest` beside the entry names it (its save completed).
+fn named_by_deepspeed_latest(entry: &StepEntry) -> bool {
+    matches!(
+        crate::layout::judge_checkpoint(&entry.abs_path),
+        crate::layout::Evidence::Complete {
+            layout: crate::layout::Layout::DeepSpeed,
+            ..
+        }
+    )
+}
+
 /// The step of the checkpoint in `dir`, from the three sources in order (see the module docs).
 pub fn checkpoint_step(
     dir: &Path,
@@ -397,6 +433,69 @@ mod tests {
             "lightning_logs/version_0/checkpoints/epoch=1-step=100.ckpt"
         );
         assert!(!newest.is_dir);
+    }
+
+    #[test]
+    fn only_step_entries_newer_than_the_committed_step_are_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pattern, excludes) = (StepPattern::default(), Excludes::default());
+        for name in [
+            "checkpoint-4",
+            "checkpoint-5",
+            "checkpoint-6",
+            "global_step7",
+        ] {
+            fs::create_dir(dir.path().join(name)).unwrap();
+        }
+        let ckpts = dir.path().join("lightning_logs/version_0/checkpoints");
+        fs::create_dir_all(&ckpts).unwrap();
+        fs::write(ckpts.join("epoch=0-step=8.ckpt"), b"x").unwrap();
+        let left_out: Vec<String> = newer_step_entries(dir.path(), 5, &pattern, &excludes)
+            .into_iter()
+            .map(|entry| entry.path)
+            .collect();
+        assert_eq!(
+            left_out,
+            [
+                "checkpoint-6",
+                "global_step7",
+                "lightning_logs/version_0/checkpoints/epoch=0-step=8.ckpt"
+            ]
+        );
+        assert!(newer_step_entries(dir.path(), 8, &pattern, &excludes).is_empty());
+    }
+
+    #[test]
+    fn nothing_is_left_out_when_no_entry_holds_the_committed_step() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["checkpoint-1200", "checkpoint-1500"] {
+            fs::create_dir(dir.path().join(name)).unwrap();
+        }
+        // An epoch in the marker, global steps in the names.
+        let left_out =
+            newer_step_entries(dir.path(), 3, &StepPattern::default(), &Excludes::default());
+        assert!(left_out.is_empty(), "{left_out:?}");
+    }
+
+    #[test]
+    fn a_newer_deepspeed_tag_that_latest_names_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pattern, excludes) = (StepPattern::default(), Excludes::default());
+        for tag in ["global_step5", "global_step6"] {
+            fs::create_dir(dir.path().join(tag)).unwrap();
+            fs::write(
+                dir.path().join(tag).join("mp_rank_00_model_states.pt"),
+                b"x",
+            )
+            .unwrap();
+        }
+        fs::write(dir.path().join("latest"), "global_step5").unwrap();
+        let left_out = newer_step_entries(dir.path(), 5, &pattern, &excludes);
+        assert_eq!(left_out.len(), 1);
+        assert_eq!(left_out[0].path, "global_step6");
+        // The save of 6 finished before the upload looked: restore must find what latest names.
+        fs::write(dir.path().join("latest"), "global_step6").unwrap();
+        assert!(newer_step_entries(dir.path(), 5, &pattern, &excludes).is_empty());
     }
 
     #[test]

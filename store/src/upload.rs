@@ -11,7 +11,9 @@
 //! it is sent is sent again (up to [`FILE_ATTEMPTS`] times, within the caller's cancellation);
 //! and a file deleted meanwhile drops out of the generation together with the rest of its
 //! step-named checkpoint directory (a `checkpoint-N/` missing a file is not a checkpoint), so
-//! rotation of an older checkpoint never costs the newest one.
+//! rotation of an older checkpoint never costs the newest one. An upload that commits step N
+//! leaves out the step checkpoints newer than N ([`newer_step_entries`]): the trainer began
+//! them after the checkpoint being committed, and a later generation takes them whole.
 
 mod multipart;
 mod scan;
@@ -38,7 +40,7 @@ use crate::manifest::{
 use crate::part::{JobCommit, PartError, Rank, commit_job, committed_ranks, previous_part};
 use crate::progress::{Progress, format_bytes, mib_per_second};
 use crate::s3::{S3Error, Store};
-use crate::step::StepPattern;
+use crate::step::{StepPattern, newer_step_entries};
 use crate::{DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE};
 use multipart::{OpenUploads, Transfer, checksum_parts, send_file};
 
@@ -60,7 +62,8 @@ pub struct ManifestContext {
     pub notice: Option<serde_json::Value>,
     pub node: Option<String>,
     pub pod: Option<String>,
-    /// Training step, when known.
+    /// Training step, when known. Step-named entries of a newer step are left out of the
+    /// generation.
     pub step: Option<u64>,
 }
 
@@ -109,6 +112,9 @@ pub struct UploadSummary {
     pub seconds: f64,
     /// For a part: whether the whole generation is committed now.
     pub job: Option<JobCommit>,
+    /// Step-named entries newer than `step` that the generation does not hold (relative
+    /// paths): a later generation has to take them.
+    pub left_out: Vec<String>,
 }
 
 impl std::fmt::Display for UploadSummary {
@@ -139,6 +145,14 @@ impl std::fmt::Display for UploadSummary {
                 "; {committed} of {world_size} parts committed, the last rank commits the generation"
             ),
             None => Ok(()),
+        }?;
+        match self.step {
+            Some(step) if !self.left_out.is_empty() => write!(
+                f,
+                "; left out {} (newer than step {step})",
+                self.left_out.join(", ")
+            ),
+            _ => Ok(()),
         }
     }
 }
@@ -373,19 +387,19 @@ async fn upload(
     };
     let entries = match result {
         Ok(_) if cancel.is_cancelled() => Err(UploadError::Cancelled),
-        Ok(outcomes) => {
+        Ok((outcomes, left_out)) => {
             let entries = without_vanished(outcomes, &options.step_pattern);
             if entries.is_empty() {
                 Err(UploadError::Empty {
                     dir: dir.to_path_buf(),
                 })
             } else {
-                Ok(entries)
+                Ok((entries, left_out))
             }
         }
         Err(err) => Err(err),
     };
-    let entries = match entries {
+    let (entries, left_out) = match entries {
         Ok(entries) => entries,
         Err(err) => {
             abort_open_uploads(store, &target.objects_prefix, &transfer.open_uploads).await;
@@ -393,23 +407,71 @@ async fn upload(
             return Err(err);
         }
     };
-    commit(store, &target, options, entries, started).await
+    commit(store, &target, options, entries, left_out, started).await
 }
 
-/// Scans `dir` and sends (or reuses) every file.
+/// The files an upload takes, and the step checkpoints it leaves out.
+#[derive(Debug)]
+struct Scanned {
+    files: Vec<LocalFile>,
+    /// Step-named entries newer than the step the upload commits (relative paths).
+    left_out: Vec<String>,
+}
+
+/// Scans `dir` for the files an upload with `options` takes: every file the excludes allow,
+/// less the step checkpoints newer than `options.context.step` ([`newer_step_entries`])
+/// (blocking).
+fn scan_checkpoint(dir: &Path, options: &UploadOptions) -> Result<Scanned, UploadError> {
+    let files = scan_directory(dir, &options.excludes)?;
+    let Some(step) = options.context.step else {
+        return Ok(Scanned {
+            files,
+            left_out: Vec::new(),
+        });
+    };
+    // Looked for after the scan: every step directory the scan found is seen here too.
+    let newer = newer_step_entries(dir, step, &options.step_pattern, &options.excludes);
+    if !newer.is_empty() {
+        let names: Vec<String> = newer
+            .iter()
+            .map(|e| format!("{}{}", e.path, if e.is_dir { "/" } else { "" }))
+            .collect();
+        tracing::warn!(
+            "left out {}: newer than step {step}, which this generation commits; a later \
+             generation takes it",
+            names.join(", ")
+        );
+    }
+    let left_out: Vec<String> = newer.into_iter().map(|entry| entry.path).collect();
+    let files = files
+        .into_iter()
+        .filter(|file| !left_out.iter().any(|path| is_within(&file.path, path)))
+        .collect();
+    Ok(Scanned { files, left_out })
+}
+
+/// `path` is `dir` or lies under it (both relative, `/`-separated).
+fn is_within(path: &str, dir: &str) -> bool {
+    path.strip_prefix(dir)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+/// Scans `dir` and sends (or reuses) every file it takes; returns what became of each, and the
+/// step checkpoints left out.
 async fn send_files(
     transfer: &Transfer<'_>,
     target: &Target,
     dir: &Path,
     options: &UploadOptions,
-) -> Result<Vec<FileOutcome>, UploadError> {
-    let (owned_dir, excludes) = (dir.to_path_buf(), options.excludes.clone());
-    let files = tokio::task::spawn_blocking(move || scan_directory(&owned_dir, &excludes))
-        .await
-        .map_err(|e| UploadError::ReadDir {
-            path: dir.to_path_buf(),
-            source: std::io::Error::other(e),
-        })??;
+) -> Result<(Vec<FileOutcome>, Vec<String>), UploadError> {
+    let (owned_dir, owned_options) = (dir.to_path_buf(), options.clone());
+    let Scanned { files, left_out } =
+        tokio::task::spawn_blocking(move || scan_checkpoint(&owned_dir, &owned_options))
+            .await
+            .map_err(|e| UploadError::ReadDir {
+                path: dir.to_path_buf(),
+                source: std::io::Error::other(e),
+            })??;
     let previous = previous_manifest(transfer.store, target).await?;
     let reuse = ReuseIndex::of(previous.as_ref());
     transfer
@@ -437,10 +499,11 @@ async fn send_files(
             )
         })
         .collect();
-    futures::stream::iter(uploads)
+    let outcomes = futures::stream::iter(uploads)
         .buffered(transfer.concurrency)
         .try_collect()
-        .await
+        .await?;
+    Ok((outcomes, left_out))
 }
 
 /// Writes the manifest (the commit) and, for a multi-pod part, the job manifest when this was
@@ -450,6 +513,7 @@ async fn commit(
     target: &Target,
     options: &UploadOptions,
     entries: Vec<(ManifestFile, bool)>,
+    left_out: Vec<String>,
     started: Instant,
 ) -> Result<UploadSummary, UploadError> {
     let (mut bytes_uploaded, mut bytes_reused) = (0, 0);
@@ -499,6 +563,7 @@ async fn commit(
         bytes_reused,
         seconds,
         job,
+        left_out,
     })
 }
 
@@ -544,6 +609,7 @@ async fn part_already_committed(
         bytes_reused: part.total_bytes(),
         seconds: started.elapsed().as_secs_f64(),
         job,
+        left_out: Vec::new(),
     }))
 }
 
@@ -577,11 +643,7 @@ fn without_vanished(
             FileOutcome::Stored(entry, reused) => Some((entry, reused)),
             FileOutcome::Vanished(_) => None,
         })
-        .filter(|(entry, _)| {
-            !gone
-                .iter()
-                .any(|g| entry.path == *g || entry.path.starts_with(&format!("{g}/")))
-        })
+        .filter(|(entry, _)| !gone.iter().any(|g| is_within(&entry.path, g)))
         .collect()
 }
 
@@ -867,5 +929,80 @@ async fn abort_open_uploads(store: &Store, prefix: &str, open: &OpenUploads) {
             "aborting multipart uploads took longer than {ABORT_TIMEOUT:?}; some parts may stay \
              until the bucket's lifecycle rule removes them"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, path: &str) {
+        let path = dir.join(path);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(path, b"x").expect("write");
+    }
+
+    fn paths_taken(dir: &Path, step: Option<u64>) -> (Vec<String>, Vec<String>) {
+        let options = UploadOptions {
+            context: ManifestContext {
+                step,
+                ..ManifestContext::default()
+            },
+            ..UploadOptions::default()
+        };
+        let scanned = scan_checkpoint(dir, &options).expect("scan");
+        let files = scanned.files.into_iter().map(|f| f.path).collect();
+        (files, scanned.left_out)
+    }
+
+    #[test]
+    fn an_upload_of_step_5_leaves_out_checkpoint_6() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for path in [
+            "checkpoint-4/model.safetensors",
+            "checkpoint-5/model.safetensors",
+            "checkpoint-5/trainer_state.json",
+            "checkpoint-6/model.safetensors",
+            "checkpoint-60-notes.txt",
+            "config.json",
+        ] {
+            write(dir.path(), path);
+        }
+        let (files, left_out) = paths_taken(dir.path(), Some(5));
+        assert_eq!(
+            files,
+            [
+                "checkpoint-4/model.safetensors",
+                "checkpoint-5/model.safetensors",
+                "checkpoint-5/trainer_state.json",
+                "checkpoint-60-notes.txt",
+                "config.json",
+            ]
+        );
+        assert_eq!(left_out, ["checkpoint-6"]);
+    }
+
+    #[test]
+    fn an_upload_without_a_step_takes_every_step_checkpoint() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(dir.path(), "checkpoint-5/model.safetensors");
+        write(dir.path(), "checkpoint-6/model.safetensors");
+        let (files, left_out) = paths_taken(dir.path(), None);
+        assert_eq!(
+            files,
+            [
+                "checkpoint-5/model.safetensors",
+                "checkpoint-6/model.safetensors"
+            ]
+        );
+        assert!(left_out.is_empty());
+    }
+
+    #[test]
+    fn a_path_is_within_a_directory_only_at_a_segment_boundary() {
+        assert!(is_within("checkpoint-6", "checkpoint-6"));
+        assert!(is_within("checkpoint-6/a/b", "checkpoint-6"));
+        assert!(!is_within("checkpoint-60/a", "checkpoint-6"));
+        assert!(!is_within("checkpoint-6.txt", "checkpoint-6"));
     }
 }
