@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime};
 
 use nerve_store::exclude::Excludes;
 use nerve_store::layout::{Evidence, judge_checkpoint};
-use nerve_store::step::{StepPattern, newest_step_entry};
+use nerve_store::step::{StepPattern, checkpoint_step, newest_step_entry};
 use tokio::time::Instant;
 
 /// How often the directory is looked at while waiting: small against the quiet period and the
@@ -54,6 +54,26 @@ impl Content {
     pub fn target(&self) -> PathBuf {
         newest_step_entry(&self.dir, &self.step_pattern, &self.excludes)
             .map_or_else(|| self.dir.clone(), |entry| entry.abs_path)
+    }
+
+    /// The step of the checkpoint about to be uploaded (blocking). The marker's step when the
+    /// marker vouches for this checkpoint (written for it); otherwise the checkpoint was judged
+    /// by its files, so the newest step-named entry's comes first, and a marker left from an
+    /// earlier save only counts where no name carries a step. The upload leaves out entries
+    /// newer than this step, so a stale marker must not decide it.
+    pub fn step(&self, marker_vouches: bool) -> Option<u64> {
+        if !marker_vouches
+            && let Some(entry) = newest_step_entry(&self.dir, &self.step_pattern, &self.excludes)
+        {
+            return Some(entry.step);
+        }
+        checkpoint_step(
+            &self.dir,
+            Some(&self.marker),
+            &self.step_pattern,
+            &self.excludes,
+        )
+        .map(|step| step.step)
     }
 
     /// A snapshot of the checkpoint files under the directory (exclusions applied).
@@ -132,6 +152,14 @@ impl DirSnapshot {
     /// The most recent modification of any file.
     pub fn newest(&self) -> Option<SystemTime> {
         self.files.values().map(|f| f.modified).max()
+    }
+
+    /// The snapshot without the files under `left_out` (relative paths an upload left out), so
+    /// they still count as not in the store.
+    pub fn without(mut self, left_out: &[String]) -> DirSnapshot {
+        self.files
+            .retain(|path, _| !left_out.iter().any(|out| path.starts_with(out)));
+        self
     }
 
     /// The files under `prefix` (relative), for judging one checkpoint of the directory.
@@ -388,6 +416,34 @@ mod tests {
         drop(writing);
         let _reading = fs::File::open(dir.path().join("optimizer.pt")).unwrap();
         assert!(open_for_writing(dir.path(), &[me], &excludes).is_empty());
+    }
+
+    #[test]
+    fn a_marker_left_from_an_earlier_save_does_not_decide_the_step_of_a_quiet_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let content = content(dir.path(), false);
+        fs::write(&content.marker, "step=5\nreason=notice\n").unwrap();
+        fs::create_dir(dir.path().join("checkpoint-5")).unwrap();
+        fs::create_dir(dir.path().join("checkpoint-10")).unwrap();
+        assert_eq!(content.step(true), Some(5), "the marker vouches");
+        assert_eq!(content.step(false), Some(10), "judged by its files");
+        fs::remove_dir(dir.path().join("checkpoint-5")).unwrap();
+        fs::remove_dir(dir.path().join("checkpoint-10")).unwrap();
+        assert_eq!(content.step(false), Some(5), "no name carries a step");
+    }
+
+    #[test]
+    fn files_an_upload_left_out_stay_unsynced() {
+        let dir = tempfile::tempdir().unwrap();
+        for path in ["checkpoint-5/a", "checkpoint-6/a", "checkpoint-60/a"] {
+            fs::create_dir_all(dir.path().join(path).parent().unwrap()).unwrap();
+            fs::write(dir.path().join(path), b"x").unwrap();
+        }
+        let snapshot = DirSnapshot::scan(dir.path(), &Excludes::default()).unwrap();
+        let synced = snapshot.clone().without(&["checkpoint-6".to_owned()]);
+        let kept: Vec<_> = synced.files.keys().map(|p| p.to_str().unwrap()).collect();
+        assert_eq!(kept, ["checkpoint-5/a", "checkpoint-60/a"]);
+        assert_eq!(snapshot.bytes_not_in(&synced), 1);
     }
 
     #[test]

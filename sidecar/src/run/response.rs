@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use nerve_store::job_notice::{JobNotice, publish_notice};
 use nerve_store::part::Rank;
-use nerve_store::step::{MarkerContent, checkpoint_step};
+use nerve_store::step::MarkerContent;
 use nerve_store::{ManifestContext, Store, UploadOptions, UploadSummary, upload_generation};
 use nix::sys::signal::Signal;
 use time::OffsetDateTime;
@@ -569,17 +569,11 @@ impl Runner {
         notice_to_signal_ms: f64,
     ) -> CheckpointOutcome {
         let content = self.config.content.clone();
-        let (snapshot, step) = tokio::task::spawn_blocking(move || {
-            let step = checkpoint_step(
-                &content.dir,
-                Some(&content.marker),
-                &content.step_pattern,
-                &content.excludes,
-            );
-            (content.snapshot(), step.map(|s| s.step))
-        })
-        .await
-        .unwrap_or_default();
+        let marker_vouches = *completion == Completion::Marker;
+        let (snapshot, step) =
+            tokio::task::spawn_blocking(move || (content.snapshot(), content.step(marker_vouches)))
+                .await
+                .unwrap_or_default();
         let cancel = CancellationToken::new();
         let timer = tokio::spawn({
             let cancel = cancel.clone();
@@ -594,8 +588,9 @@ impl Runner {
         timer.abort();
         match result {
             Ok(summary) => {
+                let synced = snapshot.without(&summary.left_out);
                 self.shared
-                    .record_upload(snapshot, summary.bytes_uploaded, summary.seconds);
+                    .record_upload(synced, summary.bytes_uploaded, summary.seconds);
                 report_committed(trigger, &summary, heard, completion, notice_to_signal_ms);
                 CheckpointOutcome::Committed
             }

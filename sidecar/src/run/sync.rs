@@ -9,13 +9,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use nerve_store::part::Rank;
-use nerve_store::step::checkpoint_step;
 use nix::sys::signal::Signal;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::checkpoint::{self, Content, DirSnapshot, MarkerState};
+use super::checkpoint::{self, Completion, Content, DirSnapshot, MarkerState};
 use super::deadline::Throughput;
 use super::signal::{self, Scope};
 use crate::metrics;
@@ -146,12 +145,15 @@ pub async fn sync_in_background(
         ::metrics::gauge!(metrics::BACKGROUND_SYNC_LAG).set(since.elapsed().as_secs_f64());
         let judged = {
             let (config, snapshot, previous) = (config.clone(), snapshot.clone(), previous.clone());
-            tokio::task::spawn_blocking(move || is_complete(&config, &snapshot, previous.as_ref()))
+            tokio::task::spawn_blocking(move || {
+                judge_periodic(&config, &snapshot, previous.as_ref())
+            })
         };
-        if shared.is_paused() || !judged.await.unwrap_or(false) {
+        let completion = judged.await.ok().flatten();
+        let Some(completion) = completion.filter(|_| !shared.is_paused()) else {
             previous = Some(snapshot);
             continue;
-        }
+        };
         previous = Some(snapshot.clone());
         let _guard = shared.upload_lock.lock().await;
         if shared.is_paused() || cancel.is_cancelled() {
@@ -167,13 +169,7 @@ pub async fn sync_in_background(
                 notice: None,
                 node: config.node.clone(),
                 pod: config.pod.clone(),
-                step: checkpoint_step(
-                    &content.dir,
-                    Some(&content.marker),
-                    &content.step_pattern,
-                    &content.excludes,
-                )
-                .map(|s| s.step),
+                step: content.step(completion == Completion::Marker),
             },
             excludes: content.excludes.clone(),
             step_pattern: content.step_pattern.clone(),
@@ -189,7 +185,8 @@ pub async fn sync_in_background(
             Ok(summary) => {
                 tracing::info!(generation = %summary.generation, bytes_uploaded = summary.bytes_uploaded,
                     bytes_reused = summary.bytes_reused, seconds = summary.seconds, "background sync committed");
-                shared.record_upload(snapshot, summary.bytes_uploaded, summary.seconds);
+                let synced = snapshot.without(&summary.left_out);
+                shared.record_upload(synced, summary.bytes_uploaded, summary.seconds);
                 unsynced_since = None;
                 urgent = false;
                 ::metrics::gauge!(metrics::BACKGROUND_SYNC_LAG).set(0.0);
@@ -211,15 +208,16 @@ pub async fn sync_in_background(
 
 /// A periodic checkpoint is complete when the directory did not change since the last look,
 /// no candidate process writes to it, and either the done marker was written after its files
-/// or nothing in it is younger than the quiet period and its layout shows it whole
-/// ([`checkpoint::judge_quiet_checkpoint`]) (blocking).
-fn is_complete(
+/// ([`Completion::Marker`]: the marker vouches for the checkpoint, and its step is the one
+/// uploaded) or nothing in it is younger than the quiet period and its layout shows it whole
+/// ([`checkpoint::judge_quiet_checkpoint`]) (blocking). `None` while it is not.
+fn judge_periodic(
     config: &SyncConfig,
     snapshot: &DirSnapshot,
     previous: Option<&DirSnapshot>,
-) -> bool {
+) -> Option<Completion> {
     if previous != Some(snapshot) {
-        return false;
+        return None;
     }
     let content = &config.content;
     let marked = MarkerState::read(&content.marker)
@@ -232,7 +230,7 @@ fn is_complete(
     });
     // `--done-marker` makes a notice wait for the marker; periodic saves may not write one.
     if !marked && !settled {
-        return false;
+        return None;
     }
     let pids: Vec<i32> = match signal::find_candidates(config.signal, &config.scope) {
         Ok(candidates) => candidates.all().map(|p| p.pid).collect(),
@@ -240,11 +238,12 @@ fn is_complete(
     };
     let target = content.target();
     if !checkpoint::open_for_writing(&target, &pids, &content.excludes).is_empty() {
-        return false;
+        return None;
+    }
+    if marked {
+        return Some(Completion::Marker);
     }
     // A periodic save: the trainer is training on, so an unrecognised layout that is quiet and
     // not open for writing counts, as it always has; a recognised one must show it is whole.
-    marked
-        || checkpoint::judge_quiet_checkpoint(&target, true)
-            .is_some_and(|judged| judged.is_complete())
+    checkpoint::judge_quiet_checkpoint(&target, true).filter(Completion::is_complete)
 }
