@@ -250,6 +250,40 @@ fn two_ranks_claiming_different_contents_for_one_path_fail_restore_without_touch
 }
 
 #[test]
+fn a_ranks_part_of_a_marked_step_leaves_out_the_newer_checkpoint_it_began() {
+    let job = Job::new("newer-in-part", 2);
+    for rank in [0, 1] {
+        write_small_checkpoint(&job.dir(rank), 5, "{}", rank);
+    }
+    // Rank 0's trainer marked step 5 and went on to begin step 6.
+    let dir = job.dir(0);
+    std::fs::write(dir.join(".nerve-done"), "step=5\nreason=notice\n").expect("write");
+    std::fs::create_dir_all(dir.join("checkpoint-6/rank-0")).expect("mkdir");
+    std::fs::write(dir.join("checkpoint-6/rank-0/weights.bin"), "half").expect("write");
+    for rank in [0, 1] {
+        let output = job.command(rank, "upload", &job.dir(rank), &[]);
+        assert!(output.status.success(), "{output:?}");
+    }
+    assert_eq!(job.parts(5), [0, 1]);
+    assert!(job.job_manifest(5).is_some());
+    let part: Value = serde_json::from_slice(
+        &std::fs::read(job.gen_dir().join("step-000000000005/rank-0.manifest.json"))
+            .expect("rank 0's part"),
+    )
+    .expect("json");
+    let paths: Vec<&str> = part["files"]
+        .as_array()
+        .expect("files")
+        .iter()
+        .filter_map(|f| f["path"].as_str())
+        .collect();
+    assert!(
+        paths.iter().all(|p| !p.starts_with("checkpoint-6/")),
+        "{paths:?}"
+    );
+}
+
+#[test]
 fn prune_keeps_complete_generations_and_drops_incomplete_ones_behind_them() {
     let job = Job::new("prune-parts", 2);
     let upload = |rank: u32, step: u64| {

@@ -842,6 +842,47 @@ fn restore_picks_the_newest_step_not_the_newest_clock() {
     );
 }
 
+#[test]
+fn an_upload_of_a_given_step_leaves_out_the_newer_step_checkpoint_being_written() {
+    let h = Harness::new();
+    let source = h.path("source");
+    write(
+        &source.join("checkpoint-5/model.safetensors"),
+        b"weights of step 5",
+    );
+    write(
+        &source.join("checkpoint-5/trainer_state.json"),
+        br#"{"global_step": 5}"#,
+    );
+    write(
+        &source.join("checkpoint-6/model.safetensors"),
+        b"the first half of",
+    );
+    write(&source.join("config.json"), b"{}");
+    let output = h.upload("job", &source, &["--step", "5"]);
+    let generation = committed_generation(&output);
+    assert!(
+        stdout(&output).contains("left out checkpoint-6 (newer than step 5)"),
+        "{}",
+        stdout(&output)
+    );
+    assert!(
+        stderr(&output).contains("left out checkpoint-6/: newer than step 5"),
+        "{}",
+        stderr(&output)
+    );
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(h.manifest_path("job", &generation)).expect("manifest"),
+    )
+    .expect("json");
+    assert_eq!(manifest["step"], 5);
+
+    let restored = h.path("restored");
+    assert_success(&h.restore("job", &restored, &[]));
+    std::fs::remove_dir_all(source.join("checkpoint-6")).expect("rm");
+    assert_same_tree(&source, &restored);
+}
+
 /// `data` with its last four bytes changed so that its CRC32C is `target`. A CRC is affine in
 /// the data over GF(2), and four free bytes reach every 32-bit value: solve for them.
 fn forge_crc32c(mut data: Vec<u8>, target: u32) -> Vec<u8> {
