@@ -2,10 +2,11 @@
 //!
 //! A generation is a checkpoint directory uploaded under `<prefix>/<job>/gen/<generation>/` and
 //! committed by a manifest written last, so readers never see a partial one. This crate uploads
-//! (parallel multipart streams from disk, one bound on requests in flight, CRC32C end to end,
-//! unchanged files reused from the previous generation), restores (staged beside the directory,
-//! verified, then swapped in), lists and prunes generations. Memory does not grow with
-//! checkpoint size.
+//! (parallel multipart streams from disk, small files whole from memory, bounded requests in
+//! flight, CRC32C end to end, unchanged files reused from the previous generation), restores
+//! (staged beside the directory, verified, then swapped in), lists and prunes generations.
+//! Memory does not grow with checkpoint size; with the file count it grows by the manifest's
+//! own entries only (docs/transfer.md, "Memory").
 //!
 //! It deliberately knows nothing of notices, signals, trainers or command lines: the sidecar
 //! decides *when* to checkpoint and passes this crate its own option types.

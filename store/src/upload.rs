@@ -3,7 +3,8 @@
 //! Every file goes to `<prefix>/<job>/gen/<generation>/<path>` unless the newest committed
 //! generation already holds the same content (same size, CRC32C and CRC-64/NVME), in which case
 //! the manifest points at that object. Files and parts move in parallel under one bound on
-//! requests in flight. The manifest is written last; any failure or cancellation aborts the
+//! requests in flight, and small files (up to [`crate::SMALL_FILE`], read whole and sent from
+//! memory) under one of their own. The manifest is written last; any failure or cancellation aborts the
 //! run's multipart uploads and writes no manifest, so readers never see a partial generation.
 //!
 //! The directory is live: a trainer keeps writing logs and rotates old checkpoints while the
@@ -36,7 +37,8 @@ use crate::generation::Generation;
 use crate::list::newest_generation;
 use crate::manifest::{
     MANIFEST_VERSION, MANIFEST_VERSION_LINKS, Manifest, ManifestFile, ManifestReadError,
-    fetch_manifest_at, fold_manifest, format_crc32c, format_crc64, key_inside, put_manifest_at,
+    fetch_manifest_at, fold_manifest, format_crc32c, format_crc64, key_inside, manifest_body,
+    put_json,
 };
 use crate::part::{JobCommit, PartError, Rank, commit_job, committed_ranks, previous_part};
 use crate::progress::{Progress, format_bytes, mib_per_second};
@@ -71,7 +73,8 @@ pub struct ManifestContext {
 /// How to upload; [`UploadOptions::default`] uses the command-line defaults.
 #[derive(Debug, Clone)]
 pub struct UploadOptions {
-    /// Requests in flight across all files and parts (a background sync may use fewer).
+    /// Requests in flight across all parts and large files (a background sync may use fewer);
+    /// small files get [`crate::small_requests`] of their own.
     pub concurrency: usize,
     /// Preferred part size; grows for files that would need more than 10,000 parts.
     pub part_size: u64,
@@ -465,13 +468,17 @@ async fn send_files(
     let (reuse, readers, part_size) = (&reuse, &checksum_readers, options.part_size);
     // Boxed with an explicit `Send`: a closure returning the bare borrowing future makes the
     // whole upload future not provably `Send` (rust#102211).
-    let mut outcomes: Vec<FileOutcome> = futures::stream::iter(files)
+    // Sized up front: grown by doubling, the outcomes of 100,000 files held up to twice
+    // their size (and three times while one growth copied them).
+    let mut outcomes: Vec<FileOutcome> = Vec::with_capacity(files.len());
+    let mut uploads = futures::stream::iter(files)
         .map(|file| -> BoxFuture<'_, Result<FileOutcome, UploadError>> {
             Box::pin(upload_file(transfer, file, reuse, part_size, readers))
         })
-        .buffer_unordered(transfer.files_in_flight)
-        .try_collect()
-        .await?;
+        .buffer_unordered(transfer.files_in_flight);
+    while let Some(outcome) = uploads.try_next().await? {
+        outcomes.push(outcome);
+    }
     outcomes.sort_by(|a, b| a.path().cmp(b.path()));
     Ok(outcomes)
 }
@@ -513,7 +520,10 @@ async fn commit(
         world_size: target.rank.map(|r| r.world_size),
         files: entries.into_iter().map(|(entry, _)| entry).collect(),
     };
-    put_manifest_at(store, &target.manifest_key, &manifest)
+    let (body, files) = (manifest_body(&manifest), manifest.files.len());
+    // The entries are in the body now; only the body is held while it is sent.
+    drop(manifest);
+    put_json(store, &target.manifest_key, body, options.context.step, false)
         .await
         .map_err(UploadError::Commit)?;
     let job = commit_job_of(store, target).await?;
@@ -526,7 +536,7 @@ async fn commit(
     Ok(UploadSummary {
         generation: target.generation.clone(),
         rank: target.rank,
-        files: manifest.files.len(),
+        files,
         bytes_uploaded,
         bytes_reused,
         seconds,
