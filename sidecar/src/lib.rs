@@ -10,6 +10,7 @@ pub mod inject;
 pub mod metrics;
 pub mod rank;
 pub mod run;
+pub mod settings;
 pub mod transfer;
 
 /// A setting that is wrong in a way parsing could not see (a missing directory, say): the

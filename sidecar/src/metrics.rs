@@ -9,8 +9,18 @@
 /// Notices acted on, by `kind` and the `channel` they came through (`agent`, `metadata`,
 /// `sigterm`).
 pub const NOTICES: &str = "nerve_sidecar_notices_total";
-/// From hearing a notice to the signal sent to the trainer.
+/// From hearing a notice to the signal sent to the trainer, by the `channel` it came through
+/// (`peer` for another pod's notice: from its detection, on that node's clock).
 pub const NOTICE_TO_SIGNAL: &str = "nerve_sidecar_notice_to_signal_seconds";
+/// Polls of the job-wide notice by `outcome`: `absent`, `unchanged`, `notice`, `own`, `stale`,
+/// `error` (multi-pod jobs).
+pub const PEER_POLLS: &str = "nerve_sidecar_peer_polls_total";
+/// Other pods' notices seen, by `outcome`: `taken` or `stale`.
+pub const PEER_NOTICES: &str = "nerve_sidecar_peer_notices_total";
+/// This rank's parts committed for a notice, by `timing`: `before` or `after` the deadline of
+/// the node that received it (a rank whose node stays commits after it, so the generation
+/// completes).
+pub const PARTS: &str = "nerve_sidecar_parts_total";
 /// Signals by `outcome`: `sent` (per process) or `no-handler` (no process handles the signal).
 pub const SIGNALS: &str = "nerve_sidecar_signals_total";
 /// From the signal to the checkpoint being complete (marker or quiet period) or cut off.

@@ -13,6 +13,7 @@ pub mod checkpoint;
 pub mod deadline;
 pub mod health;
 pub mod listen;
+pub mod peers;
 pub mod response;
 pub mod signal;
 pub mod sync;
@@ -38,12 +39,14 @@ use tokio_util::task::TaskTracker;
 use self::checkpoint::Content;
 use self::deadline::Throughput;
 use self::listen::{ListenConfig, ListenStatus};
+use self::peers::PeerConfig;
 use self::response::{Runner, RunnerConfig};
 use self::signal::Scope;
 use self::sync::{SyncConfig, SyncShared};
 use self::watch::TrainerWatch;
-use crate::cli::CheckpointArgs;
+use crate::settings::{CheckpointArgs, parse_byte_size};
 use nerve_store::Store;
+use nerve_store::part::Rank;
 
 /// Notices waiting for the run loop; the agent sends a handful at most, and a full channel
 /// only slows the listener down.
@@ -123,12 +126,20 @@ pub struct RunArgs {
           value_parser = clap::value_parser!(u16).range(1..=256))]
     pub sync_concurrency: u16,
 
+    /// In a multi-pod job: how often the job-wide notice in the store is polled, so that a
+    /// notice received by another pod's node reaches this one (a conditional GET; see
+    /// docs/DESIGN.md for the cost).
+    // 2 s: other ranks start their checkpoint within ~2.5 s of the notice, a small part of a
+    // two-minute window, for 43,200 GETs a day per pod.
+    #[arg(long, env = "NERVE_PEER_POLL", default_value = "2s", value_parser = parse_peer_poll)]
+    pub peer_poll: Duration,
+
     /// Deadline assumed for SIGTERM (pod deletion, drain): the pod's termination grace period.
     #[arg(long, env = "NERVE_TERMINATION_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub termination_grace: Duration,
 
     /// Upload throughput assumed until one is measured, in bytes per second (e.g. 100MiB).
-    #[arg(long, env = "NERVE_ASSUMED_THROUGHPUT", default_value = "100MiB", value_parser = crate::cli::parse_byte_size)]
+    #[arg(long, env = "NERVE_ASSUMED_THROUGHPUT", default_value = "100MiB", value_parser = parse_byte_size)]
     pub assumed_throughput: u64,
 
     /// Node name recorded in the manifest.
@@ -152,6 +163,18 @@ fn parse_http_url(value: &str) -> Result<http::Uri, String> {
     Ok(uri)
 }
 
+/// Shortest and longest peer poll: below 200 ms the GETs cost more than they save; above a
+/// minute half the notice window is gone before the other ranks hear it.
+fn parse_peer_poll(value: &str) -> Result<Duration, String> {
+    let poll = humantime::parse_duration(value)
+        .map_err(|e| format!("`{value}` is not a duration like 2s: {e}"))?;
+    if (Duration::from_millis(200)..=Duration::from_secs(60)).contains(&poll) {
+        Ok(poll)
+    } else {
+        Err(format!("must be between 200ms and 60s, got {value}"))
+    }
+}
+
 fn parse_regex(value: &str) -> Result<Regex, String> {
     Regex::new(value).map_err(|e| format!("not a valid regex: {e}"))
 }
@@ -172,8 +195,57 @@ pub async fn run(
     metrics_handle: metrics_exporter_prometheus::PrometheusHandle,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    // Every bad setting at once, each with its flag and the fix.
-    let dir = args.checkpoint.dir.clone();
+    let checked = check_settings(&args)?;
+    let listener = health::bind(args.listen).await?;
+    let address = listener
+        .local_addr()
+        .context("reading the listening address")?;
+    let store = Store::connect(&args.checkpoint.store.config()).await;
+    let stop = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let listen_status = Arc::new(ListenStatus::default());
+    let health_state = Arc::new(health::HealthState {
+        metrics: metrics_handle,
+        listen: listen_status.clone(),
+        ready: false.into(),
+    });
+    tracker.spawn(health::serve_health(
+        listener,
+        health_state.clone(),
+        stop.clone(),
+    ));
+    let mut started = start_tasks(&args, checked, store, listen_status, &tracker, &stop);
+    tracker.close();
+    health_state.ready.store(true, Ordering::Relaxed);
+    tracing::info!(%address, agent = %started.agent_url, dir = %args.checkpoint.dir.display(),
+        signal = %args.signal, background_sync = args.background_sync, "sidecar running");
+    respond_until_stopped(
+        &mut started.runner,
+        &mut started.notices,
+        &mut started.peer_notices,
+        &shutdown,
+    )
+    .await;
+    stop.cancel();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("background tasks did not stop within {SHUTDOWN_GRACE:?}; exiting anyway");
+    }
+    Ok(())
+}
+
+/// The settings `run` needs that parsing could not check, all checked at once.
+struct Checked {
+    agent_url: http::Uri,
+    scope: Scope,
+    rank: Rank,
+}
+
+/// Every bad setting at once, each with its flag and the fix (exit 64).
+fn check_settings(args: &RunArgs) -> Result<Checked, crate::ConfigError> {
+    let dir = &args.checkpoint.dir;
     let mut problems = Vec::new();
     if !dir.is_dir() {
         problems.push(format!(
@@ -198,30 +270,39 @@ pub async fn run(
         .resolve()
         .map_err(|e| problems.push(e.0))
         .ok();
-    let (Some(agent_url), Some(rank), true) = (agent_url, rank, problems.is_empty()) else {
-        return Err(crate::ConfigError(problems.join("\n")).into());
-    };
-    let listener = health::bind(args.listen).await?;
-    let address = listener
-        .local_addr()
-        .context("reading the listening address")?;
-    let store = Store::connect(&args.checkpoint.store.config()).await;
+    match (agent_url, rank, problems.is_empty()) {
+        (Some(agent_url), Some(rank), true) => Ok(Checked {
+            agent_url,
+            scope,
+            rank,
+        }),
+        _ => Err(crate::ConfigError(problems.join("\n"))),
+    }
+}
 
-    let stop = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let listen_status = Arc::new(ListenStatus::default());
-    let health_state = Arc::new(health::HealthState {
-        metrics: metrics_handle,
-        listen: listen_status.clone(),
-        ready: false.into(),
-    });
-    tracker.spawn(health::serve_health(
-        listener,
-        health_state.clone(),
-        stop.clone(),
-    ));
+/// The running sidecar: the responder and the channels its listeners feed.
+struct Started {
+    agent_url: http::Uri,
+    runner: Runner,
+    notices: mpsc::Receiver<listen::Heard>,
+    peer_notices: mpsc::Receiver<peers::PeerNotice>,
+}
 
-    let (notices_tx, mut notices) = mpsc::channel(NOTICE_CHANNEL_CAPACITY);
+/// Starts the listeners, the background sync, the peer poller and the trainer watch.
+fn start_tasks(
+    args: &RunArgs,
+    checked: Checked,
+    store: Store,
+    listen_status: Arc<ListenStatus>,
+    tracker: &TaskTracker,
+    stop: &CancellationToken,
+) -> Started {
+    let Checked {
+        agent_url,
+        scope,
+        rank,
+    } = checked;
+    let (notices_tx, notices) = mpsc::channel(NOTICE_CHANNEL_CAPACITY);
     let listen_config = ListenConfig {
         agent_url: agent_url.clone(),
         metadata_url: args.metadata_url.clone(),
@@ -234,16 +315,7 @@ pub async fn run(
         listen_status,
         stop.clone(),
     ));
-
-    let content_args = &args.checkpoint.content;
-    let content = Content {
-        marker: content_args.marker_path(&dir),
-        marker_only: content_args.done_marker.is_some(),
-        dir: dir.clone(),
-        quiet_period: args.quiet_period,
-        excludes: content_args.excludes(),
-        step_pattern: content_args.step_from.clone(),
-    };
+    let content = content_of(args);
     let shared = Arc::new(SyncShared::new(Throughput::assumed(
         args.assumed_throughput as f64,
     )));
@@ -266,17 +338,22 @@ pub async fn run(
             stop.clone(),
         ));
     }
+    let (peer_tx, peer_notices) = mpsc::channel(NOTICE_CHANNEL_CAPACITY);
+    if rank.is_multi_pod() {
+        let config = PeerConfig {
+            store: store.clone(),
+            rank: rank.rank,
+            poll: args.peer_poll,
+            marker: content.marker.clone(),
+        };
+        tracker.spawn(peers::listen_to_peers(config, peer_tx, stop.clone()));
+    }
     let watch = Arc::new(TrainerWatch::default());
     tracker.spawn(
         watch
             .clone()
             .watch(args.signal, scope.clone(), stop.clone()),
     );
-    tracker.close();
-    health_state.ready.store(true, Ordering::Relaxed);
-    tracing::info!(%address, agent = %agent_url, dir = %dir.display(), signal = %args.signal,
-        background_sync = args.background_sync, "sidecar running");
-
     let config = RunnerConfig {
         content,
         signal: args.signal,
@@ -289,18 +366,48 @@ pub async fn run(
         node: args.node_name.clone(),
         pod: args.pod_name.clone(),
     };
-    let mut runner = Runner::new(config, store, shared, watch);
+    Started {
+        agent_url,
+        runner: Runner::new(config, store, shared, watch),
+        notices,
+        peer_notices,
+    }
+}
+
+/// What under `--dir` is the checkpoint, from the flags.
+fn content_of(args: &RunArgs) -> Content {
+    let dir = &args.checkpoint.dir;
+    let content_args = &args.checkpoint.content;
+    Content {
+        marker: content_args.marker_path(dir),
+        marker_only: content_args.done_marker.is_some(),
+        dir: dir.clone(),
+        quiet_period: args.quiet_period,
+        excludes: content_args.excludes(),
+        step_pattern: content_args.step_from.clone(),
+    }
+}
+
+/// Responds to notices (this node's, other pods', SIGTERM) until SIGTERM has been answered or
+/// the listeners stop.
+async fn respond_until_stopped(
+    runner: &mut Runner,
+    notices: &mut mpsc::Receiver<listen::Heard>,
+    peer_notices: &mut mpsc::Receiver<peers::PeerNotice>,
+    shutdown: &CancellationToken,
+) {
     loop {
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => {
                 runner.hear_sigterm().await;
-                break;
+                return;
             }
             heard = notices.recv() => {
-                let Some(heard) = heard else { break };
+                let Some(heard) = heard else { return };
                 runner.hear(heard).await;
             }
+            Some(peer) = peer_notices.recv() => runner.hear_peer(peer).await,
             // The deadline passed and the machine is still here (a notice withdrawn, or a
             // false alarm): keep the store in sync again.
             _ = sleep_until_deadline(runner.emergency_until), if runner.emergency_until.is_some() => {
@@ -310,14 +417,6 @@ pub async fn run(
             }
         }
     }
-    stop.cancel();
-    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("background tasks did not stop within {SHUTDOWN_GRACE:?}; exiting anyway");
-    }
-    Ok(())
 }
 
 async fn sleep_until_deadline(deadline: Option<OffsetDateTime>) {

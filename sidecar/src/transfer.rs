@@ -5,6 +5,8 @@
 //! and presents results.
 
 use anyhow::Context as _;
+use clap::Args;
+use nerve_store::generation::Generation;
 use tokio_util::sync::CancellationToken;
 
 use nerve_store::list::describe_generations;
@@ -19,7 +21,83 @@ use nerve_store::{
 };
 
 use crate::ConfigError;
-use crate::cli::{ListArgs, PruneArgs, RestoreArgs, UploadArgs};
+use crate::settings::{CheckpointArgs, RankArgs, StoreArgs};
+
+#[derive(Debug, Clone, Args)]
+pub struct UploadArgs {
+    #[command(flatten)]
+    pub checkpoint: CheckpointArgs,
+
+    /// Training step recorded in the manifest (informational).
+    #[arg(long, env = "NERVE_STEP")]
+    pub step: Option<u64>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RestoreArgs {
+    #[command(flatten)]
+    pub checkpoint: CheckpointArgs,
+
+    /// Restore this generation instead of the newest committed one.
+    #[arg(long, env = "NERVE_GENERATION", value_parser = Generation::parse)]
+    pub generation: Option<Generation>,
+
+    /// Owner of the restored files, UID or UID:GID [default: when running as root, the owner
+    /// of --dir (or of its parent), so the trainer can write them; otherwise this user].
+    #[arg(long, env = "NERVE_OWNER", value_parser = Owner::parse)]
+    pub owner: Option<Owner>,
+
+    /// Restore even when --dir holds a checkpoint of the same or a newer step (which is
+    /// otherwise left alone).
+    #[arg(long, env = "NERVE_OVERWRITE")]
+    pub overwrite: bool,
+
+    /// Of a multi-pod generation: `all` ranks' files (what torch.distributed.checkpoint needs
+    /// to reshard), or this rank's `own` part plus the files every rank needs.
+    #[arg(long, env = "NERVE_PARTS", value_parser = ["all", "own"], default_value = "all")]
+    pub parts: String,
+
+    /// Of a multi-pod generation: the rank whose file wins when two ranks hold one path with
+    /// different contents (without it, that is an error naming both).
+    #[arg(long, env = "NERVE_PREFER_RANK")]
+    pub prefer_rank: Option<u32>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+
+    #[command(flatten)]
+    pub rank: RankArgs,
+
+    /// Print one JSON object per generation instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PruneArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+
+    #[command(flatten)]
+    pub rank: RankArgs,
+
+    /// Committed generations to keep (the newest N); at least 1.
+    #[arg(long, env = "NERVE_KEEP", value_parser = clap::value_parser!(u32).range(1..))]
+    pub keep: u32,
+
+    /// Say what would be deleted without deleting anything.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// A multi-pod generation some rank never committed survives while its newest object is
+    /// younger than this (a slow rank may still be writing its part).
+    #[arg(long, env = "NERVE_INCOMPLETE_GRACE", default_value = "1h",
+          value_parser = humantime::parse_duration)]
+    pub incomplete_grace: std::time::Duration,
+}
 
 /// `nerve-sidecar upload`: upload once, print the summary.
 pub async fn upload_command(args: UploadArgs, shutdown: CancellationToken) -> anyhow::Result<()> {

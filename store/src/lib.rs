@@ -14,6 +14,7 @@
 pub mod checksum;
 pub mod exclude;
 pub mod generation;
+pub mod job_notice;
 pub mod layout;
 pub mod list;
 pub mod manifest;

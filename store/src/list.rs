@@ -46,13 +46,29 @@ impl ListError {
     }
 }
 
-/// Committed generations of the job, oldest first.
-///
-/// Lists one level under `<prefix>/<job>/gen/` with a `/` delimiter, so the cost is one entry
-/// per generation, not one per file.
+/// The job's generations as one delimited listing of `<prefix>/<job>/gen/` shows them: one
+/// entry per generation, not per file.
+#[derive(Debug, Default)]
+pub struct GenerationListing {
+    /// Generations whose manifest (a multi-pod job's: its job manifest) exists, oldest id
+    /// first, with when the store wrote it (Unix seconds).
+    pub committed: Vec<(Generation, i64)>,
+    /// Generations with objects (a `gen/<G>/` prefix), committed or not.
+    pub started: Vec<Generation>,
+}
+
+impl GenerationListing {
+    /// The committed generations, oldest id first.
+    pub fn committed_ids(&self) -> Vec<Generation> {
+        self.committed.iter().map(|(g, _)| g.clone()).collect()
+    }
+}
+
+/// Lists `<prefix>/<job>/gen/` with a `/` delimiter, all pages.
 #[tracing::instrument(skip_all, fields(bucket = store.bucket(), prefix = store.generations_prefix()), err)]
-pub async fn list_generations(store: &Store) -> Result<Vec<Generation>, S3Error> {
+pub async fn list_generation_level(store: &Store) -> Result<GenerationListing, S3Error> {
     let prefix = store.generations_prefix();
+    let mut listing = GenerationListing::default();
     let mut pages = store
         .client()
         .list_objects_v2()
@@ -61,24 +77,36 @@ pub async fn list_generations(store: &Store) -> Result<Vec<Generation>, S3Error>
         .delimiter("/")
         .into_paginator()
         .send();
-    let mut generations = Vec::new();
     while let Some(page) = pages.next().await {
         let page = page.map_err(|e| store.error(Operation::ListObjectsV2, prefix, e))?;
         for object in page.contents() {
-            let Some(name) = object
+            let generation = object
                 .key()
                 .and_then(|k| k.strip_prefix(prefix))
                 .and_then(|k| k.strip_suffix(MANIFEST_SUFFIX))
-            else {
-                continue;
-            };
-            if let Ok(generation) = Generation::parse(name) {
-                generations.push(generation);
+                .and_then(|name| Generation::parse(name).ok());
+            if let Some(generation) = generation {
+                let written = object.last_modified().map_or(0, |t| t.secs());
+                listing.committed.push((generation, written));
             }
         }
+        for common in page.common_prefixes() {
+            let generation = common
+                .prefix()
+                .and_then(|p| p.strip_prefix(prefix))
+                .and_then(|p| p.strip_suffix('/'))
+                .and_then(|name| Generation::parse(name).ok());
+            listing.started.extend(generation);
+        }
     }
-    generations.sort();
-    Ok(generations)
+    listing.committed.sort();
+    listing.started.sort();
+    Ok(listing)
+}
+
+/// Committed generations of the job, oldest id first.
+pub async fn list_generations(store: &Store) -> Result<Vec<Generation>, S3Error> {
+    Ok(list_generation_level(store).await?.committed_ids())
 }
 
 /// The most recently started committed generation, if any (what an upload reuses files from).
@@ -183,35 +211,11 @@ pub struct GenerationInfo {
 /// Every generation of the job, committed ones and multi-pod ones with only some parts, oldest
 /// step first.
 pub async fn describe_generations(store: &Store) -> Result<Vec<GenerationInfo>, ListError> {
-    let prefix = store.generations_prefix();
-    let mut committed = Vec::new();
-    let mut started = Vec::new();
-    let mut pages = store
-        .client()
-        .list_objects_v2()
-        .bucket(store.bucket())
-        .prefix(prefix)
-        .delimiter("/")
-        .into_paginator()
-        .send();
-    while let Some(page) = pages.next().await {
-        let page =
-            page.map_err(|e| ListError::List(store.error(Operation::ListObjectsV2, prefix, e)))?;
-        for object in page.contents() {
-            let name = object
-                .key()
-                .and_then(|k| k.strip_prefix(prefix))
-                .and_then(|k| k.strip_suffix(MANIFEST_SUFFIX));
-            committed.extend(name.and_then(|n| Generation::parse(n).ok()));
-        }
-        for common in page.common_prefixes() {
-            let name = common
-                .prefix()
-                .and_then(|p| p.strip_prefix(prefix))
-                .and_then(|p| p.strip_suffix('/'));
-            started.extend(name.and_then(|n| Generation::parse(n).ok()));
-        }
-    }
+    let listing = list_generation_level(store)
+        .await
+        .map_err(ListError::List)?;
+    let committed = listing.committed_ids();
+    let mut started = listing.started;
     // Multi-pod generations some rank started but not every rank committed.
     started.retain(|g| g.step().is_some() && !committed.contains(g));
     let lookups = committed

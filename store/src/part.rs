@@ -351,29 +351,14 @@ pub async fn previous_part(
     rank: u32,
     before: &Generation,
 ) -> Result<Option<Manifest>, ManifestReadError> {
-    let prefix = store.generations_prefix();
-    let mut candidates: Vec<Generation> = Vec::new();
-    let mut pages = store
-        .client()
-        .list_objects_v2()
-        .bucket(store.bucket())
-        .prefix(prefix)
-        .delimiter("/")
-        .into_paginator()
-        .send();
-    while let Some(page) = pages.next().await {
-        let page = page.map_err(|e| {
-            ManifestReadError::Fetch(store.error(Operation::ListObjectsV2, prefix, e))
-        })?;
-        for common in page.common_prefixes() {
-            let generation = common
-                .prefix()
-                .and_then(|p| p.strip_prefix(prefix))
-                .and_then(|p| p.strip_suffix('/'))
-                .and_then(|p| Generation::parse(p).ok());
-            candidates.extend(generation.filter(|g| g < before && g.step().is_some()));
-        }
-    }
+    let listing = crate::list::list_generation_level(store)
+        .await
+        .map_err(ManifestReadError::Fetch)?;
+    let mut candidates: Vec<Generation> = listing
+        .started
+        .into_iter()
+        .filter(|g| g < before && g.step().is_some())
+        .collect();
     candidates.sort();
     for generation in candidates.iter().rev().take(PREVIOUS_PART_LOOKBACK) {
         let key = store.part_manifest_key(generation, rank);

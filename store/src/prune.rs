@@ -19,8 +19,8 @@ use std::time::{Duration, SystemTime};
 use aws_sdk_s3::types::{Delete, ObjectIdentifier};
 
 use crate::generation::Generation;
-use crate::list::in_step_order;
-use crate::manifest::{MANIFEST_SUFFIX, ManifestFile, ManifestReadError, fold_manifest};
+use crate::list::{in_step_order, list_generation_level};
+use crate::manifest::{ManifestFile, ManifestReadError, fold_manifest};
 use crate::part::{GenerationManifest, JOB_MANIFEST_KIND, fetch_generation};
 use crate::s3::{Operation, S3Error, Store, with_retries};
 
@@ -86,6 +86,12 @@ pub enum PruneError {
     },
 }
 
+/// The job's generations: committed ones, and all with objects.
+struct Overview {
+    committed: Vec<Generation>,
+    started: Vec<Generation>,
+}
+
 /// What a prune does with a generation's objects that no kept manifest references.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fate {
@@ -93,52 +99,6 @@ enum Fate {
     Collect,
     /// An upload in progress: nothing of it is touched.
     Spare,
-}
-
-/// The generations of a job, from one delimited listing.
-#[derive(Debug, Default)]
-struct Overview {
-    /// Generations whose manifest (or job manifest) exists.
-    committed: Vec<Generation>,
-    /// Generations with objects (a `gen/<G>/` prefix).
-    started: Vec<Generation>,
-}
-
-async fn overview(store: &Store) -> Result<Overview, PruneError> {
-    let prefix = store.generations_prefix();
-    let mut overview = Overview::default();
-    let mut pages = store
-        .client()
-        .list_objects_v2()
-        .bucket(store.bucket())
-        .prefix(prefix)
-        .delimiter("/")
-        .into_paginator()
-        .send();
-    while let Some(page) = pages.next().await {
-        let page =
-            page.map_err(|e| PruneError::List(store.error(Operation::ListObjectsV2, prefix, e)))?;
-        for object in page.contents() {
-            let name = object
-                .key()
-                .and_then(|k| k.strip_prefix(prefix))
-                .and_then(|k| k.strip_suffix(MANIFEST_SUFFIX));
-            overview
-                .committed
-                .extend(name.and_then(|n| Generation::parse(n).ok()));
-        }
-        for common in page.common_prefixes() {
-            let name = common
-                .prefix()
-                .and_then(|p| p.strip_prefix(prefix))
-                .and_then(|p| p.strip_suffix('/'));
-            overview
-                .started
-                .extend(name.and_then(|n| Generation::parse(n).ok()));
-        }
-    }
-    overview.committed.sort();
-    Ok(overview)
 }
 
 /// Deletes generations beyond the newest `keep` and objects no kept generation references.
@@ -149,7 +109,13 @@ pub async fn prune_generations(
     options: &PruneOptions,
 ) -> Result<PruneSummary, PruneError> {
     let (keep, dry_run) = (options.keep.max(1), options.dry_run);
-    let overview = overview(store).await?;
+    let listing = list_generation_level(store)
+        .await
+        .map_err(PruneError::List)?;
+    let overview = Overview {
+        committed: listing.committed_ids(),
+        started: listing.started,
+    };
     if overview.committed.is_empty() {
         return Ok(PruneSummary::default());
     }

@@ -273,6 +273,15 @@ impl Store {
         &self.generations_prefix
     }
 
+    /// `<prefix>/<job>/notice.json`: the job-wide notice ([`crate::job_notice`]).
+    pub fn notice_key(&self) -> String {
+        let job_prefix = self
+            .generations_prefix
+            .strip_suffix("gen/")
+            .unwrap_or(&self.generations_prefix);
+        format!("{job_prefix}{}", crate::job_notice::NOTICE_OBJECT)
+    }
+
     /// `<prefix>/<job>/gen/<generation>/`: the objects uploaded by one generation.
     pub fn objects_prefix(&self, generation: &Generation) -> String {
         format!("{}{}/", self.generations_prefix, generation)

@@ -231,22 +231,7 @@ pub fn checkpoint_step(
     pattern: &StepPattern,
     excludes: &Excludes,
 ) -> Option<Step> {
-    if let Some(step) = marker.and_then(|m| MarkerContent::read(m).step) {
-        return Some(Step {
-            step,
-            source: StepSource::Marker,
-        });
-    }
-    if let Some(entry) = newest_step_entry(dir, pattern, excludes) {
-        return Some(Step {
-            step: entry.step,
-            source: StepSource::EntryName(entry.path),
-        });
-    }
-    trainer_state_step(&dir.join(TRAINER_STATE_FILE)).map(|step| Step {
-        step,
-        source: StepSource::TrainerState,
-    })
+    step_from(dir, marker, pattern, excludes, |_| true)
 }
 
 /// The step of the newest *whole* checkpoint in `dir`: like [`checkpoint_step`], but a
@@ -258,22 +243,33 @@ pub fn checkpoint_step_complete(
     pattern: &StepPattern,
     excludes: &Excludes,
 ) -> Option<Step> {
+    step_from(dir, marker, pattern, excludes, |entry| {
+        !matches!(
+            crate::layout::judge_checkpoint(&entry.abs_path),
+            crate::layout::Evidence::Incomplete { .. }
+        )
+    })
+}
+
+/// The three sources in order, step-named entries only where `counts` accepts them.
+fn step_from(
+    dir: &Path,
+    marker: Option<&Path>,
+    pattern: &StepPattern,
+    excludes: &Excludes,
+    counts: impl Fn(&StepEntry) -> bool,
+) -> Option<Step> {
     if let Some(step) = marker.and_then(|m| MarkerContent::read(m).step) {
         return Some(Step {
             step,
             source: StepSource::Marker,
         });
     }
-    let whole = step_entries(dir, pattern, excludes)
+    let newest = step_entries(dir, pattern, excludes)
         .into_iter()
         .rev()
-        .find(|entry| {
-            !matches!(
-                crate::layout::judge_checkpoint(&entry.abs_path),
-                crate::layout::Evidence::Incomplete { .. }
-            )
-        });
-    if let Some(entry) = whole {
+        .find(|entry| counts(entry));
+    if let Some(entry) = newest {
         return Some(Step {
             step: entry.step,
             source: StepSource::EntryName(entry.path),

@@ -108,6 +108,8 @@ pub struct UploadSummary {
     pub generation: Generation,
     /// The rank whose part was committed, in a multi-pod job.
     pub rank: Option<Rank>,
+    /// The training step the manifest records.
+    pub step: Option<u64>,
     pub files: usize,
     pub bytes_uploaded: u64,
     pub bytes_reused: u64,
@@ -523,9 +525,15 @@ async fn commit(
     let (body, files) = (manifest_body(&manifest), manifest.files.len());
     // The entries are in the body now; only the body is held while it is sent.
     drop(manifest);
-    put_json(store, &target.manifest_key, body, options.context.step, false)
-        .await
-        .map_err(UploadError::Commit)?;
+    put_json(
+        store,
+        &target.manifest_key,
+        body,
+        options.context.step,
+        false,
+    )
+    .await
+    .map_err(UploadError::Commit)?;
     let job = commit_job_of(store, target).await?;
     let seconds = started.elapsed().as_secs_f64();
     ::metrics::counter!(crate::metrics::UPLOADS, "outcome" => "committed").increment(1);
@@ -536,6 +544,7 @@ async fn commit(
     Ok(UploadSummary {
         generation: target.generation.clone(),
         rank: target.rank,
+        step: options.context.step,
         files,
         bytes_uploaded,
         bytes_reused,
@@ -580,6 +589,7 @@ async fn part_already_committed(
     Ok(Some(UploadSummary {
         generation: target.generation.clone(),
         rank: Some(rank),
+        step: part.step,
         files: part.files.len(),
         bytes_uploaded: 0,
         bytes_reused: part.total_bytes(),

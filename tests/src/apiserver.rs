@@ -1,5 +1,5 @@
-//! A Kubernetes API-server stand-in over real HTTP at 127.0.0.1: one Node, its pods, events and
-//! evictions. It records the method, path, content type and body of every request, enforces
+//! A Kubernetes API-server stand-in over real HTTP at 127.0.0.1: one Node (or several, one per
+//! simulated machine), pods, events and evictions. It records the method, path, content type and body of every request, enforces
 //! resourceVersion preconditions the way the real one does (409 Conflict), and can answer 409,
 //! 429 or 500 (or drop connections) on demand.
 //!
@@ -61,8 +61,10 @@ struct Fault {
 type NodeChange = Box<dyn FnOnce(&mut Value) + Send>;
 
 struct State {
-    node_name: String,
-    node: Value,
+    /// The Nodes, in the order given; the first is the one the single-node helpers read.
+    nodes: Vec<Value>,
+    /// The cluster's revision, as etcd keeps it: every write takes the next one, and a Node's
+    /// `metadata.resourceVersion` is the revision of its last write.
     resource_version: u64,
     pods: Vec<Value>,
     events: Vec<Value>,
@@ -83,26 +85,37 @@ pub struct ApiServer {
 impl ApiServer {
     /// Starts the stand-in on 127.0.0.1 at a free port with one schedulable, untainted Node.
     pub fn start(node_name: &str) -> Self {
-        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), node_name)
+        Self::start_with_nodes(&[node_name])
+    }
+
+    /// Starts the stand-in with one schedulable, untainted Node per name (one per simulated
+    /// machine, each cordoned by its own agent).
+    pub fn start_with_nodes(node_names: &[&str]) -> Self {
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), node_names)
             .expect("binding 127.0.0.1:0")
     }
 
-    pub fn start_on(addr: SocketAddr, node_name: &str) -> std::io::Result<Self> {
-        let node = json!({
-            "apiVersion": "v1",
-            "kind": "Node",
-            "metadata": {
-                "name": node_name,
-                "uid": "6a1f3c2e-0000-4000-8000-000000000001",
-                "resourceVersion": "1",
-                "labels": {"kubernetes.io/hostname": node_name},
-            },
-            "spec": {},
-            "status": {},
-        });
+    pub fn start_on(addr: SocketAddr, node_names: &[&str]) -> std::io::Result<Self> {
+        let nodes = node_names
+            .iter()
+            .enumerate()
+            .map(|(index, name)| {
+                json!({
+                    "apiVersion": "v1",
+                    "kind": "Node",
+                    "metadata": {
+                        "name": name,
+                        "uid": format!("6a1f3c2e-0000-4000-8000-{:012}", index + 1),
+                        "resourceVersion": "1",
+                        "labels": {"kubernetes.io/hostname": name},
+                    },
+                    "spec": {},
+                    "status": {},
+                })
+            })
+            .collect();
         let state = Arc::new(Mutex::new(State {
-            node_name: node_name.to_owned(),
-            node,
+            nodes,
             resource_version: 1,
             pods: Vec::new(),
             events: Vec::new(),
@@ -153,9 +166,15 @@ impl ApiServer {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The Node object as it is now.
+    /// The (first) Node object as it is now.
     pub fn node(&self) -> Value {
-        self.state().node.clone()
+        self.state().nodes.first().cloned().unwrap_or(Value::Null)
+    }
+
+    /// The Node called `name` as it is now, when the stand-in serves one.
+    pub fn node_named(&self, name: &str) -> Option<Value> {
+        let state = self.state();
+        state.nodes.iter().find(|n| node_name(n) == name).cloned()
     }
 
     pub fn unschedulable(&self) -> bool {
@@ -178,15 +197,18 @@ impl ApiServer {
             .unwrap_or_default()
     }
 
+    /// The cluster's latest resourceVersion (with one Node, that Node's).
     pub fn resource_version(&self) -> u64 {
         self.state().resource_version
     }
 
-    /// Someone else changes the node now (the resourceVersion moves on).
+    /// Someone else changes the (first) node now (the resourceVersion moves on).
     pub fn update_node(&self, change: impl FnOnce(&mut Value)) {
         let mut state = self.state();
-        change(&mut state.node);
-        bump(&mut state);
+        if let Some(node) = state.nodes.first_mut() {
+            change(node);
+        }
+        bump(&mut state, 0);
         drop(state);
         self.changed.notify_waiters();
     }
@@ -244,13 +266,14 @@ impl ApiServer {
         self.state().pods.push(pod);
     }
 
-    /// A plain pod on this node, in `namespace`, with one container named `container`.
+    /// A plain pod on the (first) node, in `namespace`, with one container named `container`.
     pub fn pod_on_node(&self, namespace: &str, name: &str, container: &str) -> Value {
+        let node = node_name(&self.node()).to_owned();
         json!({
             "apiVersion": "v1",
             "kind": "Pod",
             "metadata": {"name": name, "namespace": namespace, "uid": format!("uid-{name}")},
-            "spec": {"nodeName": self.state().node_name, "containers": [{"name": container, "image": "busybox"}]},
+            "spec": {"nodeName": node, "containers": [{"name": container, "image": "busybox"}]},
             "status": {"phase": "Running"},
         })
     }
@@ -304,9 +327,17 @@ impl ApiServer {
     }
 }
 
-fn bump(state: &mut State) {
+/// A write to the node at `index`: it takes the cluster's next revision.
+fn bump(state: &mut State, index: usize) {
     state.resource_version += 1;
-    state.node["metadata"]["resourceVersion"] = Value::String(state.resource_version.to_string());
+    let version = Value::String(state.resource_version.to_string());
+    if let Some(node) = state.nodes.get_mut(index) {
+        node["metadata"]["resourceVersion"] = version;
+    }
+}
+
+fn node_name(node: &Value) -> &str {
+    node["metadata"]["name"].as_str().unwrap_or_default()
 }
 
 type Answer = Result<Response<Full<Bytes>>, std::io::Error>;
@@ -350,6 +381,60 @@ fn merge_patch(target: &mut Value, patch: &Value) {
             }
         }
     }
+}
+
+fn node_index(state: &State, name: &str) -> Option<usize> {
+    state.nodes.iter().position(|n| node_name(n) == name)
+}
+
+/// A PATCH or PUT of the node at `index`, conditional on its resourceVersion.
+fn write_node(
+    state: &mut State,
+    index: usize,
+    method: &Method,
+    content_type: Option<&str>,
+    body: &str,
+) -> Answer {
+    if let Some(change) = state.before_next_write.take() {
+        change(&mut state.nodes[index]);
+        bump(state, index);
+    }
+    let Ok(body) = serde_json::from_str::<Value>(body) else {
+        return status(400, "BadRequest", "the body is not JSON");
+    };
+    let Some(sent_version) = body["metadata"]["resourceVersion"].as_str() else {
+        return status(
+            422,
+            "Invalid",
+            "metadata.resourceVersion must be specified for an update (the stand-in \
+             requires it on PATCH too: node writes must be conditional)",
+        );
+    };
+    if state.nodes[index]["metadata"]["resourceVersion"].as_str() != Some(sent_version) {
+        return status(
+            409,
+            "Conflict",
+            "Operation cannot be fulfilled on nodes: the object has been modified; please apply your changes to the latest version and try again",
+        );
+    }
+    if *method == Method::PATCH {
+        match content_type {
+            Some("application/merge-patch+json" | "application/strategic-merge-patch+json") => {
+                merge_patch(&mut state.nodes[index], &body);
+            }
+            _ => {
+                return status(
+                    415,
+                    "UnsupportedMediaType",
+                    "the stand-in supports merge patches only",
+                );
+            }
+        }
+    } else {
+        state.nodes[index] = body;
+    }
+    bump(state, index);
+    reply(StatusCode::OK, state.nodes[index].clone())
 }
 
 async fn handle(state: &Mutex<State>, request: Request<Incoming>) -> Answer {
@@ -408,57 +493,14 @@ async fn handle(state: &Mutex<State>, request: Request<Incoming>) -> Answer {
     let (path_only, query) = path.split_once('?').unwrap_or((&path, ""));
     let segments: Vec<&str> = path_only.trim_matches('/').split('/').collect();
     match (method.as_str(), segments.as_slice()) {
-        ("GET", ["api", "v1", "nodes", name]) if *name == state.node_name => {
-            reply(StatusCode::OK, state.node.clone())
-        }
-        ("PATCH" | "PUT", ["api", "v1", "nodes", name]) if *name == state.node_name => {
-            if let Some(change) = state.before_next_write.take() {
-                change(&mut state.node);
-                bump(&mut state);
-            }
-            let Ok(body) = serde_json::from_str::<Value>(&body) else {
-                return status(400, "BadRequest", "the body is not JSON");
-            };
-            let sent_version = body["metadata"]["resourceVersion"]
-                .as_str()
-                .map(str::to_owned);
-            let current = state.resource_version.to_string();
-            if sent_version.is_none() {
-                return status(
-                    422,
-                    "Invalid",
-                    "metadata.resourceVersion must be specified for an update (the stand-in \
-                     requires it on PATCH too: node writes must be conditional)",
-                );
-            }
-            if sent_version.as_ref().is_some_and(|v| *v != current) {
-                return status(
-                    409,
-                    "Conflict",
-                    "Operation cannot be fulfilled on nodes: the object has been modified; please apply your changes to the latest version and try again",
-                );
-            }
-            if method == Method::PATCH {
-                match content_type.as_deref() {
-                    Some(
-                        "application/merge-patch+json" | "application/strategic-merge-patch+json",
-                    ) => {
-                        merge_patch(&mut state.node, &body);
-                    }
-                    _ => {
-                        return status(
-                            415,
-                            "UnsupportedMediaType",
-                            "the stand-in supports merge patches only",
-                        );
-                    }
-                }
-            } else {
-                state.node = body;
-            }
-            bump(&mut state);
-            reply(StatusCode::OK, state.node.clone())
-        }
+        ("GET", ["api", "v1", "nodes", name]) => match node_index(&state, name) {
+            Some(index) => reply(StatusCode::OK, state.nodes[index].clone()),
+            None => status(404, "NotFound", "the stand-in serves no such node"),
+        },
+        ("PATCH" | "PUT", ["api", "v1", "nodes", name]) => match node_index(&state, name) {
+            Some(index) => write_node(&mut state, index, &method, content_type.as_deref(), &body),
+            None => status(404, "NotFound", "the stand-in serves no such node"),
+        },
         ("POST", ["api", "v1", "namespaces", namespace, "events"]) => {
             let Ok(mut event) = serde_json::from_str::<Value>(&body) else {
                 return status(400, "BadRequest", "the body is not JSON");

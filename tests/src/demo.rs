@@ -1,30 +1,37 @@
 //! The whole interruption scenario on one machine, with real processes: the metadata simulator
-//! (as a Spot instance), an S3 server, the API-server stand-in with one Node, the real
-//! `nerve-agent` and `nerve-sidecar run` configured the way the Helm chart configures them, and
-//! a real trainer. A Spot notice arrives; the timeline of what happened is measured; then the
-//! next pod restores the checkpoint and the trainer resumes from it.
+//! (as a Spot instance), an S3 server, the API-server stand-in with the Node, the real
+//! `nerve-agent` and `nerve-sidecar run` configured the way the Helm chart and the injector
+//! configure them, and a real trainer. A Spot notice arrives; the timeline of what happened is
+//! measured; then the next pod restores the checkpoint and the trainer resumes from it.
 //!
-//! Used by the `nerve-demo` binary and, headless with a small state, by the end-to-end test.
+//! With `ranks` above 1 it is a multi-pod job: one pod per simulated machine (a metadata
+//! simulator and an agent each, one Node each in the API server), trainers that agree on the
+//! step to save, sidecars with their rank. The notice arrives on the last machine only; the
+//! timeline shows how every other pod learnt it, each rank's part and the job's generation
+//! committed, and every rank resuming at the same step.
+//!
+//! Used by the `nerve-demo` binary and, headless with a small state, by the end-to-end tests.
 
 mod children;
 mod observe;
+mod pods;
+mod resume;
+mod watch;
+mod world;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, bail, ensure};
-use serde_json::Value;
-use time::OffsetDateTime;
+use anyhow::{Context, ensure};
+use tokio::sync::mpsc;
 
-use crate::apiserver::ApiServer;
-use crate::imds::MetadataSimulator;
-use crate::s3::S3Server;
 use children::Children;
+use observe::SEEN_BUFFER;
+use world::World;
 
-/// Name of the Node the stand-in serves and the agent cordons.
+/// Name of the Node the stand-in serves and the agent cordons (with several ranks, `-<rank>`
+/// follows).
 const NODE_NAME: &str = "demo-node";
-/// Pod name recorded in the manifest, as the downward API would set it.
-const POD_NAME: &str = "trainer-0";
 /// Bucket the embedded S3 server creates; with `--s3-endpoint` it must exist already.
 pub const DEFAULT_BUCKET: &str = "nerve-demo";
 /// Job name: the stable name of the training job across pods.
@@ -39,11 +46,14 @@ const TRAIN_BEFORE_NOTICE: Duration = Duration::from_secs(2);
 /// Pod termination after the commit: the sidecar must exit 0 within this (the chart's
 /// terminationGracePeriodSeconds is far longer; the sidecar has nothing left to do).
 const POD_TERMINATION_GRACE: Duration = Duration::from_secs(30);
+/// Most ranks the demo runs: each is a trainer, a sidecar, an agent and a metadata simulator on
+/// this one machine; beyond 8 a laptop measures its own contention, not Nerve.
+pub const MAX_RANKS: u32 = 8;
 
 /// What to run.
 #[derive(Clone, Debug)]
 pub struct DemoOptions {
-    /// Bytes of training state the trainer keeps and checkpoints.
+    /// Bytes of training state each trainer keeps and checkpoints.
     pub size: u64,
     /// Time from the notice to the machine going away.
     pub deadline: Duration,
@@ -57,44 +67,63 @@ pub struct DemoOptions {
     pub work: PathBuf,
     /// Print the timeline as it happens.
     pub print: bool,
+    /// Pods of the job, one per simulated machine (1: the single-pod demo).
+    pub ranks: u32,
 }
 
 /// The measured facts of one run; durations are from the moment the notice was set.
 #[derive(Clone, Debug, Default)]
 pub struct Timeline {
     pub notice_id: String,
+    /// The rank whose machine got the notice (the last one).
+    pub noticed_rank: usize,
+    /// The agent of that machine streamed the notice.
     pub agent_saw_notice: Option<Duration>,
     pub cordoned: Option<Duration>,
     /// The taint as the API stand-in recorded it, `key=value:Effect`.
     pub taint: Option<String>,
-    pub signal_delivered: Option<Duration>,
-    pub checkpoint_complete: Option<Duration>,
+    /// Other machines whose agent streamed a notice or whose Node was cordoned: none, rightly.
+    pub disturbed_nodes: Vec<String>,
+    /// Multi-pod: the noticed rank's sidecar published the notice for the job.
+    pub published: Option<Duration>,
+    /// The generation committed (with several ranks: its job manifest).
     pub committed: Option<Duration>,
     pub committed_generation: Option<String>,
-    pub bytes_uploaded: u64,
-    pub bytes_reused: u64,
-    pub upload_seconds: f64,
-    /// Time left before the deadline when the manifest was committed.
+    /// Time left before the deadline when the generation was committed.
     pub margin: Option<Duration>,
     /// Committed generations of the job after the run.
     pub generations: usize,
+    pub ranks: Vec<RankTimeline>,
+}
+
+/// What one rank's pod did.
+#[derive(Clone, Debug, Default)]
+pub struct RankTimeline {
+    pub signal_delivered: Option<Duration>,
+    /// The trainer had already saved for this notice (the ranks' agreement) when signalled.
+    pub already_answered: bool,
+    /// Multi-pod: how this rank's sidecar learnt another pod's notice, `peer` (the job-wide
+    /// notice in the store) or `marker` (its trainer's agreed save).
+    pub heard_by: Option<String>,
+    pub checkpoint_complete: Option<Duration>,
+    /// Multi-pod: this rank's part committed.
+    pub part_committed: Option<Duration>,
+    pub bytes_uploaded: u64,
+    pub bytes_reused: u64,
+    pub upload_seconds: f64,
     pub sidecar_exit_code: Option<i32>,
     pub saved_step: Option<u64>,
     pub saved_digest: Option<String>,
     pub resumed_step: Option<u64>,
     pub resumed_digest: Option<String>,
-    /// Every file of the restored checkpoint equals the one the trainer wrote, byte for byte.
+    /// Every file of the rank's restored checkpoint equals the one its trainer wrote.
     pub files_identical: bool,
 }
 
-impl Timeline {
-    /// The run did what Nerve promises: cordoned, committed in time, resumed at the same step
-    /// with the same state.
-    pub fn succeeded(&self) -> bool {
-        self.cordoned.is_some()
-            && self.committed.is_some()
-            && self.margin.is_some()
-            && self.saved_step.is_some()
+impl RankTimeline {
+    /// Resumed at the step it saved, with the same state and the same files.
+    pub fn resumed_as_saved(&self) -> bool {
+        self.saved_step.is_some()
             && self.saved_step == self.resumed_step
             && self.saved_digest.is_some()
             && self.saved_digest == self.resumed_digest
@@ -102,381 +131,133 @@ impl Timeline {
     }
 }
 
+impl Timeline {
+    /// The run did what Nerve promises: the noticed machine (only) cordoned, committed in time,
+    /// every rank resumed at the same step with the same state.
+    pub fn succeeded(&self) -> bool {
+        let first_step = self.ranks.first().and_then(|r| r.saved_step);
+        self.cordoned.is_some()
+            && self.disturbed_nodes.is_empty()
+            && self.committed.is_some()
+            && self.margin.is_some()
+            && !self.ranks.is_empty()
+            && self.ranks.iter().all(RankTimeline::resumed_as_saved)
+            && self.ranks.iter().all(|r| r.saved_step == first_step)
+    }
+}
+
 /// Runs the scenario. Every child process is stopped when this returns or is dropped.
 pub async fn run_demo(options: &DemoOptions) -> anyhow::Result<Timeline> {
-    let out = Printer(options.print);
-    let logs = options.work.join("logs");
-    std::fs::create_dir_all(&logs).context("creating the log directory")?;
-    let pod1_dir = options.work.join("pod-1/checkpoints");
-    let pod2_dir = options.work.join("pod-2/checkpoints");
-    std::fs::create_dir_all(&pod1_dir).context("creating the first pod's checkpoint directory")?;
-
-    let imds = MetadataSimulator::start();
-    let api = ApiServer::start(NODE_NAME);
-    let kubeconfig = api.write_kubeconfig(&options.work);
-    let (_embedded_s3, mut s3_env) = match &options.s3_endpoint {
-        Some(endpoint) => (None, vec![("AWS_ENDPOINT_URL", endpoint.clone())]),
-        None => {
-            let root = options.work.join("s3");
-            std::fs::create_dir_all(&root).context("creating the embedded store's directory")?;
-            let server = S3Server::start_at(&root, std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
-                .context("starting the embedded S3 server")?;
-            server
-                .create_bucket(&options.bucket)
-                .context("creating the demo bucket")?;
-            let env = server.client_env();
-            (Some(server), env)
-        }
-    };
-    let dest = format!("s3://{}/checkpoints", options.bucket);
-    s3_env.push(("NERVE_DEST", dest.clone()));
-    s3_env.push(("NERVE_JOB", JOB.to_owned()));
-    s3_env.push(("NERVE_PATH_STYLE", "true".to_owned()));
-    out.line(format!(
-        "metadata service {} · API server {} · S3 {}",
-        imds.url(),
-        api.url(),
-        s3_env
-            .iter()
-            .find(|(k, _)| *k == "AWS_ENDPOINT_URL")
-            .map(|(_, v)| v.as_str())
-            .unwrap_or("from the AWS SDK chain")
-    ));
-
-    let agent_port = children::free_port()?;
-    let sidecar_port = children::free_port()?;
-    let agent_url = format!("http://127.0.0.1:{agent_port}");
-    let mut children = Children::new(&options.bin_dir, &logs);
-
-    // The agent as the chart's DaemonSet runs it: env vars only.
-    children.spawn(
-        "nerve-agent",
-        &[],
-        &[
-            ("NERVE_METADATA_URL", imds.url()),
-            ("NERVE_LISTEN", format!("127.0.0.1:{agent_port}")),
-            ("NERVE_KUBERNETES", "on".to_owned()),
-            ("NODE_NAME", NODE_NAME.to_owned()),
-            ("KUBECONFIG", kubeconfig.display().to_string()),
-        ],
-    )?;
-    observe::wait_ready(&format!("{agent_url}/readyz"), READY_TIMEOUT)
-        .await
-        .context("waiting for nerve-agent to be ready (see logs/nerve-agent.log)")?;
-    out.line("nerve-agent ready".to_owned());
-
-    // The trainer: training state of `size` bytes, a checkpoint on SIGUSR1.
-    let size = options.size.to_string();
-    let mut trainer = children.spawn_trainer(
-        &[
-            "--dir",
-            path_str(&pod1_dir)?,
-            "--size",
-            &size,
-            "--done-marker",
-            DONE_MARKER,
-        ],
-        &[],
-    )?;
-    let started = trainer
-        .next_event("started", READY_TIMEOUT)
-        .await
-        .context("waiting for the trainer to start")?;
-    out.line(format!(
-        "trainer started (pid {}, {} of training state)",
-        started.value["pid"],
-        human_bytes(options.size)
-    ));
-
-    // The sidecar as the injected native sidecar runs it: env vars only. The target regex names
-    // this run's checkpoint directory, so no other process on this host is ever signalled.
-    let mut sidecar_env = s3_env.clone();
-    sidecar_env.extend([
-        ("NERVE_CHECKPOINT_DIR", path_str(&pod1_dir)?.to_owned()),
-        ("NERVE_AGENT_URL", agent_url.clone()),
-        ("NERVE_METADATA_URL", imds.url()),
-        (
-            "NERVE_TARGET",
-            format!("nerve-trainer .*{}", regex_escape(path_str(&pod1_dir)?)),
-        ),
-        ("NERVE_DONE_MARKER", DONE_MARKER.to_owned()),
-        ("NERVE_LISTEN", format!("127.0.0.1:{sidecar_port}")),
-        ("NODE_NAME", NODE_NAME.to_owned()),
-        ("POD_NAME", POD_NAME.to_owned()),
-        ("HOST_IP", "127.0.0.1".to_owned()),
-    ]);
-    let sidecar = children.spawn("nerve-sidecar", &["run"], &sidecar_env)?;
-    let sidecar_url = format!("http://127.0.0.1:{sidecar_port}");
-    observe::wait_ready(&format!("{sidecar_url}/readyz"), READY_TIMEOUT)
-        .await
-        .context("waiting for nerve-sidecar run to be ready (see logs/nerve-sidecar.log)")?;
-    out.line("nerve-sidecar run ready, subscribed to the agent".to_owned());
-
+    let mut demo = Demo::start(options)?;
+    demo.start_agents().await?;
+    let (sender, mut seen) = mpsc::channel(SEEN_BUFFER);
+    let pods = demo.start_pods(&sender, &mut seen).await?;
     tokio::time::sleep(TRAIN_BEFORE_NOTICE).await;
-
-    // The cloud's two-minute warning. The notice format carries whole seconds.
-    let deadline_at = OffsetDateTime::now_utc() + options.deadline;
-    let deadline_at = deadline_at
-        .replace_nanosecond(0)
-        .context("rounding the deadline")?;
-    let notice_set = Instant::now();
-    let deadline = notice_set + (deadline_at - OffsetDateTime::now_utc()).unsigned_abs();
-    imds.set_spot_interruption("terminate", deadline_at);
-    out.line(String::new());
-    out.event(
-        Duration::ZERO,
-        format!(
-            "Spot interruption notice set in the metadata service (deadline in {}s)",
-            options.deadline.as_secs()
-        ),
-    );
-
-    let mut timeline = Timeline::default();
-    let mut stream = observe::NoticeStream::connect(&agent_url).await?;
-    let watch_until = deadline;
-    loop {
-        if timeline.committed.is_some() && timeline.cordoned.is_some() {
-            break;
-        }
-        if Instant::now() >= watch_until {
-            out.line("deadline reached before the checkpoint was committed".to_owned());
-            break;
-        }
-        tokio::select! {
-            notice = stream.next_notice(), if timeline.agent_saw_notice.is_none() => {
-                let notice = notice?;
-                let at = notice_set.elapsed();
-                timeline.notice_id = notice["id"].as_str().unwrap_or_default().to_owned();
-                timeline.agent_saw_notice = Some(at);
-                out.event(at, format!("agent streamed the notice {}", timeline.notice_id));
-            }
-            event = trainer.any_event(), if timeline.checkpoint_complete.is_none() => {
-                let Some(event) = event else { bail!("the trainer exited before checkpointing") };
-                let at = event.at.saturating_duration_since(notice_set);
-                match event.name() {
-                    "signal" => {
-                        timeline.signal_delivered = Some(at);
-                        out.event(at, format!("trainer received {} at step {}",
-                            event.value["signal"].as_str().unwrap_or("the signal"), event.value["step"]));
-                    }
-                    "checkpoint" if event.value["reason"] == "signal" => {
-                        timeline.saved_step = event.value["step"].as_u64();
-                        timeline.saved_digest = event.value["digest"].as_str().map(str::to_owned);
-                        out.event(at, format!("trainer wrote checkpoint-{} ({})",
-                            event.value["step"], human_bytes(event.value["bytes"].as_u64().unwrap_or(0))));
-                    }
-                    "done-marker" => {
-                        timeline.checkpoint_complete = Some(at);
-                        out.event(at, "checkpoint complete (done marker written)".to_owned());
-                    }
-                    _ => {}
-                }
-            }
-            _ = tokio::time::sleep(observe::POLL) => {
-                if timeline.cordoned.is_none() && let Some(taint) = nerve_taint(&api) {
-                    let at = notice_set.elapsed();
-                    timeline.cordoned = Some(at);
-                    out.event(at, format!(
-                        "node {NODE_NAME} cordoned, taint {taint} (recorded by the API server)"));
-                    timeline.taint = Some(taint);
-                }
-                if timeline.committed.is_none()
-                    && timeline.checkpoint_complete.is_some()
-                    && let Some(generation) = children.committed_generations(&s3_env).await?.pop()
-                {
-                    let at = notice_set.elapsed();
-                    timeline.committed = Some(at);
-                    timeline.margin = deadline.checked_duration_since(Instant::now());
-                    timeline.committed_generation =
-                        generation["generation"].as_str().map(str::to_owned);
-                    record_upload(&mut timeline, &sidecar_url).await;
-                    report_commit(&out, &timeline, at);
-                }
-            }
-        }
-    }
-
-    // The machine goes away: the pod is deleted (SIGTERM to the sidecar), the trainer dies.
-    out.line(String::new());
-    out.line("the machine goes away: pod deleted (SIGTERM), trainer killed".to_owned());
-    trainer.kill().await;
-    timeline.sidecar_exit_code = children.terminate(sidecar, POD_TERMINATION_GRACE).await?;
-    out.line(format!(
-        "nerve-sidecar run exited with {}",
-        timeline
-            .sidecar_exit_code
-            .map(|c| format!("status {c}"))
-            .unwrap_or_else(|| "a signal".into())
-    ));
-    children.stop_all().await;
-    timeline.generations = children.committed_generations(&s3_env).await?.len();
-
-    // The next pod: its init container restores, then the trainer resumes.
-    out.line(String::new());
-    out.line(format!(
-        "next pod: nerve-sidecar restore into {}",
-        pod2_dir.display()
-    ));
-    let mut restore_env = s3_env.clone();
-    restore_env.push(("NERVE_CHECKPOINT_DIR", path_str(&pod2_dir)?.to_owned()));
-    let restore_started = Instant::now();
-    let status = children
-        .run_to_end("nerve-sidecar", &["restore"], &restore_env)
-        .await?;
-    ensure!(
-        status.success(),
-        "nerve-sidecar restore failed with {status} (see logs/nerve-sidecar-restore.log)"
-    );
-    out.line(format!(
-        "restored in {:.2}s",
-        restore_started.elapsed().as_secs_f64()
-    ));
-    let mut resumed = children.spawn_trainer(
-        &["--dir", path_str(&pod2_dir)?, "--size", &size, "--verify"],
-        &[],
-    )?;
-    let event = resumed.next_event("resumed", READY_TIMEOUT).await?;
-    timeline.resumed_step = event.value["step"].as_u64();
-    timeline.resumed_digest = event.value["digest"].as_str().map(str::to_owned);
-    timeline.files_identical = match timeline.saved_step {
-        Some(step) => {
-            let name = crate::trainer::checkpoint_name(step);
-            dirs_identical(&pod1_dir.join(&name), &pod2_dir.join(&name))?
-        }
-        None => false,
-    };
-    out.line(format!(
-        "trainer resumed at step {} (saved at step {}), state {}",
-        timeline
-            .resumed_step
-            .map_or_else(|| "?".into(), |s| s.to_string()),
-        timeline
-            .saved_step
-            .map_or_else(|| "?".into(), |s| s.to_string()),
-        if timeline.saved_digest.is_some() && timeline.saved_digest == timeline.resumed_digest {
-            "identical"
-        } else {
-            "DIFFERENT"
-        }
-    ));
-    out.line(format!(
-        "checkpoint files byte-identical after restore: {}",
-        if timeline.files_identical {
-            "yes"
-        } else {
-            "NO"
-        }
-    ));
+    let mut timeline = demo.watch_the_notice(&pods, &sender, &mut seen).await?;
+    // From here on the children's lines only go to their logs.
+    drop(seen);
+    demo.machine_goes_away(&pods, &mut timeline).await?;
+    demo.resume(&mut timeline).await?;
     Ok(timeline)
 }
 
-/// Bytes and seconds of the upload, from the sidecar's own metrics.
-async fn record_upload(timeline: &mut Timeline, sidecar_url: &str) {
-    let metrics = observe::scrape(&format!("{sidecar_url}/metrics"))
-        .await
-        .unwrap_or_default();
-    timeline.bytes_uploaded = observe::sum(
-        &metrics,
-        "nerve_sidecar_transfer_bytes_total",
-        Some("upload"),
-    ) as u64;
-    timeline.bytes_reused = observe::sum(&metrics, "nerve_sidecar_reused_bytes_total", None) as u64;
-    timeline.upload_seconds =
-        observe::sum(&metrics, "nerve_sidecar_upload_duration_seconds_sum", None);
+/// One run: what was asked, what it is called, the world around the pods, the processes.
+struct Demo<'a> {
+    options: &'a DemoOptions,
+    names: Names,
+    out: Printer,
+    world: World,
+    children: Children,
 }
 
-fn report_commit(out: &Printer, timeline: &Timeline, at: Duration) {
-    let rate = if timeline.upload_seconds > 0.0 {
-        timeline.bytes_uploaded as f64 / (1024.0 * 1024.0) / timeline.upload_seconds
-    } else {
-        0.0
-    };
-    out.event(
-        at,
-        format!(
-            "uploaded {} in {:.2}s ({rate:.0} MiB/s), {} reused",
-            human_bytes(timeline.bytes_uploaded),
-            timeline.upload_seconds,
-            human_bytes(timeline.bytes_reused)
-        ),
-    );
-    out.event(
-        at,
-        format!(
-            "manifest committed: generation {}",
-            timeline.committed_generation.as_deref().unwrap_or("?")
-        ),
-    );
-    if let Some(margin) = timeline.margin {
-        out.event(
-            at,
-            format!(
-                "safe with {:.1}s to spare before the deadline",
-                margin.as_secs_f64()
-            ),
+impl<'a> Demo<'a> {
+    fn start(options: &'a DemoOptions) -> anyhow::Result<Demo<'a>> {
+        ensure!(
+            (1..=MAX_RANKS).contains(&options.ranks),
+            "--ranks {} is not between 1 and {MAX_RANKS}",
+            options.ranks
         );
-    }
-}
-
-/// The taint the agent adds, as `key=value:Effect`, once the node is unschedulable.
-fn nerve_taint(api: &ApiServer) -> Option<String> {
-    if !api.unschedulable() {
-        return None;
-    }
-    api.taints().into_iter().find_map(|taint| {
-        (taint["key"] == "nerve.io/interruption").then(|| {
-            format!(
-                "{}={}:{}",
-                taint["key"].as_str().unwrap_or_default(),
-                taint["value"].as_str().unwrap_or_default(),
-                taint["effect"].as_str().unwrap_or_default()
-            )
-        })
-    })
-}
-
-/// Whether two directory trees hold the same relative paths with the same bytes.
-fn dirs_identical(a: &Path, b: &Path) -> anyhow::Result<bool> {
-    let (left, right) = (tree(a)?, tree(b)?);
-    if left.is_empty() || left.len() != right.len() {
-        return Ok(false);
-    }
-    for ((path_a, rel_a), (path_b, rel_b)) in left.iter().zip(&right) {
-        if rel_a != rel_b {
-            return Ok(false);
-        }
-        let same = std::fs::read(path_a)
-            .with_context(|| format!("reading {}", path_a.display()))?
-            == std::fs::read(path_b).with_context(|| format!("reading {}", path_b.display()))?;
-        if !same {
-            return Ok(false);
-        }
-    }
-    Ok(true)
-}
-
-/// Regular files under `root`, sorted by relative path.
-fn tree(root: &Path) -> anyhow::Result<Vec<(PathBuf, PathBuf)>> {
-    let mut files = Vec::new();
-    let mut pending = vec![root.to_path_buf()];
-    while let Some(dir) = pending.pop() {
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
+        let names = Names {
+            ranks: options.ranks as usize,
         };
-        for entry in entries {
-            let path = entry?.path();
-            if path.is_dir() {
-                pending.push(path);
-            } else {
-                let rel = path.strip_prefix(root)?.to_path_buf();
-                files.push((path, rel));
-            }
+        let out = Printer(options.print);
+        let logs = options.work.join("logs");
+        std::fs::create_dir_all(&logs).context("creating the log directory")?;
+        let world = World::start(options, names)?;
+        out.line(world.describe());
+        let children = Children::new(&options.bin_dir, &logs);
+        Ok(Demo {
+            options,
+            names,
+            out,
+            world,
+            children,
+        })
+    }
+}
+
+/// What the demo calls each rank's things. With one rank: exactly the single-pod demo's names
+/// and lines; with several, each carries its rank.
+#[derive(Clone, Copy, Debug)]
+struct Names {
+    ranks: usize,
+}
+
+impl Names {
+    fn multi(self) -> bool {
+        self.ranks > 1
+    }
+
+    /// The rank whose machine gets the notice: the last.
+    fn noticed(self) -> usize {
+        self.ranks - 1
+    }
+
+    /// The Node (machine) of rank `rank`'s pod.
+    fn node(self, rank: usize) -> String {
+        if self.multi() {
+            format!("{NODE_NAME}-{rank}")
+        } else {
+            NODE_NAME.to_owned()
         }
     }
-    files.sort_by(|a, b| a.1.cmp(&b.1));
-    Ok(files)
+
+    /// ` on <node>` after what runs on a machine, with several machines.
+    fn on(self, rank: usize) -> String {
+        if self.multi() {
+            format!(" on {}", self.node(rank))
+        } else {
+            String::new()
+        }
+    }
+
+    /// The lead of a line about rank `rank`'s pod.
+    fn rank(self, rank: usize) -> String {
+        if self.multi() {
+            format!("rank {rank}: ")
+        } else {
+            String::new()
+        }
+    }
+
+    /// The log of `what` (a binary, or a one-shot command) of rank `rank`.
+    fn log(self, what: &str, rank: usize) -> String {
+        if self.multi() {
+            format!("{what}-{rank}")
+        } else {
+            what.to_owned()
+        }
+    }
+
+    /// Checkpoint directory of rank `rank`'s pod; `generation` 1 is the interrupted pods, 2 the
+    /// next ones.
+    fn pod_dir(self, work: &Path, generation: u32, rank: usize) -> PathBuf {
+        if self.multi() {
+            work.join(format!("pod-{generation}-rank-{rank}/checkpoints"))
+        } else {
+            work.join(format!("pod-{generation}/checkpoints"))
+        }
+    }
 }
 
 fn path_str(path: &Path) -> anyhow::Result<&str> {
@@ -531,19 +312,6 @@ impl Printer {
     }
 }
 
-/// One line of the trainer's stdout, with the moment it was read.
-#[derive(Debug)]
-pub struct TrainerEvent {
-    pub at: Instant,
-    pub value: Value,
-}
-
-impl TrainerEvent {
-    fn name(&self) -> &str {
-        self.value["event"].as_str().unwrap_or_default()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -559,19 +327,5 @@ mod tests {
     fn regex_escape_escapes_every_metacharacter_of_a_path() {
         assert_eq!(regex_escape("/tmp/a.b+c(1)"), "/tmp/a\\.b\\+c\\(1\\)");
         assert_eq!(regex_escape("/plain/path"), "/plain/path");
-    }
-
-    #[test]
-    fn identical_trees_compare_equal_and_a_changed_byte_does_not() {
-        let a = tempfile::tempdir().unwrap();
-        let b = tempfile::tempdir().unwrap();
-        for root in [a.path(), b.path()] {
-            std::fs::create_dir_all(root.join("sub")).unwrap();
-            std::fs::write(root.join("sub/x"), b"hello").unwrap();
-            std::fs::write(root.join("y"), b"").unwrap();
-        }
-        assert!(dirs_identical(a.path(), b.path()).unwrap());
-        std::fs::write(b.path().join("sub/x"), b"hellO").unwrap();
-        assert!(!dirs_identical(a.path(), b.path()).unwrap());
     }
 }

@@ -1,6 +1,9 @@
 //! A real S3-protocol server over HTTP on 127.0.0.1, backed by a directory: `s3s` parses and
 //! authenticates requests (SigV4), `s3s-fs` stores objects as files.
 //!
+//! A GET with `If-None-Match` whose ETag still matches answers `304 Not Modified`, as S3 does
+//! (s3s-fs ignores the header on GET); the job-wide notice is polled that way.
+//!
 //! Three things are added on top of s3s-fs 0.14.1, because the tests need them and a real store
 //! has them: `ListMultipartUploads` (s3s-fs answers NotImplemented), so tests can prove no
 //! multipart upload was left behind; verification of `x-amz-checksum-crc32c` on `UploadPart`
@@ -270,9 +273,24 @@ impl S3 for TestStore {
     {
         Box::pin(async move {
             let path = self.root.join(&req.input.bucket).join(&req.input.key);
+            let unless = req.input.if_none_match.clone();
             // s3s-fs resolves the object, range and headers; the body is read anew, see
             // GET_CHUNK.
             let mut response = self.fs.get_object(req).await?;
+            // A conditional GET whose ETag still matches answers 304, as S3 does (s3s-fs
+            // ignores If-None-Match on GET).
+            let unchanged = match (&unless, &response.output.e_tag) {
+                (Some(condition), Some(tag)) => {
+                    condition.is_any()
+                        || condition
+                            .as_etag()
+                            .is_some_and(|c| c.value() == tag.value())
+                }
+                _ => false,
+            };
+            if unchanged {
+                return Err(s3_error!(NotModified));
+            }
             if response.output.body.take().is_some() {
                 let len = response
                     .output

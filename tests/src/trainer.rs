@@ -244,7 +244,7 @@ pub fn write_part(
             out.write_all(&buf[..n])?;
             crc = crc32c::crc32c_append(crc, &buf[..n]);
             offset += n as u64;
-            if options.hang && file.name == "optimizer.pt" {
+            if options.hang && file.name.ends_with("optimizer.pt") {
                 out.flush()?;
                 // Holds the file open for writing until the process is killed.
                 loop {

@@ -3,146 +3,12 @@
 //! (what torch.distributed gives real trainers); each sidecar commits its rank's part and the
 //! last one commits the generation.
 
-use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::path::Path;
 use std::time::Duration;
 
 use nerve_tests::fault_proxy::{Fault, FaultProxy, Rule};
-use nerve_tests::pod::{
-    CHECKPOINT_TIMEOUT, EXIT_TIMEOUT, Proc, Rig, STARTUP_TIMEOUT, closed_port_url, in_seconds,
-};
+use nerve_tests::pod::{CHECKPOINT_TIMEOUT, EXIT_TIMEOUT, Job, Proc, STARTUP_TIMEOUT, in_seconds};
 use serde_json::Value;
-
-/// A job of `world` pods sharing the rig's S3 server and metadata service.
-struct Job {
-    rig: Rig,
-    world: u32,
-    peers: PathBuf,
-}
-
-impl Job {
-    fn new(name: &str, world: u32) -> Job {
-        let rig = Rig::new(name);
-        let peers = rig.work.path().join("peers");
-        for rank in 0..world {
-            std::fs::create_dir_all(rig.work.path().join(format!("pod-{rank}"))).expect("mkdir");
-        }
-        Job { rig, world, peers }
-    }
-
-    fn dir(&self, rank: u32) -> PathBuf {
-        self.rig.work.path().join(format!("pod-{rank}"))
-    }
-
-    fn rank_args(&self, rank: u32) -> Vec<String> {
-        vec![
-            "--rank".into(),
-            rank.to_string(),
-            "--world-size".into(),
-            self.world.to_string(),
-        ]
-    }
-
-    fn trainer(&self, rank: u32, extra: &[&str]) -> Proc {
-        let mut args = self.rank_args(rank);
-        args.extend(["--peers".into(), self.peers.display().to_string()]);
-        args.extend(extra.iter().map(|s| (*s).to_owned()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.rig.trainer(&self.dir(rank), &args)
-    }
-
-    fn sidecar(&self, rank: u32, extra: &[&str], env: &[(&str, &str)]) -> Proc {
-        let mut args = self.rank_args(rank);
-        args.extend(extra.iter().map(|s| (*s).to_owned()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.rig
-            .sidecar_in(&self.dir(rank), &closed_port_url(), &args, env)
-    }
-
-    fn gen_dir(&self) -> PathBuf {
-        self.rig
-            .s3
-            .root()
-            .join(nerve_tests::pod::BUCKET)
-            .join(nerve_tests::pod::PREFIX)
-            .join(&self.rig.job)
-            .join("gen")
-    }
-
-    /// The job manifest of the generation of `step`, once committed.
-    fn job_manifest(&self, step: u64) -> Option<Value> {
-        let raw = std::fs::read(
-            self.gen_dir()
-                .join(format!("step-{step:012}.manifest.json")),
-        );
-        raw.ok().and_then(|raw| serde_json::from_slice(&raw).ok())
-    }
-
-    /// Ranks whose part of `step` is committed.
-    fn parts(&self, step: u64) -> Vec<u32> {
-        let dir = self.gen_dir().join(format!("step-{step:012}"));
-        let mut ranks: Vec<u32> = std::fs::read_dir(dir)
-            .map(|entries| {
-                entries
-                    .flatten()
-                    .filter_map(|e| {
-                        let name = e.file_name().to_string_lossy().into_owned();
-                        name.strip_prefix("rank-")?
-                            .strip_suffix(".manifest.json")?
-                            .parse()
-                            .ok()
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        ranks.sort_unstable();
-        ranks
-    }
-
-    fn store_command(&self, rank: u32, command: &str, extra: &[&str]) -> Output {
-        let mut args = self.rank_args(rank);
-        args.extend(extra.iter().map(|s| (*s).to_owned()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.rig.store_command(command, &args)
-    }
-
-    fn command(&self, rank: u32, command: &str, dir: &Path, extra: &[&str]) -> Output {
-        let mut args = self.rank_args(rank);
-        args.extend(extra.iter().map(|s| (*s).to_owned()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.rig.sidecar_command(command, dir, &args)
-    }
-
-    /// Restores into a fresh directory as `rank` and has that rank's trainer load it.
-    fn restore_and_verify(&self, rank: u32, extra: &[&str]) -> (PathBuf, Value) {
-        let dir = self
-            .rig
-            .work
-            .path()
-            .join(format!("restored-{rank}-{}", extra.join("")));
-        let output = self.command(rank, "restore", &dir, extra);
-        assert!(
-            output.status.success(),
-            "restore as rank {rank}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let mut args = self.rank_args(rank);
-        args.extend([
-            "--peers".into(),
-            self.peers.display().to_string(),
-            "--verify".into(),
-        ]);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut verify = self.rig.trainer(&dir, &args);
-        let status = verify.wait_exit(EXIT_TIMEOUT);
-        assert!(
-            status.success(),
-            "verify as rank {rank}:\n{}",
-            verify.output()
-        );
-        (dir, verify.event("resumed", Duration::from_secs(5)))
-    }
-}
 
 /// The checkpoint a trainer took for `reason`: `periodic`, or `notice` (asked by its own
 /// signal, or by a peer's through the all-reduce).
@@ -296,6 +162,40 @@ fn a_rank_killed_mid_upload_leaves_its_generation_incomplete_and_restore_takes_t
     }
 }
 
+#[test]
+fn a_signal_that_arrives_during_a_long_agreed_save_is_taken_as_already_answered() {
+    let job = Job::new("late-signal", 2);
+    // A save longer than the trainer's 10 s answered window: 6 MiB with a 2 s pause per MiB.
+    let slow = ["--done-marker", "DONE", "--write-pause", "2s"];
+    let trainers: Vec<Proc> = (0..2).map(|rank| job.trainer(rank, &slow)).collect();
+    for trainer in &trainers {
+        trainer.event("started", STARTUP_TIMEOUT);
+    }
+    trainers[1].send(nix::sys::signal::Signal::SIGUSR1);
+    // Rank 0 saves for its peer through the agreement; its sidecar's signal for the same
+    // notice comes while it writes (the store's poll, or its own done marker, comes later).
+    std::thread::sleep(Duration::from_secs(1));
+    trainers[0].send(nix::sys::signal::Signal::SIGUSR1);
+    let saved = checkpoint_event(&trainers[0], "notice");
+    assert_eq!(saved["reason"], "peer");
+    let late = trainers[0].event("signal", CHECKPOINT_TIMEOUT);
+    assert_eq!(late["already_answered"], true, "{late}");
+    std::thread::sleep(Duration::from_secs(2));
+    for trainer in &trainers {
+        let saves = trainer
+            .json_lines()
+            .iter()
+            .filter(|v| v["event"] == "checkpoint")
+            .count();
+        assert_eq!(
+            saves,
+            1,
+            "no second save for one notice:\n{}",
+            trainer.output()
+        );
+    }
+}
+
 /// Writes a one-file checkpoint for `step` into `dir` holding `config` as `config.json`.
 fn write_small_checkpoint(dir: &Path, step: u64, config: &str, rank: u32) {
     let checkpoint = dir.join(format!("checkpoint-{step}"));
@@ -392,4 +292,54 @@ fn prune_keeps_complete_generations_and_drops_incomplete_ones_behind_them() {
     assert!(output.status.success(), "{output:?}");
     assert!(restored.join("checkpoint-9/rank-1/weights.bin").is_file());
     assert!(restored.join("checkpoint-9/rank-0/weights.bin").is_file());
+}
+
+#[test]
+fn a_rank_that_cannot_tell_its_step_refuses_to_commit_a_part_and_names_the_three_sources() {
+    let job = Job::new("no-step", 2);
+    let dir = job.dir(0);
+    std::fs::write(dir.join("weights.bin"), b"no step anywhere").expect("write");
+    let output = job.command(0, "upload", &dir, &[]);
+    assert!(!output.status.success());
+    let said = String::from_utf8_lossy(&output.stderr);
+    for source in ["done marker", "checkpoint-N", "trainer_state.json"] {
+        assert!(said.contains(source), "the message names {source}: {said}");
+    }
+    assert!(job.parts(0).is_empty());
+}
+
+#[test]
+fn a_ranks_unchanged_files_are_reused_from_its_own_previous_part() {
+    let job = Job::new("part-reuse", 2);
+    let dir = job.dir(1);
+    let frozen = vec![7u8; 256 * 1024];
+    for step in [5u64, 9] {
+        let checkpoint = dir.join(format!("checkpoint-{step}"));
+        std::fs::create_dir_all(&checkpoint).expect("mkdir");
+        std::fs::write(checkpoint.join("frozen.bin"), &frozen).expect("write");
+        std::fs::write(
+            checkpoint.join("trainer_state.json"),
+            format!("{{\"global_step\": {step}}}"),
+        )
+        .expect("write");
+        let output = job.command(1, "upload", &dir, &[]);
+        assert!(output.status.success(), "{output:?}");
+        std::fs::remove_dir_all(&checkpoint).expect("rm");
+    }
+    let part: Value = serde_json::from_slice(
+        &std::fs::read(job.gen_dir().join("step-000000000009/rank-1.manifest.json"))
+            .expect("part of step 9"),
+    )
+    .expect("json");
+    let frozen_entry = part["files"]
+        .as_array()
+        .expect("files")
+        .iter()
+        .find(|f| f["path"] == "checkpoint-9/frozen.bin")
+        .expect("frozen.bin");
+    let key = frozen_entry["key"].as_str().expect("key");
+    assert!(
+        key.contains("/gen/step-000000000005/rank-1/"),
+        "reused from the rank's part of step 5: {key}"
+    );
 }

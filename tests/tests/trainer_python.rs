@@ -11,17 +11,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use nerve_tests::imds::MetadataSimulator;
-use nerve_tests::process::{Proc, wait_for};
-use nerve_tests::s3::S3Server;
+use nerve_tests::pod::{
+    CHECKPOINT_TIMEOUT, EXIT_TIMEOUT, Proc, Rig, STARTUP_TIMEOUT, closed_port_url, in_seconds,
+    wait_for,
+};
 use nix::sys::signal::Signal;
 use serde_json::Value;
-use time::OffsetDateTime;
-
-/// Generous bounds: the machine running the tests may be loaded; none of them is a speed claim.
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
-const CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(90);
-const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Where the drain's SIGTERM lands after the notice: Karpenter and the node termination handler
 /// drain within seconds of the same notice.
@@ -30,12 +25,9 @@ const DRAIN_AFTER_NOTICE: Duration = Duration::from_secs(1);
 /// What the trainer exits with after the save that answers SIGTERM (128 + SIGTERM).
 const TERMINATED_EXIT_CODE: i32 = 143;
 
-/// The marker file, as the injector's default names it (passed explicitly to the sidecar until
-/// `run` defaults it too).
+/// The marker file both sides default to: the injector sets nothing, the integration and the
+/// sidecar agree.
 const DONE_MARKER: &str = ".nerve-done";
-
-const BUCKET: &str = "ckpt";
-const PREFIX: &str = "jobs";
 
 /// The trainer script and the package source it imports (no install needed).
 fn python_paths() -> (PathBuf, PathBuf) {
@@ -57,165 +49,47 @@ fn python_available() -> bool {
     }
 }
 
-/// One test's world: S3, the metadata service, a checkpoint directory, a job.
-struct Rig {
-    s3: S3Server,
-    imds: MetadataSimulator,
-    work: tempfile::TempDir,
-    dir: PathBuf,
-    job: String,
+/// The Python trainer on `dir`, as the injector would start it: `NERVE_CHECKPOINT_DIR` set.
+fn python_trainer(dir: &Path, extra: &[&str]) -> Proc {
+    let (script, source) = python_paths();
+    Proc::spawn(
+        "python trainer",
+        Command::new("python3")
+            .arg(script)
+            .arg("--dir")
+            .arg(dir)
+            .args(extra)
+            .env("PYTHONPATH", source)
+            .env("NERVE_CHECKPOINT_DIR", dir)
+            .env_remove("NERVE_DONE_MARKER")
+            .env_remove("NERVE_SIGNAL"),
+    )
 }
 
-impl Rig {
-    fn new(job: &str) -> Rig {
-        let s3 = S3Server::start().expect("S3 server");
-        s3.create_bucket(BUCKET).expect("bucket");
-        let work = tempfile::Builder::new()
-            .prefix("nerve-python-")
-            .tempdir()
-            .expect("temp dir");
-        let dir = work.path().join("checkpoints");
-        std::fs::create_dir(&dir).expect("checkpoint dir");
-        Rig {
-            s3,
-            imds: MetadataSimulator::start(),
-            work,
-            dir,
-            job: job.to_owned(),
-        }
-    }
-
-    /// The Python trainer on `dir`, as the injector would start it: `NERVE_CHECKPOINT_DIR` set.
-    fn trainer(&self, dir: &Path, extra: &[&str]) -> Proc {
-        let (script, source) = python_paths();
-        Proc::spawn(
-            "python trainer",
-            Command::new("python3")
-                .arg(script)
-                .arg("--dir")
-                .arg(dir)
-                .args(extra)
-                .env("PYTHONPATH", source)
-                .env("NERVE_CHECKPOINT_DIR", dir)
-                .env_remove("NERVE_DONE_MARKER")
-                .env_remove("NERVE_SIGNAL"),
-        )
-    }
-
-    /// A regex matching this test's trainers only.
-    fn target(&self) -> String {
-        format!(
-            "hf_layout_trainer\\.py --dir {}( |$)",
-            self.dir.display().to_string().replace('.', "\\.")
-        )
-    }
-
-    fn store_args(&self) -> Vec<String> {
-        vec![
-            "--dest".into(),
-            format!("s3://{BUCKET}/{PREFIX}"),
-            "--job".into(),
-            self.job.clone(),
-            "--path-style".into(),
-        ]
-    }
-
-    /// The real agent against the simulator; returns it and its stream URL.
-    fn agent(&self) -> (Proc, String) {
-        let agent = Proc::spawn(
-            "nerve-agent",
-            Command::new(nerve_tests::binary_path("nerve-agent"))
-                .args(["--log-format", "json", "--kubernetes", "off"])
-                .args(["--listen", "127.0.0.1:0", "--poll-interval", "200ms"])
-                .args(["--metadata-url", &self.imds.url()])
-                .env("RUST_LOG", "info"),
-        );
-        let line = agent.log(
-            "nerve-agent serving the notice stream, metrics and health",
-            STARTUP_TIMEOUT,
-        );
-        let addr = line["fields"]["addr"].as_str().expect("addr").to_owned();
-        (agent, format!("http://{addr}"))
-    }
-
-    fn sidecar(&self, agent_url: &str) -> Proc {
-        let mut command = Command::new(nerve_tests::binary_path("nerve-sidecar"));
-        command
-            .args(["--log-format", "json", "run", "--dir"])
-            .arg(&self.dir)
-            .args(self.store_args())
-            .args(["--agent-url", agent_url, "--metadata-url", &self.imds.url()])
-            .args(["--poll-interval", "200ms", "--listen", "127.0.0.1:0"])
-            .args(["--target", &self.target(), "--done-marker", DONE_MARKER])
-            .args(["--part-size", "5MiB", "--concurrency", "4"])
-            .envs(self.s3.client_env())
-            .env("RUST_LOG", "info,aws=warn,hyper=warn");
-        let sidecar = Proc::spawn("nerve-sidecar", &mut command);
-        sidecar.log("sidecar running", STARTUP_TIMEOUT);
-        sidecar
-    }
-
-    /// Committed manifests (the manifest is the commit), oldest first.
-    fn manifests(&self) -> Vec<Value> {
-        let gen_dir = self
-            .s3
-            .root()
-            .join(BUCKET)
-            .join(PREFIX)
-            .join(&self.job)
-            .join("gen");
-        let mut names: Vec<_> = std::fs::read_dir(&gen_dir)
-            .map(|entries| {
-                entries
-                    .filter_map(|e| e.ok())
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|n| n.ends_with(".manifest.json") && !n.starts_with('.'))
-                    .collect()
-            })
-            .unwrap_or_default();
-        names.sort();
-        names
-            .into_iter()
-            .filter_map(|n| std::fs::read(gen_dir.join(n)).ok())
-            .filter_map(|raw| serde_json::from_slice(&raw).ok())
-            .collect()
-    }
-
-    /// The done marker's `key=value` lines in the trainer's directory.
-    fn marker(&self) -> Vec<(String, String)> {
-        let text = std::fs::read_to_string(self.dir.join(DONE_MARKER)).expect("done marker");
-        text.lines()
-            .filter_map(|line| line.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect()
-    }
-
-    /// `nerve-sidecar restore` into a fresh directory, then the Python trainer's `--verify`
-    /// there: the checkpoint the restored marker names, byte for byte. Returns its event.
-    fn restore_and_verify(&self) -> Value {
-        let restored = self.work.path().join("restored");
-        std::fs::create_dir(&restored).expect("restore dir");
-        let output = Command::new(nerve_tests::binary_path("nerve-sidecar"))
-            .args(["restore", "--dir"])
-            .arg(&restored)
-            .args(self.store_args())
-            .envs(self.s3.client_env())
-            .output()
-            .expect("run restore");
-        assert!(
-            output.status.success(),
-            "restore failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let mut verify = self.trainer(&restored, &["--verify"]);
-        let status = verify.wait_exit(EXIT_TIMEOUT);
-        assert!(status.success(), "verify failed:\n{}", verify.output());
-        verify.event("resumed", Duration::from_secs(5))
-    }
+/// The done marker's `key=value` lines in the trainer's directory.
+fn marker(rig: &Rig) -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(rig.dir.join(DONE_MARKER)).expect("done marker");
+    text.lines()
+        .filter_map(|line| line.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
 }
 
-fn in_seconds(seconds: i64) -> OffsetDateTime {
-    OffsetDateTime::now_utc() + time::Duration::seconds(seconds)
+/// `nerve-sidecar restore` into a fresh directory, then the Python trainer's `--verify` there:
+/// the checkpoint the restored marker names, byte for byte. Returns its event.
+fn restore_and_verify(rig: &Rig) -> Value {
+    let restored = rig.work.path().join("restored");
+    std::fs::create_dir(&restored).expect("restore dir");
+    let output = rig.sidecar_command("restore", &restored, &[]);
+    assert!(
+        output.status.success(),
+        "restore failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mut verify = python_trainer(&restored, &["--verify"]);
+    let status = verify.wait_exit(EXIT_TIMEOUT);
+    assert!(status.success(), "verify failed:\n{}", verify.output());
+    verify.event("resumed", Duration::from_secs(5))
 }
 
 fn marker_field<'a>(marker: &'a [(String, String)], key: &str) -> &'a str {
@@ -233,9 +107,10 @@ fn a_notice_commits_the_step_the_python_trainer_marked_and_it_resumes_there() {
     }
     let rig = Rig::new("python-notice");
     let (_agent, agent_url) = rig.agent();
-    let mut trainer = rig.trainer(&rig.dir, &[]);
+    let mut trainer = python_trainer(&rig.dir, &[]);
     trainer.event("started", STARTUP_TIMEOUT);
-    let mut sidecar = rig.sidecar(&agent_url);
+    // No --done-marker: the sidecar's default is the integration's.
+    let mut sidecar = rig.sidecar(&agent_url, &[]);
     sidecar.log("following the agent's notice stream", STARTUP_TIMEOUT);
 
     rig.imds.set_spot_interruption("terminate", in_seconds(120));
@@ -246,7 +121,7 @@ fn a_notice_commits_the_step_the_python_trainer_marked_and_it_resumes_there() {
     let manifests = rig.manifests();
     assert_eq!(manifests.len(), 1);
     assert_eq!(manifests[0]["step"], saved["step"]);
-    let marker = rig.marker();
+    let marker = marker(&rig);
     assert_eq!(marker_field(&marker, "step"), saved["step"].to_string());
     assert_eq!(marker_field(&marker, "reason"), "notice");
     let path = format!("checkpoint-{}", saved["step"]);
@@ -257,7 +132,7 @@ fn a_notice_commits_the_step_the_python_trainer_marked_and_it_resumes_there() {
     assert!(sidecar.wait_exit(EXIT_TIMEOUT).success());
     assert_eq!(rig.manifests().len(), 1, "no second checkpoint on SIGTERM");
 
-    let resumed = rig.restore_and_verify();
+    let resumed = restore_and_verify(&rig);
     assert_eq!(resumed["step"], saved["step"]);
     assert_eq!(resumed["path"], path);
 }
@@ -269,13 +144,9 @@ fn the_drain_race_sigterm_during_the_python_trainers_notice_save_still_commits_i
     }
     let rig = Rig::new("python-drain");
     // A slow save (four state files, 0.4 s before each) so the drain's SIGTERM lands inside it.
-    let mut trainer = rig.trainer(&rig.dir, &["--file-pause", "0.4"]);
+    let mut trainer = python_trainer(&rig.dir, &["--file-pause", "0.4"]);
     trainer.event("started", STARTUP_TIMEOUT);
-    let closed_port = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        format!("http://{}", listener.local_addr().expect("addr"))
-    };
-    let mut sidecar = rig.sidecar(&closed_port);
+    let mut sidecar = rig.sidecar(&closed_port_url(), &[]);
 
     rig.imds.set_spot_interruption("terminate", in_seconds(120));
     let saving = trainer.event("saving", CHECKPOINT_TIMEOUT);
@@ -315,6 +186,6 @@ fn the_drain_race_sigterm_during_the_python_trainers_notice_save_still_commits_i
     let committed = sidecar.log("checkpoint committed", Duration::from_secs(1));
     assert_eq!(committed["fields"]["completion"], "marker");
 
-    let resumed = rig.restore_and_verify();
+    let resumed = restore_and_verify(&rig);
     assert_eq!(resumed["step"], saving["step"]);
 }

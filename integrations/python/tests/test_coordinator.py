@@ -174,6 +174,22 @@ class OneProcess(unittest.TestCase):
         self.assertEqual(marker.path, f"checkpoint-{marker.step}")
         self.assertIsNone(trainer.process.poll(), "a notice does not end the run")
 
+    def test_a_notice_signal_soon_after_a_notice_save_is_answered_by_it_and_sigterm_is_not(self) -> None:
+        env = nerve_free_environment()
+        env["NERVE_CHECKPOINT_DIR"] = str(self.work / "ckpt")
+        trainer = self.start(env)
+        trainer.send(signal.SIGUSR1)
+        first = trainer.wait_event("saved")
+        # The same notice, as another pod's sidecar delivers it after the ranks agreed.
+        trainer.send(signal.SIGUSR1)
+        time.sleep(1.0)
+        self.assertEqual(len(trainer.events_named("saved")), 1, "no second save for the same notice")
+        trainer.send(signal.SIGTERM)
+        self.assertEqual(trainer.wait_exit(), nerve_trainer.TERMINATED_EXIT_CODE)
+        saves = trainer.events_named("saved")
+        self.assertEqual(len(saves), 2, "SIGTERM still saves, then ends the run")
+        self.assertGreater(saves[1]["step"], first["step"])
+
     def test_the_signal_named_by_nerve_signal_is_the_notice_signal(self) -> None:
         env = nerve_free_environment()
         env["NERVE_CHECKPOINT_DIR"] = str(self.work / "ckpt")

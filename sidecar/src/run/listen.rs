@@ -38,6 +38,10 @@ pub enum Channel {
     Agent,
     Metadata,
     Sigterm,
+    /// Another pod of the job took the notice (the job-wide notice in the store).
+    Peer,
+    /// The ranks' agreement reached this trainer first (its done marker says `reason=notice`).
+    Marker,
 }
 
 impl Channel {
@@ -46,6 +50,8 @@ impl Channel {
             Channel::Agent => "agent",
             Channel::Metadata => "metadata",
             Channel::Sigterm => "sigterm",
+            Channel::Peer => "peer",
+            Channel::Marker => "marker",
         }
     }
 }

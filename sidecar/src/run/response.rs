@@ -10,9 +10,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use nerve_store::job_notice::{JobNotice, publish_notice};
 use nerve_store::part::Rank;
 use nerve_store::step::{MarkerContent, checkpoint_step};
-use nerve_store::{ManifestContext, Store, UploadOptions, upload_generation};
+use nerve_store::{ManifestContext, Store, UploadOptions, UploadSummary, upload_generation};
 use nix::sys::signal::Signal;
 use time::OffsetDateTime;
 use tokio::time::Instant;
@@ -21,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use super::checkpoint::{self, Completion, Content, DirSnapshot, MarkerState, Writers};
 use super::deadline;
 use super::listen::{Channel, Heard};
+use super::peers::PeerNotice;
 use super::signal::{self, Scope};
 use super::sync::SyncShared;
 use super::watch::TrainerWatch;
@@ -32,6 +34,16 @@ const TERMINATION_LOG: &str = "/dev/termination-log";
 /// How long a notice waits for a preempted background sync to let go of the store; cancelling
 /// aborts its multipart uploads, which takes a few requests.
 const PREEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long publishing the job-wide notice may delay signalling this pod's own trainer: a PUT
+/// to S3 takes tens of milliseconds; a store that does not answer must not cost the trainer
+/// its checkpoint (the other ranks still learn from the trainers' agreement).
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long past a peer's deadline a rank whose own node stays keeps waiting for its
+/// trainer's checkpoint and uploading its part: the generation is only restorable with every
+/// part, so it is worth finishing late, but the wait stays bounded.
+const PEER_OVERTIME: Duration = Duration::from_secs(600);
 
 /// How far this node's clock (the done marker's time) may be behind the clock that detected
 /// the notice (the agent of another node, for a peer's notice) for a marker to still count as
@@ -48,6 +60,9 @@ pub struct Trigger {
     /// When the notice was first seen (by the agent, or by the peer that shared it).
     pub detected_at: OffsetDateTime,
     pub channel: Channel,
+    /// This node goes away at the deadline (its own notice, or SIGTERM). A peer's notice is
+    /// only aimed at: the part still commits after the deadline, so the generation completes.
+    pub local: bool,
     /// What the manifest records.
     pub record: serde_json::Value,
 }
@@ -61,7 +76,23 @@ impl Trigger {
             deadline: heard.notice.deadline,
             detected_at: heard.notice.detected_at,
             channel: heard.channel,
+            local: true,
             record: serde_json::to_value(&heard.notice).unwrap_or_default(),
+        }
+    }
+
+    /// Another pod's notice (or the ranks' agreement), whose deadline this pod aims at.
+    pub fn from_peer(peer: &PeerNotice) -> Trigger {
+        let notice = &peer.notice;
+        Trigger {
+            id: notice.id.clone(),
+            kind: notice.kind.clone(),
+            emergency: true,
+            deadline: notice.deadline,
+            detected_at: notice.detected_at,
+            channel: peer.channel,
+            local: false,
+            record: serde_json::to_value(notice).unwrap_or_default(),
         }
     }
 
@@ -79,6 +110,7 @@ impl Trigger {
             deadline,
             detected_at: now,
             channel: Channel::Sigterm,
+            local: true,
             record: serde_json::json!({
                 "id": format!("sigterm/{}", format(now)), "kind": "sigterm", "action": "terminate",
                 "deadline": format(deadline), "detected_at": format(now), "source": "pod",
@@ -125,8 +157,13 @@ pub struct RunnerConfig {
     pub pod: Option<String>,
 }
 
+impl RunnerConfig {
+    fn multi_pod(&self) -> bool {
+        self.rank.is_multi_pod()
+    }
+}
+
 /// The trainer as a notice found it.
-#[derive(Default)]
 struct Signalled {
     writers: Writers,
     notice_to_signal_ms: f64,
@@ -199,6 +236,25 @@ impl Runner {
         self.take_checkpoint(trigger, received).await;
     }
 
+    /// Another pod's notice, through the store or through the trainers' agreement.
+    pub async fn hear_peer(&mut self, peer: PeerNotice) {
+        let received = Instant::now();
+        if !self.handled.insert(peer.notice.id.clone()) {
+            return;
+        }
+        if self.emergency_handled() {
+            tracing::info!(id = %peer.notice.id, channel = peer.channel.as_str(),
+                "another pod's notice while this one is already checkpointing for a notice");
+            return;
+        }
+        let trigger = Trigger::from_peer(&peer);
+        ::metrics::counter!(metrics::NOTICES, "kind" => trigger.kind.clone(), "channel" => trigger.channel.as_str())
+            .increment(1);
+        tracing::warn!(notice = %serde_json::to_string(&peer.notice).unwrap_or_default(),
+            channel = peer.channel.as_str(), "notice from another pod of the job");
+        self.take_checkpoint(trigger, received).await;
+    }
+
     /// SIGTERM (pod deletion, drain). With the trainer still running it is a notice. With the
     /// trainer gone (a native sidecar is stopped only after the trainer exited) there is nobody
     /// to signal: the newest whole checkpoint on disk is uploaded within what is left of the
@@ -236,28 +292,28 @@ impl Runner {
         self.shared.preempt();
         // Signal first: every millisecond here is a millisecond less for the upload.
         let marker_before = MarkerState::read(&self.config.content.marker);
+        self.publish_to_the_job(&trigger).await;
+        // Signalled even when its ranks already saved for this notice: a trainer that does not
+        // take part in the agreement must still save, and one that did knows the notice was
+        // answered (docs/trainers.md).
         let answered = self.answered_by_the_ranks(&trigger);
-        let signalled = if answered {
-            Signalled::default()
-        } else {
-            self.signal_trainer(heard)
-        };
+        let signalled = self.signal_trainer(&trigger, heard);
         let _guard = self.stop_background_sync().await;
+        // A peer's deadline is aimed at; its bound is later, since this node stays.
+        let bound = if trigger.local {
+            deadline
+        } else {
+            deadline + PEER_OVERTIME
+        };
         let completion = if answered {
             Completion::Marker
         } else {
-            self.wait_for_completion(&signalled.writers, marker_before, deadline)
+            self.wait_for_completion(&signalled.writers, marker_before, bound)
                 .await
         };
         let outcome = if completion.is_complete() {
-            self.upload(
-                &trigger,
-                heard,
-                deadline,
-                &completion,
-                signalled.notice_to_signal_ms,
-            )
-            .await
+            let ms = signalled.notice_to_signal_ms;
+            self.upload(&trigger, heard, bound, &completion, ms).await
         } else {
             self.report_not_committed(&trigger, &completion, deadline)
         };
@@ -307,13 +363,40 @@ impl Runner {
         outcome
     }
 
+    /// In a multi-pod job, publishes this node's notice for every other pod
+    /// ([`nerve_store::job_notice`]), bounded by [`PUBLISH_TIMEOUT`].
+    async fn publish_to_the_job(&self, trigger: &Trigger) {
+        if !trigger.local || !self.config.multi_pod() {
+            return;
+        }
+        let notice = JobNotice {
+            id: trigger.id.clone(),
+            kind: trigger.kind.clone(),
+            rank: self.config.rank.rank,
+            node: self.config.node.clone(),
+            deadline: trigger.deadline,
+            detected_at: trigger.detected_at,
+            notice: Some(trigger.record.clone()),
+        };
+        match tokio::time::timeout(PUBLISH_TIMEOUT, publish_notice(&self.store, &notice)).await {
+            Ok(Ok(())) => {
+                tracing::info!(id = %notice.id, "published the notice for the job's other pods")
+            }
+            Ok(Err(error)) => tracing::warn!(error = %format!("{:#}", anyhow::Error::new(error)),
+                "cannot publish the notice for the job's other pods; they learn it from the trainers' agreement"),
+            Err(_) => tracing::warn!(
+                "publishing the notice for the job's other pods took over {PUBLISH_TIMEOUT:?}; signalling the trainer first"
+            ),
+        }
+    }
+
     /// In a multi-pod job, whether this trainer already saved for this notice: the ranks agree
     /// on the step to save at their next step boundary, so a rank whose sidecar hears the
     /// notice late (through the store, from a peer) may find its trainer's done marker already
     /// written with `reason=notice` since the notice was detected. Its part is then uploaded at
-    /// once, and the trainer is not asked to save a second time.
+    /// once, without waiting for another save.
     fn answered_by_the_ranks(&self, trigger: &Trigger) -> bool {
-        if !self.config.rank.is_multi_pod() {
+        if !self.config.multi_pod() {
             return false;
         }
         let marker = &self.config.content.marker;
@@ -331,7 +414,7 @@ impl Runner {
     }
 
     /// Sends the signal to the trainer's processes that handle it; says loudly when none does.
-    fn signal_trainer(&mut self, heard: Instant) -> Signalled {
+    fn signal_trainer(&mut self, trigger: &Trigger, heard: Instant) -> Signalled {
         let config = &self.config;
         let candidates =
             signal::find_candidates(config.signal, &config.scope).unwrap_or_else(|error| {
@@ -339,8 +422,15 @@ impl Runner {
                 signal::Candidates::default()
             });
         let report = signal::signal_trainers(&candidates, config.signal, &config.scope);
-        ::metrics::histogram!(metrics::NOTICE_TO_SIGNAL).record(heard.elapsed().as_secs_f64());
-        let notice_to_signal_ms = heard.elapsed().as_secs_f64() * 1000.0;
+        // A peer's notice is timed from its detection on the other node.
+        let since = if trigger.local {
+            heard.elapsed().as_secs_f64()
+        } else {
+            (OffsetDateTime::now_utc() - trigger.detected_at).as_seconds_f64()
+        };
+        ::metrics::histogram!(metrics::NOTICE_TO_SIGNAL, "channel" => trigger.channel.as_str())
+            .record(since);
+        let notice_to_signal_ms = since * 1000.0;
         if report.signalled.is_empty() {
             ::metrics::counter!(metrics::SIGNALS, "outcome" => "no-handler").increment(1);
             let message = format!(
@@ -468,13 +558,13 @@ impl Runner {
         outcome
     }
 
-    /// Uploads the directory at full speed and commits it, cancelled at the deadline (past it
-    /// the machine is gone anyway).
+    /// Uploads the directory at full speed and commits it, cancelled at `bound` (this node's
+    /// deadline, past which the machine is gone anyway; later for a peer's notice).
     async fn upload(
         &self,
         trigger: &Trigger,
         heard: Instant,
-        deadline: Instant,
+        bound: Instant,
         completion: &Completion,
         notice_to_signal_ms: f64,
     ) -> CheckpointOutcome {
@@ -490,50 +580,23 @@ impl Runner {
         })
         .await
         .unwrap_or_default();
-        let options = UploadOptions {
-            concurrency: self.config.concurrency,
-            part_size: self.config.part_size,
-            context: ManifestContext {
-                notice: Some(trigger.record.clone()),
-                node: self.config.node.clone(),
-                pod: self.config.pod.clone(),
-                step,
-            },
-            excludes: self.config.content.excludes.clone(),
-            step_pattern: self.config.content.step_pattern.clone(),
-            rank: Some(self.config.rank),
-        };
         let cancel = CancellationToken::new();
         let timer = tokio::spawn({
             let cancel = cancel.clone();
             async move {
-                tokio::time::sleep_until(deadline).await;
+                tokio::time::sleep_until(bound).await;
                 cancel.cancel();
             }
         });
-        let dir = self.config.content.dir.clone();
-        let result = upload_generation(&self.store, &dir, &options, &cancel).await;
+        let options = self.upload_options(trigger, step);
+        let dir = &self.config.content.dir;
+        let result = upload_generation(&self.store, dir, &options, &cancel).await;
         timer.abort();
         match result {
             Ok(summary) => {
                 self.shared
                     .record_upload(snapshot, summary.bytes_uploaded, summary.seconds);
-                let time_to_safe = heard.elapsed().as_secs_f64();
-                let margin = deadline::seconds_left(deadline);
-                ::metrics::histogram!(metrics::TIME_TO_SAFE).record(time_to_safe);
-                ::metrics::gauge!(metrics::DEADLINE_MARGIN).set(margin);
-                tracing::info!(
-                    generation = %summary.generation,
-                    step,
-                    notice_to_signal_ms,
-                    completion = completion.as_str(),
-                    upload_seconds = summary.seconds,
-                    bytes_uploaded = summary.bytes_uploaded,
-                    bytes_reused = summary.bytes_reused,
-                    time_to_safe_seconds = time_to_safe,
-                    deadline_margin_seconds = margin,
-                    "checkpoint committed"
-                );
+                report_committed(trigger, &summary, heard, completion, notice_to_signal_ms);
                 CheckpointOutcome::Committed
             }
             Err(error) => {
@@ -548,6 +611,55 @@ impl Runner {
             }
         }
     }
+
+    /// A notice upload: full concurrency, the notice recorded, this rank's part when multi-pod.
+    fn upload_options(&self, trigger: &Trigger, step: Option<u64>) -> UploadOptions {
+        UploadOptions {
+            concurrency: self.config.concurrency,
+            part_size: self.config.part_size,
+            context: ManifestContext {
+                notice: Some(trigger.record.clone()),
+                node: self.config.node.clone(),
+                pod: self.config.pod.clone(),
+                step,
+            },
+            excludes: self.config.content.excludes.clone(),
+            step_pattern: self.config.content.step_pattern.clone(),
+            rank: Some(self.config.rank),
+        }
+    }
+}
+
+/// The figures of a committed notice checkpoint, in the log and the metrics.
+fn report_committed(
+    trigger: &Trigger,
+    summary: &UploadSummary,
+    heard: Instant,
+    completion: &Completion,
+    notice_to_signal_ms: f64,
+) {
+    let time_to_safe = heard.elapsed().as_secs_f64();
+    let margin = (trigger.deadline - OffsetDateTime::now_utc()).as_seconds_f64();
+    if summary.rank.is_some() {
+        let timing = if margin >= 0.0 { "before" } else { "after" };
+        ::metrics::counter!(metrics::PARTS, "timing" => timing).increment(1);
+    }
+    ::metrics::histogram!(metrics::TIME_TO_SAFE).record(time_to_safe);
+    ::metrics::gauge!(metrics::DEADLINE_MARGIN).set(margin);
+    tracing::info!(
+        generation = %summary.generation,
+        step = summary.step,
+        rank = summary.rank.map(|r| r.rank),
+        job = %summary.job.map_or_else(String::new, |j| format!("{j:?}")),
+        notice_to_signal_ms,
+        completion = completion.as_str(),
+        upload_seconds = summary.seconds,
+        bytes_uploaded = summary.bytes_uploaded,
+        bytes_reused = summary.bytes_reused,
+        time_to_safe_seconds = time_to_safe,
+        deadline_margin_seconds = margin,
+        "checkpoint committed"
+    );
 }
 
 /// Leaves `message` where `kubectl describe pod` shows it, when running in Kubernetes.

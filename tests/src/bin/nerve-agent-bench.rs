@@ -63,9 +63,6 @@ fn humantime_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-/// Clock ticks per second of /proc/PID/stat times: USER_HZ is 100 on every Linux ABI.
-const USER_HZ: f64 = 100.0;
-
 struct Agent {
     child: Child,
     addr: SocketAddr,
@@ -135,11 +132,7 @@ fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
 
 /// (utime + stime in seconds, peak RSS in KiB, current RSS in KiB) of a process.
 fn usage(pid: u32) -> anyhow::Result<(f64, u64, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let after_name = stat.rsplit_once(')').context("parsing /proc/PID/stat")?.1;
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    // Fields 14 and 15 of stat (utime, stime) are at 11 and 12 after the name.
-    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    let cpu = nerve_tests::process::cpu_seconds(pid)?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kib = |key: &str| -> u64 {
         status
@@ -148,7 +141,7 @@ fn usage(pid: u32) -> anyhow::Result<(f64, u64, u64)> {
             .and_then(|v| v.split_whitespace().next()?.parse().ok())
             .unwrap_or(0)
     };
-    Ok((ticks as f64 / USER_HZ, kib("VmHWM:"), kib("VmRSS:")))
+    Ok((cpu, kib("VmHWM:"), kib("VmRSS:")))
 }
 
 /// Prints median, max and min of `samples`; returns the max.

@@ -8,15 +8,14 @@
 //! hold (time to safe inside the notice window; the synced run uploads fewer bytes). A result
 //! that does not hold exits 1.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::Parser;
 use nerve_tests::imds::MetadataSimulator;
+use nerve_tests::process::Proc;
 use nerve_tests::s3::S3Server;
 use serde_json::{Value, json};
 
@@ -41,115 +40,6 @@ struct Args {
     /// The agent's metadata poll interval (the product default is 1s).
     #[arg(long, default_value = "1s")]
     poll_interval: String,
-}
-
-/// After a process exits, its output readers get this long to hand over the last lines before a
-/// wait on it gives up.
-const EXIT_DRAIN: Duration = Duration::from_secs(1);
-
-struct Proc {
-    name: &'static str,
-    child: Mutex<Child>,
-    lines: Arc<Mutex<Vec<(Instant, String)>>>,
-}
-
-impl Proc {
-    fn spawn(name: &'static str, command: &mut Command) -> anyhow::Result<Proc> {
-        let mut child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {name}"))?;
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let readers: Vec<Box<dyn std::io::Read + Send>> = vec![
-            Box::new(child.stdout.take().context("stdout")?),
-            Box::new(child.stderr.take().context("stderr")?),
-        ];
-        for reader in readers {
-            let lines = lines.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(reader).lines().map_while(Result::ok) {
-                    if let Ok(mut lines) = lines.lock() {
-                        lines.push((Instant::now(), line));
-                    }
-                }
-            });
-        }
-        Ok(Proc {
-            name,
-            child: Mutex::new(child),
-            lines,
-        })
-    }
-
-    /// The first JSON line `pick` accepts, with the time it was read. Fails when the process
-    /// exits without printing it, or after [`TIMEOUT`].
-    fn wait_json(
-        &self,
-        what: &str,
-        pick: impl Fn(&Value) -> bool,
-    ) -> anyhow::Result<(Instant, Value)> {
-        let until = Instant::now() + TIMEOUT;
-        let mut exited: Option<(Instant, std::process::ExitStatus)> = None;
-        loop {
-            if exited.is_none()
-                && let Ok(mut child) = self.child.lock()
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                exited = Some((Instant::now(), status));
-            }
-            if let Ok(lines) = self.lines.lock() {
-                for (at, line) in lines.iter() {
-                    if let Ok(value) = serde_json::from_str::<Value>(line)
-                        && pick(&value)
-                    {
-                        return Ok((*at, value));
-                    }
-                }
-            }
-            if let Some((at, status)) = exited
-                && at.elapsed() > EXIT_DRAIN
-            {
-                let lines = self.lines.lock().map(|l| l.clone()).unwrap_or_default();
-                let last: Vec<&str> = lines
-                    .iter()
-                    .rev()
-                    .take(20)
-                    .rev()
-                    .map(|(_, l)| l.as_str())
-                    .collect();
-                bail!(
-                    "{} exited ({status}) without printing {what}; its last lines:\n{}",
-                    self.name,
-                    last.join("\n")
-                );
-            }
-            if Instant::now() > until {
-                bail!("timed out waiting for {what} from {}", self.name);
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    fn log(&self, message: &str) -> anyhow::Result<(Instant, Value)> {
-        self.wait_json(message, |v| {
-            v["fields"]["message"].as_str() == Some(message)
-        })
-    }
-
-    fn event(&self, event: &str) -> anyhow::Result<(Instant, Value)> {
-        self.wait_json(event, |v| v["event"].as_str() == Some(event))
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(child) = self.child.get_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
 }
 
 fn manifests(s3: &S3Server, job: &str) -> usize {
@@ -189,7 +79,7 @@ fn scenario(args: &Args, work: &Path, s3: &S3Server, with_sync: bool) -> anyhow:
     let imds = MetadataSimulator::start();
     let bin = nerve_tests::binary_path;
 
-    let agent = Proc::spawn(
+    let agent = Proc::try_spawn(
         "nerve-agent",
         Command::new(bin("nerve-agent"))
             .args(["--log-format", "json", "--kubernetes", "off"])
@@ -202,14 +92,17 @@ fn scenario(args: &Args, work: &Path, s3: &S3Server, with_sync: bool) -> anyhow:
             .args(["--metadata-url", &imds.url()])
             .env("RUST_LOG", "info"),
     )?;
-    let (_, line) = agent.log("nerve-agent serving the notice stream, metrics and health")?;
+    let (_, line) = agent.try_log(
+        "nerve-agent serving the notice stream, metrics and health",
+        TIMEOUT,
+    )?;
     let agent_url = format!(
         "http://{}",
         line["fields"]["addr"].as_str().unwrap_or_default()
     );
 
     // The earlier checkpoint: written at start, sharing the frozen shards (half the bytes).
-    let trainer = Proc::spawn(
+    let trainer = Proc::try_spawn(
         "nerve-trainer",
         Command::new(bin("nerve-trainer"))
             .arg("--dir")
@@ -230,13 +123,13 @@ fn scenario(args: &Args, work: &Path, s3: &S3Server, with_sync: bool) -> anyhow:
                 "10ms",
             ]),
     )?;
-    let (_, earlier) = trainer.event("checkpoint")?;
+    let (_, earlier) = trainer.try_event("checkpoint", TIMEOUT)?;
 
     let target = format!(
         "nerve-trainer .*--dir {}( |$)",
         dir.display().to_string().replace('.', "\\.")
     );
-    let sidecar = Proc::spawn(
+    let sidecar = Proc::try_spawn(
         "nerve-sidecar",
         Command::new(bin("nerve-sidecar"))
             .args(["--log-format", "json", "run", "--dir"])
@@ -265,10 +158,10 @@ fn scenario(args: &Args, work: &Path, s3: &S3Server, with_sync: bool) -> anyhow:
             .envs(s3.client_env())
             .env("RUST_LOG", "info,aws=warn,hyper=warn"),
     )?;
-    sidecar.log("following the agent's notice stream")?;
+    sidecar.try_log("following the agent's notice stream", TIMEOUT)?;
     let mut sync_seconds = None;
     if with_sync {
-        let (_, synced) = sidecar.log("background sync committed")?;
+        let (_, synced) = sidecar.try_log("background sync committed", TIMEOUT)?;
         sync_seconds = synced["fields"]["seconds"].as_f64();
         wait_manifests(s3, job, 1)?;
     }
@@ -278,11 +171,11 @@ fn scenario(args: &Args, work: &Path, s3: &S3Server, with_sync: bool) -> anyhow:
     let notice_set = Instant::now();
     imds.set_spot_interruption("terminate", deadline);
     let committed_at = wait_manifests(s3, job, before + 1)?;
-    let (signal_at, _) = trainer.event("signal")?;
-    let (_, saved) = trainer.wait_json("signal checkpoint", |v| {
+    let (signal_at, _) = trainer.try_event("signal", TIMEOUT)?;
+    let (_, saved) = trainer.try_wait_json("signal checkpoint", TIMEOUT, |v| {
         v["event"] == "checkpoint" && v["reason"] == "signal"
     })?;
-    let (_, committed) = sidecar.log("checkpoint committed")?;
+    let (_, committed) = sidecar.try_log("checkpoint committed", TIMEOUT)?;
     let f = &committed["fields"];
     let time_to_safe = (committed_at - notice_set).as_secs_f64();
     Ok(json!({

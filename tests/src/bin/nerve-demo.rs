@@ -38,6 +38,10 @@ struct Args {
     /// Do not build the binaries first (they must sit next to nerve-demo).
     #[arg(long)]
     no_build: bool,
+    /// Pods of one training job, each on its own simulated machine; the notice arrives on the
+    /// last machine only and every pod must checkpoint the same step.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=i64::from(demo::MAX_RANKS)))]
+    ranks: u32,
 }
 
 fn main() -> ExitCode {
@@ -79,6 +83,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         bin_dir,
         work: work.path().to_path_buf(),
         print: true,
+        ranks: args.ranks,
     };
     println!("working directory {}", work.path().display());
     // Ctrl-C drops the scenario: every child is killed (kill_on_drop) and the directory removed.
@@ -94,10 +99,14 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let timeline = result?;
     println!();
     if timeline.succeeded() {
+        let step = timeline.ranks[0].resumed_step.unwrap_or_default();
+        let resumed = match timeline.ranks.len() {
+            1 => format!("training resumed at step {step} with identical state"),
+            ranks => format!("all {ranks} ranks resumed at step {step} with identical state"),
+        };
         println!(
-            "OK: checkpoint committed {:.1}s before the deadline; training resumed at step {} with identical state",
+            "OK: checkpoint committed {:.1}s before the deadline; {resumed}",
             timeline.margin.unwrap_or_default().as_secs_f64(),
-            timeline.resumed_step.unwrap_or_default()
         );
     } else {
         println!("FAILED: see the timeline above and the logs");

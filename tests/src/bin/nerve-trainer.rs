@@ -105,8 +105,9 @@ fn parse_link(value: &str) -> Result<(PathBuf, PathBuf), String> {
     Ok((PathBuf::from(name), PathBuf::from(target)))
 }
 
-/// A signal this soon after the ranks saved for a notice is that same notice, heard late by this
-/// rank's sidecar (a peer's notice reaches it within a poll of the store): already answered.
+/// A signal this soon after the ranks finished a save for a notice (or during it) is that same
+/// notice, heard late by this rank's sidecar (a peer's notice reaches it within a poll of the
+/// store): already answered.
 const ANSWERED_WINDOW: Duration = Duration::from_secs(10);
 
 fn emit(event: serde_json::Value) {
@@ -219,8 +220,9 @@ async fn train(args: Args) -> anyhow::Result<()> {
     }
     // A signal seen and not yet agreed on with the other ranks.
     let mut requested = false;
-    // When the ranks last saved for a notice: a signal soon after is that notice arriving late
-    // through this rank's sidecar, already answered.
+    // When the ranks last finished a save for a notice: a signal soon after (or taken only now,
+    // having arrived during the save) is that notice arriving late through this rank's sidecar,
+    // already answered. Counted from the end of the save, however long the save took.
     let mut answered: Option<tokio::time::Instant> = None;
     let mut steps = tokio::time::interval(args.step_time);
     steps.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -252,10 +254,10 @@ async fn train(args: Args) -> anyhow::Result<()> {
                     if agreed {
                         let reason = if requested { "signal" } else { "peer" };
                         requested = false;
-                        answered = Some(tokio::time::Instant::now());
                         if answer_request(&args, &shape, step, options, reason).await? {
                             return Ok(());
                         }
+                        answered = Some(tokio::time::Instant::now());
                     }
                 }
             }

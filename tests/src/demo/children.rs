@@ -1,6 +1,8 @@
 //! The demo's child processes: the real binaries, each in its own process group (so Ctrl-C
 //! reaches only the demo, which then stops them all), each logging to `logs/<name>.log`, each
-//! killed when the demo ends however it ends.
+//! killed when the demo ends however it ends. The output the demo watches (the trainer's events,
+//! a sidecar's JSON log) goes to the log too, and each of its JSON lines to the demo as it is
+//! read.
 
 use std::fs::File;
 use std::net::{SocketAddr, TcpListener};
@@ -11,17 +13,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
-use super::TrainerEvent;
+use super::observe::{CLOSED, Seen, Source};
 
 /// How long a stopped child may take to exit after SIGTERM before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(10);
-/// Trainer events buffered before the reader waits; the trainer prints a handful per run.
-const EVENT_BUFFER: usize = 256;
 
 /// A free TCP port on 127.0.0.1 (bound, read, released).
 pub fn free_port() -> anyhow::Result<u16> {
@@ -30,7 +30,8 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-/// Which child, for [`Children::terminate`].
+/// Which child, for [`Children::terminate`] and [`Children::kill`].
+#[derive(Clone, Copy, Debug)]
 pub struct ChildId(usize);
 
 pub struct Children {
@@ -48,6 +49,10 @@ impl Children {
         }
     }
 
+    fn log_path(&self, log: &str) -> PathBuf {
+        self.logs.join(format!("{log}.log"))
+    }
+
     fn command(
         &self,
         binary: &str,
@@ -62,7 +67,7 @@ impl Children {
                 path.display()
             );
         }
-        let log_path = self.logs.join(format!("{log}.log"));
+        let log_path = self.log_path(log);
         let log_file = File::options()
             .create(true)
             .append(true)
@@ -81,63 +86,77 @@ impl Children {
         Ok(command)
     }
 
-    /// Starts a long-running binary; it is stopped by [`Children::stop_all`] or on drop.
+    /// Starts a long-running binary logging to `logs/<log>.log`; it is stopped by
+    /// [`Children::stop_all`] or on drop.
     pub fn spawn(
         &mut self,
         binary: &str,
+        log: &str,
         args: &[&str],
         env: &[(&str, String)],
     ) -> anyhow::Result<ChildId> {
         let child = self
-            .command(binary, args, env, binary)?
+            .command(binary, args, env, log)?
             .spawn()
             .with_context(|| format!("starting {binary}"))?;
-        self.running.push((binary.to_owned(), child));
-        Ok(ChildId(self.running.len() - 1))
+        Ok(self.keep(log, child))
     }
 
-    /// Starts `nerve-trainer`, whose stdout lines are events.
-    pub fn spawn_trainer(
+    /// Like [`Children::spawn`], and every JSON line of the output `source` watches (the
+    /// trainer's events on stdout, a sidecar's log on stderr) goes to `seen`, then [`CLOSED`]
+    /// once that output ends.
+    pub fn spawn_watched(
         &mut self,
+        binary: &str,
+        log: &str,
         args: &[&str],
         env: &[(&str, String)],
-    ) -> anyhow::Result<TrainerEvents> {
-        let mut command = self.command("nerve-trainer", args, env, "nerve-trainer")?;
-        command.stdout(Stdio::piped());
-        let mut child = command.spawn().context("starting nerve-trainer")?;
-        let stdout = child.stdout.take().context("trainer stdout")?;
-        let (sender, events) = mpsc::channel(EVENT_BUFFER);
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let at = Instant::now();
-                let Ok(value) = serde_json::from_str::<Value>(&line) else {
-                    continue;
-                };
-                if sender.send(TrainerEvent { at, value }).await.is_err() {
-                    break;
-                }
-            }
-        });
-        Ok(TrainerEvents { child, events })
+        source: Source,
+        seen: &mpsc::Sender<Seen>,
+    ) -> anyhow::Result<ChildId> {
+        let mut command = self.command(binary, args, env, log)?;
+        let events_on_stdout = matches!(source, Source::Trainer(_));
+        if events_on_stdout {
+            command.stdout(Stdio::piped());
+        } else {
+            command.stderr(Stdio::piped());
+        }
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("starting {binary}"))?;
+        let output: Box<dyn AsyncRead + Send + Unpin> = if events_on_stdout {
+            Box::new(child.stdout.take().context("the child's stdout")?)
+        } else {
+            Box::new(child.stderr.take().context("the child's stderr")?)
+        };
+        let log_path = self.log_path(log);
+        tokio::spawn(relay(output, log_path, source, seen.clone()));
+        Ok(self.keep(log, child))
     }
 
-    /// Runs a binary to completion (a one-shot command such as `restore`).
+    fn keep(&mut self, log: &str, child: Child) -> ChildId {
+        self.running.push((log.to_owned(), child));
+        ChildId(self.running.len() - 1)
+    }
+
+    /// Runs a binary to completion (a one-shot command such as `restore`), logging to
+    /// `logs/<log>.log`.
     pub async fn run_to_end(
         &self,
         binary: &str,
+        log: &str,
         args: &[&str],
         env: &[(&str, String)],
     ) -> anyhow::Result<ExitStatus> {
-        let log = format!("{binary}-{}", args.first().copied().unwrap_or("run"));
-        self.command(binary, args, env, &log)?
+        self.command(binary, args, env, log)?
             .status()
             .await
             .with_context(|| format!("running {binary} {}", args.join(" ")))
     }
 
     /// Committed generations of the demo job, oldest first, as `nerve-sidecar list --json`
-    /// prints them: the product's own view of the store.
+    /// prints them: the product's own view of the store. A multi-pod generation some rank has
+    /// not committed yet is not one.
     pub async fn committed_generations(
         &self,
         env: &[(&str, String)],
@@ -161,7 +180,8 @@ impl Children {
         }
         Ok(String::from_utf8_lossy(&output.stdout)
             .lines()
-            .filter_map(|line| serde_json::from_str(line).ok())
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .filter(|generation| generation["committed"] == true)
             .collect())
     }
 
@@ -175,12 +195,50 @@ impl Children {
         Ok(status.code())
     }
 
+    /// The machine goes away: the child dies without warning.
+    pub async fn kill(&mut self, id: ChildId) {
+        let _ = self.running[id.0].1.kill().await;
+    }
+
     /// Stops every child still running: SIGTERM, then SIGKILL after a grace period.
     pub async fn stop_all(&mut self) {
         for (_, child) in &mut self.running {
             let _ = stop(child, STOP_GRACE).await;
         }
     }
+}
+
+/// Appends every line of `output` to the log and passes its JSON lines on, timed as read. It
+/// never waits for the demo: a child blocked on a full pipe would stall the very thing shown,
+/// so once the demo stops listening (or falls a whole buffer behind) lines only go to the log.
+async fn relay(
+    output: impl AsyncRead + Unpin,
+    log_path: PathBuf,
+    source: Source,
+    seen: mpsc::Sender<Seen>,
+) {
+    let mut log = tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .await
+        .ok();
+    let mut lines = BufReader::new(output).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let at = Instant::now();
+        if let Some(log) = log.as_mut() {
+            let _ = log.write_all(format!("{line}\n").as_bytes()).await;
+        }
+        if let Ok(value) = serde_json::from_str::<Value>(&line) {
+            let _ = seen.try_send(Seen { source, at, value });
+        }
+    }
+    let closed = json!({ "event": CLOSED });
+    let _ = seen.try_send(Seen {
+        source,
+        at: Instant::now(),
+        value: closed,
+    });
 }
 
 async fn stop(child: &mut Child, grace: Duration) -> std::io::Result<ExitStatus> {
@@ -196,45 +254,5 @@ async fn stop(child: &mut Child, grace: Duration) -> std::io::Result<ExitStatus>
             child.kill().await?;
             child.wait().await
         }
-    }
-}
-
-/// A running trainer and the events it prints.
-pub struct TrainerEvents {
-    child: Child,
-    events: mpsc::Receiver<TrainerEvent>,
-}
-
-impl TrainerEvents {
-    /// The next event of any kind; `None` once the trainer's stdout closed.
-    pub async fn any_event(&mut self) -> Option<TrainerEvent> {
-        self.events.recv().await
-    }
-
-    /// Skips events until one named `name`, within `timeout`.
-    pub async fn next_event(
-        &mut self,
-        name: &str,
-        timeout: Duration,
-    ) -> anyhow::Result<TrainerEvent> {
-        let wait = async {
-            while let Some(event) = self.events.recv().await {
-                if event.name() == "error" {
-                    bail!("the trainer reported: {}", event.value["message"]);
-                }
-                if event.name() == name {
-                    return Ok(event);
-                }
-            }
-            bail!("the trainer exited before printing `{name}` (see logs/nerve-trainer.log)")
-        };
-        tokio::time::timeout(timeout, wait)
-            .await
-            .with_context(|| format!("the trainer did not print `{name}` within {timeout:?}"))?
-    }
-
-    /// The machine goes away: the trainer dies without warning.
-    pub async fn kill(&mut self) {
-        let _ = self.child.kill().await;
     }
 }

@@ -1,5 +1,6 @@
-//! How the demo watches the system from outside, over the same HTTP interfaces an operator
-//! would use: readiness probes, the agent's notice stream, Prometheus metrics.
+//! How the demo watches the system from outside, over the same interfaces an operator would
+//! use: readiness probes, the agents' notice streams, Prometheus metrics, and what the trainers
+//! and sidecars print, all arriving as [`Seen`] lines timed as read.
 
 use std::time::{Duration, Instant};
 
@@ -12,12 +13,97 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use nerve_notice::StreamEvent;
 use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_util::task::AbortOnDropHandle;
 
 /// How often the demo looks at the API server, the store and readiness: fine enough for a
 /// timeline in milliseconds, coarse enough to cost nothing.
 pub const POLL: Duration = Duration::from_millis(20);
 /// One probe or scrape; local servers answer in milliseconds.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The `event` of the line a watched output gets last, once it has ended (the child exited).
+pub const CLOSED: &str = "nerve-demo:closed";
+/// Lines the demo can fall behind by: a few hundred lines at most arrive in a second (every
+/// process's startup banner, each rank's events); a relay never waits for the demo.
+pub const SEEN_BUFFER: usize = 1024;
+
+/// What printed a line: rank or node `n`'s trainer, sidecar, or agent (its notice stream).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    Trainer(usize),
+    Sidecar(usize),
+    Agent(usize),
+}
+
+/// One JSON line of a watched output (a trainer event, a sidecar log line, a streamed notice),
+/// with the moment it was read.
+#[derive(Debug)]
+pub struct Seen {
+    pub source: Source,
+    pub at: Instant,
+    pub value: Value,
+}
+
+impl Seen {
+    /// A trainer event's name.
+    pub fn event(&self) -> &str {
+        self.value["event"].as_str().unwrap_or_default()
+    }
+
+    /// A JSON log line's message.
+    pub fn message(&self) -> &str {
+        self.value["fields"]["message"].as_str().unwrap_or_default()
+    }
+}
+
+/// The next trainer event `event` from a source `from` accepts, within `timeout`. A trainer's
+/// `error` event, or the end of the output of a source `from` accepts, fails the wait.
+pub async fn next_event(
+    seen: &mut mpsc::Receiver<Seen>,
+    event: &str,
+    timeout: Duration,
+    from: impl Fn(Source) -> bool,
+) -> anyhow::Result<Seen> {
+    let wait = async {
+        while let Some(line) = seen.recv().await {
+            if !from(line.source) {
+                continue;
+            }
+            match line.event() {
+                "error" => bail!("the trainer reported: {}", line.value["message"]),
+                CLOSED => bail!("the trainer exited before printing `{event}` (see its log)"),
+                name if name == event => return Ok(line),
+                _ => {}
+            }
+        }
+        bail!("every watched output ended before `{event}`")
+    };
+    tokio::time::timeout(timeout, wait)
+        .await
+        .with_context(|| format!("the trainer did not print `{event}` within {timeout:?}"))?
+}
+
+/// Passes every notice node `node`'s agent streams on to `seen`, until the stream ends or the
+/// handle is dropped.
+pub fn forward_notices(
+    mut stream: NoticeStream,
+    node: usize,
+    seen: mpsc::Sender<Seen>,
+) -> AbortOnDropHandle<()> {
+    AbortOnDropHandle::new(tokio::spawn(async move {
+        while let Ok(notice) = stream.next_notice().await {
+            let line = Seen {
+                source: Source::Agent(node),
+                at: Instant::now(),
+                value: notice,
+            };
+            if seen.send(line).await.is_err() {
+                return;
+            }
+        }
+    }))
+}
 
 fn client() -> Client<HttpConnector, Empty<Bytes>> {
     Client::builder(TokioExecutor::new()).build_http()

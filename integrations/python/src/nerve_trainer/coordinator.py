@@ -36,6 +36,14 @@ log = logging.getLogger("nerve_trainer")
 # (128 + 15). A Kubernetes Job counts exit 0 as "completed"; the job must be resumed instead.
 TERMINATED_EXIT_CODE = 128 + signal.SIGTERM
 
+# A notice signal this soon after the ranks saved for a notice is that same notice, arriving late
+# through this node's sidecar: in a multi-pod job the ranks agree on the save as soon as one of
+# them is signalled, while the other pods' sidecars learn of the notice from the store within a
+# poll (2 s by default) and signal their trainers too. Saving again for it would cost the whole
+# job a second checkpoint inside the notice window. 30 s is many polls, and far less than the
+# time between two real notices. SIGTERM is never taken as answered: it also ends the run.
+NOTICE_ANSWERED_WINDOW = 30.0
+
 
 class Request(IntEnum):
     """What the trainer has been asked; ranks agree on the MAX."""
@@ -81,6 +89,8 @@ class SaveCoordinator:
         self._heard = _Heard()
         # Requests up to this count are answered by a save already marked.
         self._answered = 0
+        # When the last save answering a notice was agreed (monotonic seconds).
+        self._answered_at: Optional[float] = None
         # The level all ranks agreed on in `should_save`, until `saved` is called.
         self._agreed: Optional[Request] = None
         self._stopping = False
@@ -196,6 +206,7 @@ class SaveCoordinator:
         self._agreed = None
         if agreed > Request.NONE:
             self._answered = heard_count
+            self._answered_at = time.monotonic()
             if self._heard.count == heard_count:
                 # The next request's wait is measured from its own signal.
                 self._heard.first_at = None
@@ -233,7 +244,18 @@ class SaveCoordinator:
     # ---- internals -------------------------------------------------------------------------
 
     def _pending_level(self) -> Request:
-        return self._heard.level if self._heard.count > self._answered else Request.NONE
+        if self._heard.count <= self._answered:
+            return Request.NONE
+        answered_lately = (
+            self._answered_at is not None
+            and time.monotonic() - self._answered_at < NOTICE_ANSWERED_WINDOW
+        )
+        if self._heard.level == Request.SAVE and answered_lately:
+            log.info("nerve: a notice signal right after the save for a notice: already answered")
+            self._answered = self._heard.count
+            self._heard.first_at = None
+            return Request.NONE
+        return self._heard.level
 
     def _since_first_request(self) -> Optional[float]:
         if self._heard.first_at is None or self._heard.count <= self._answered:
