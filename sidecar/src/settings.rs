@@ -68,7 +68,8 @@ fn parse_checksum() -> impl clap::builder::TypedValueParser<Value = ChecksumMode
 /// How hard to push a transfer.
 #[derive(Debug, Clone, Args)]
 pub struct TransferArgs {
-    /// Requests in flight at once, across all files and parts.
+    /// Requests in flight at once, across all files and parts; small files (up to 256 KiB) get
+    /// up to 4 times as many of their own (their cost is a round trip, not a core).
     #[arg(long, env = "NERVE_CONCURRENCY", default_value_t = DEFAULT_CONCURRENCY,
           value_parser = parse_concurrency)]
     pub concurrency: usize,

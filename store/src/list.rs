@@ -11,10 +11,8 @@
 use futures::{StreamExt, TryStreamExt};
 
 use crate::generation::Generation;
-use crate::manifest::{
-    MANIFEST_SUFFIX, ManifestReadError, STEP_METADATA, fetch_manifest, fetch_manifest_at,
-};
-use crate::part::{GenerationManifest, committed_ranks, fetch_generation};
+use crate::manifest::{MANIFEST_SUFFIX, ManifestReadError, STEP_METADATA, fold_manifest};
+use crate::part::{GenerationManifest, JOB_MANIFEST_KIND, committed_ranks, fetch_generation};
 use crate::s3::{Operation, S3Error, Store, with_retries};
 
 /// Manifest HEADs in flight while reading steps: tiny requests, latency-bound.
@@ -188,7 +186,9 @@ async fn manifest_step(
     {
         return Ok(Some(step));
     }
-    Ok(fetch_manifest(store, generation).await?.step)
+    // Written before the metadata was: the step from the body, read without keeping its files.
+    let (head, ()) = fold_manifest(store, &key, generation, || (), |(), _| {}).await?;
+    Ok(head.step)
 }
 
 /// Manifests read at once by [`describe_generations`]: small objects, latency-bound.
@@ -244,6 +244,8 @@ pub async fn describe_generations(store: &Store) -> Result<Vec<GenerationInfo>, 
     Ok(infos)
 }
 
+/// A generation as `list` shows it. Its manifests are read entry by entry, counting files and
+/// bytes, so memory does not grow with their size (up to [`DESCRIBE_FETCHES`] at once).
 async fn describe(
     store: &Store,
     generation: Generation,
@@ -253,39 +255,71 @@ async fn describe(
         generation: generation.clone(),
         source,
     };
-    if committed {
-        return Ok(
-            match fetch_generation(store, &generation)
-                .await
-                .map_err(read_error)?
-            {
-                GenerationManifest::Single(manifest) => GenerationInfo {
-                    step: manifest.step,
-                    committed,
-                    parts: None,
-                    files: manifest.files.len(),
-                    bytes: manifest.total_bytes(),
-                    created_at: manifest.created_at,
-                    generation,
-                },
-                GenerationManifest::Job(job) => GenerationInfo {
-                    step: Some(job.step),
-                    committed,
-                    parts: Some((job.world_size, job.world_size)),
-                    files: job.parts.iter().map(|p| p.files).sum(),
-                    bytes: job.parts.iter().map(|p| p.bytes).sum(),
-                    created_at: String::new(),
-                    generation,
-                },
-            },
-        );
+    if !committed {
+        return describe_parts(store, generation).await;
     }
+    let key = store.manifest_key(&generation);
+    let (head, (files, bytes)) = fold_manifest(store, &key, &generation, Totals::default, add)
+        .await
+        .map_err(read_error)?;
+    if head.kind.as_deref() != Some(JOB_MANIFEST_KIND) {
+        return Ok(GenerationInfo {
+            step: head.step,
+            committed,
+            parts: None,
+            files,
+            bytes,
+            created_at: head.created_at,
+            generation,
+        });
+    }
+    // A job manifest: small, it sums up its parts.
+    Ok(
+        match fetch_generation(store, &generation)
+            .await
+            .map_err(read_error)?
+        {
+            GenerationManifest::Job(job) => GenerationInfo {
+                step: Some(job.step),
+                committed,
+                parts: Some((job.world_size, job.world_size)),
+                files: job.parts.iter().map(|p| p.files).sum(),
+                bytes: job.parts.iter().map(|p| p.bytes).sum(),
+                created_at: String::new(),
+                generation,
+            },
+            GenerationManifest::Single(manifest) => GenerationInfo {
+                step: manifest.step,
+                committed,
+                parts: None,
+                files: manifest.files.len(),
+                bytes: manifest.total_bytes(),
+                created_at: manifest.created_at,
+                generation,
+            },
+        },
+    )
+}
+
+/// Files and bytes counted so far.
+type Totals = (usize, u64);
+
+fn add(totals: &mut Totals, file: crate::manifest::ManifestFile) {
+    totals.0 += 1;
+    totals.1 += file.size;
+}
+
+/// A multi-pod generation some rank started but not every rank committed: its committed parts.
+async fn describe_parts(
+    store: &Store,
+    generation: Generation,
+) -> Result<GenerationInfo, ListError> {
     let ranks = committed_ranks(store, &generation)
         .await
         .map_err(ListError::List)?;
     let mut info = GenerationInfo {
         step: generation.step(),
-        committed,
+        committed: false,
         parts: None,
         files: 0,
         bytes: 0,
@@ -295,13 +329,16 @@ async fn describe(
     let mut world_size = 0;
     for rank in &ranks {
         let key = store.part_manifest_key(&generation, *rank);
-        let part = fetch_manifest_at(store, &key, &generation)
+        let (head, (files, bytes)) = fold_manifest(store, &key, &generation, Totals::default, add)
             .await
-            .map_err(read_error)?;
-        world_size = world_size.max(part.world_size.unwrap_or(0));
-        info.files += part.files.len();
-        info.bytes += part.total_bytes();
-        info.created_at = info.created_at.max(part.created_at);
+            .map_err(|source| ListError::Step {
+                generation: generation.clone(),
+                source,
+            })?;
+        world_size = world_size.max(head.world_size.unwrap_or(0));
+        info.files += files;
+        info.bytes += bytes;
+        info.created_at = info.created_at.max(head.created_at);
     }
     info.parts = Some((u32::try_from(ranks.len()).unwrap_or(u32::MAX), world_size));
     Ok(info)

@@ -165,11 +165,7 @@ impl Manifest {
                 links.insert(file.path.as_str());
                 continue;
             }
-            let key_ok = file
-                .key
-                .strip_prefix(generations_prefix)
-                .is_some_and(|rest| !rest.is_empty() && !rest.split('/').any(|s| s == ".."));
-            if !key_ok {
+            if !key_inside(&file.key, generations_prefix) {
                 return Err(ManifestError::ForeignKey {
                     path: file.path.clone(),
                     key: file.key.clone(),
@@ -216,6 +212,12 @@ impl Manifest {
         }
         Ok(())
     }
+}
+
+/// Whether `key` names an object under `generations_prefix` (the job's), without `..`.
+pub fn key_inside(key: &str, generations_prefix: &str) -> bool {
+    key.strip_prefix(generations_prefix)
+        .is_some_and(|rest| !rest.is_empty() && !rest.split('/').any(|s| s == ".."))
 }
 
 /// Where a link in `link_dir` (relative to the checkpoint directory) with `target` points,
@@ -276,6 +278,13 @@ pub enum ManifestReadError {
         #[source]
         source: aws_sdk_s3::primitives::ByteStreamError,
     },
+    #[error("reading the manifest body of s3://{bucket}/{key}")]
+    Stream {
+        bucket: String,
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error(
         "manifest s3://{bucket}/{key} is larger than {MAX_MANIFEST_BYTES} bytes; not a Nerve manifest"
     )]
@@ -300,7 +309,7 @@ impl ManifestReadError {
     pub fn is_retryable(&self) -> bool {
         match self {
             ManifestReadError::Fetch(e) => e.is_retryable(),
-            ManifestReadError::Body { .. } => true,
+            ManifestReadError::Body { .. } | ManifestReadError::Stream { .. } => true,
             _ => false,
         }
     }
@@ -321,33 +330,70 @@ pub async fn fetch_manifest_at(
     key: &str,
     generation: &Generation,
 ) -> Result<Manifest, ManifestReadError> {
-    let bucket = store.bucket().to_owned();
-    with_retries(
+    let body = with_retries(
         "fetching the manifest",
         ManifestReadError::is_retryable,
-        |_| async {
-            let body = fetch_body(store, key).await?;
-            let manifest: Manifest =
-                serde_json::from_slice(&body).map_err(|source| ManifestReadError::Parse {
-                    bucket: bucket.clone(),
-                    key: key.to_owned(),
-                    source,
-                })?;
-            manifest
-                .validate(generation, store.generations_prefix())
-                .map_err(|source| ManifestReadError::Invalid {
-                    bucket: bucket.clone(),
-                    key: key.to_owned(),
-                    source,
-                })?;
-            Ok(manifest)
-        },
+        |_| fetch_body(store, key),
     )
-    .await
+    .await?;
+    parse_manifest(store, key, generation, &body)
 }
 
-/// The body of the manifest object at `key`, refused beyond [`MAX_MANIFEST_BYTES`].
+/// Parses and validates `body`, the manifest stored at `key` for `generation`.
+pub fn parse_manifest(
+    store: &Store,
+    key: &str,
+    generation: &Generation,
+    body: &[u8],
+) -> Result<Manifest, ManifestReadError> {
+    let bucket = store.bucket();
+    let manifest: Manifest =
+        serde_json::from_slice(body).map_err(|source| ManifestReadError::Parse {
+            bucket: bucket.to_owned(),
+            key: key.to_owned(),
+            source,
+        })?;
+    manifest
+        .validate(generation, store.generations_prefix())
+        .map_err(|source| ManifestReadError::Invalid {
+            bucket: bucket.to_owned(),
+            key: key.to_owned(),
+            source,
+        })?;
+    Ok(manifest)
+}
+
+/// The body of the manifest object at `key`, refused beyond [`MAX_MANIFEST_BYTES`]. Gathered
+/// into one buffer of the announced length as it arrives, rather than collected in pieces and
+/// then copied into one, which held the body twice.
 pub async fn fetch_body(store: &Store, key: &str) -> Result<bytes::Bytes, ManifestReadError> {
+    let response = get_manifest(store, key).await?;
+    let length = response
+        .content_length()
+        .and_then(|l| usize::try_from(l).ok())
+        .unwrap_or(0);
+    let mut body = response.body;
+    let mut bytes = bytes::BytesMut::with_capacity(length);
+    loop {
+        match body.try_next().await {
+            Ok(Some(chunk)) => bytes.extend_from_slice(&chunk),
+            Ok(None) => return Ok(bytes.freeze()),
+            Err(source) => {
+                return Err(ManifestReadError::Body {
+                    bucket: store.bucket().to_owned(),
+                    key: key.to_owned(),
+                    source,
+                });
+            }
+        }
+    }
+}
+
+/// The GET of the manifest object at `key`, refused beyond [`MAX_MANIFEST_BYTES`].
+async fn get_manifest(
+    store: &Store,
+    key: &str,
+) -> Result<aws_sdk_s3::operation::get_object::GetObjectOutput, ManifestReadError> {
     let bucket = store.bucket();
     let response = store
         .client()
@@ -366,16 +412,184 @@ pub async fn fetch_body(store: &Store, key: &str) -> Result<bytes::Bytes, Manife
             key: key.to_owned(),
         });
     }
-    let body = response
-        .body
-        .collect()
-        .await
-        .map_err(|source| ManifestReadError::Body {
-            bucket: bucket.to_owned(),
-            key: key.to_owned(),
-            source,
-        })?;
-    Ok(body.into_bytes())
+    Ok(response)
+}
+
+/// The top-level fields of a manifest (a single pod's, a rank's part, or a job manifest), read
+/// without its file list.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ManifestHead {
+    pub version: u32,
+    /// `job` for a multi-pod job manifest, absent otherwise.
+    pub kind: Option<String>,
+    pub generation: String,
+    pub created_at: String,
+    pub step: Option<u64>,
+    pub world_size: Option<u32>,
+}
+
+/// Reads the manifest at `key` of `generation` as its body arrives, handing every file entry
+/// to `each` along with an accumulator `init` makes (afresh for each attempt), and keeps no
+/// list of them: memory is one entry's, not the manifest's (a manifest of 100,000 files is
+/// ~25 MiB of JSON and more parsed), for readers that count files or collect keys (`list`,
+/// `prune`, an upload's reuse check). Checks the version and generation, not the paths: it is
+/// not for restoring.
+pub async fn fold_manifest<A, I, F>(
+    store: &Store,
+    key: &str,
+    generation: &Generation,
+    init: I,
+    each: F,
+) -> Result<(ManifestHead, A), ManifestReadError>
+where
+    A: Send + 'static,
+    I: Fn() -> A,
+    F: Fn(&mut A, ManifestFile) + Copy + Send + 'static,
+{
+    let (head, acc) = with_retries(
+        "reading a manifest",
+        ManifestReadError::is_retryable,
+        |_| fold_once(store, key, init(), each),
+    )
+    .await?;
+    let invalid = |source| ManifestReadError::Invalid {
+        bucket: store.bucket().to_owned(),
+        key: key.to_owned(),
+        source,
+    };
+    if head.kind.is_none() && head.version > MANIFEST_VERSION_LINKS {
+        return Err(invalid(ManifestError::UnsupportedVersion(head.version)));
+    }
+    if head.generation != generation.as_str() {
+        return Err(invalid(ManifestError::WrongGeneration {
+            expected: generation.to_string(),
+            found: head.generation,
+        }));
+    }
+    Ok((head, acc))
+}
+
+/// One attempt of [`fold_manifest`]: the body parsed on a blocking thread as it streams in.
+async fn fold_once<A, F>(
+    store: &Store,
+    key: &str,
+    mut acc: A,
+    each: F,
+) -> Result<(ManifestHead, A), ManifestReadError>
+where
+    A: Send + 'static,
+    F: Fn(&mut A, ManifestFile) + Copy + Send + 'static,
+{
+    let body = get_manifest(store, key).await?.body.into_async_read();
+    let reader = std::io::BufReader::new(tokio_util::io::SyncIoBridge::new(body));
+    let parsed = tokio::task::spawn_blocking(move || {
+        let mut de = serde_json::Deserializer::from_reader(reader);
+        let head = serde::de::DeserializeSeed::deserialize(
+            Fold {
+                acc: &mut acc,
+                each,
+            },
+            &mut de,
+        )?;
+        de.end()?;
+        Ok::<_, serde_json::Error>((head, acc))
+    })
+    .await
+    .map_err(|e| serde_json::Error::io(std::io::Error::other(e)))
+    .and_then(|parsed| parsed);
+    parsed.map_err(|source| {
+        let (bucket, key) = (store.bucket().to_owned(), key.to_owned());
+        if source.is_io() {
+            ManifestReadError::Stream {
+                bucket,
+                key,
+                source,
+            }
+        } else {
+            ManifestReadError::Parse {
+                bucket,
+                key,
+                source,
+            }
+        }
+    })
+}
+
+/// A manifest's top-level fields, its file entries handed to `each` one at a time.
+struct Fold<'a, A, F> {
+    acc: &'a mut A,
+    each: F,
+}
+
+impl<'de, A, F: Fn(&mut A, ManifestFile) + Copy> serde::de::DeserializeSeed<'de>
+    for Fold<'_, A, F>
+{
+    type Value = ManifestHead;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<ManifestHead, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de, A, F: Fn(&mut A, ManifestFile) + Copy> serde::de::Visitor<'de> for Fold<'_, A, F> {
+    type Value = ManifestHead;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a manifest object")
+    }
+
+    fn visit_map<M: serde::de::MapAccess<'de>>(self, mut map: M) -> Result<ManifestHead, M::Error> {
+        let mut head = ManifestHead::default();
+        while let Some(field) = map.next_key::<String>()? {
+            match field.as_str() {
+                "version" => head.version = map.next_value()?,
+                "kind" => head.kind = map.next_value()?,
+                "generation" => head.generation = map.next_value()?,
+                "created_at" => head.created_at = map.next_value()?,
+                "step" => head.step = map.next_value()?,
+                "world_size" => head.world_size = map.next_value()?,
+                "files" => map.next_value_seed(Files {
+                    acc: &mut *self.acc,
+                    each: self.each,
+                })?,
+                _ => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(head)
+    }
+}
+
+/// A manifest's `files` array, each entry handed to `each` as it is parsed.
+struct Files<'a, A, F> {
+    acc: &'a mut A,
+    each: F,
+}
+
+impl<'de, A, F: Fn(&mut A, ManifestFile) + Copy> serde::de::DeserializeSeed<'de>
+    for Files<'_, A, F>
+{
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de, A, F: Fn(&mut A, ManifestFile) + Copy> serde::de::Visitor<'de> for Files<'_, A, F> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a list of files")
+    }
+
+    fn visit_seq<S: serde::de::SeqAccess<'de>>(self, mut seq: S) -> Result<(), S::Error> {
+        while let Some(file) = seq.next_element::<ManifestFile>()? {
+            (self.each)(self.acc, file);
+        }
+        Ok(())
+    }
 }
 
 /// Writes the manifest of single-pod `generation`: the commit point of an upload.
@@ -389,10 +603,30 @@ pub async fn put_manifest(
 
 /// Writes `manifest` at `key`, with its step as metadata.
 pub async fn put_manifest_at(store: &Store, key: &str, manifest: &Manifest) -> Result<(), S3Error> {
-    let body = serde_json::to_vec_pretty(manifest).unwrap_or_default();
-    put_json(store, key, body, manifest.step, false)
+    put_json(store, key, manifest_body(manifest), manifest.step, false)
         .await
         .map(|_| ())
+}
+
+/// `manifest` as pretty JSON, in a buffer of exactly its size: measured first, so the body of
+/// 100,000 files (~25 MiB) is not grown by doubling, which held up to twice that at once.
+pub fn manifest_body(manifest: &Manifest) -> Vec<u8> {
+    /// Counts what is written to it.
+    struct Length(usize);
+    impl std::io::Write for Length {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut length = Length(0);
+    let _ = serde_json::to_writer_pretty(&mut length, manifest);
+    let mut body = Vec::with_capacity(length.0);
+    let _ = serde_json::to_writer_pretty(&mut body, manifest);
+    body
 }
 
 /// What a conditional write found.
@@ -413,6 +647,8 @@ pub async fn put_json(
     only_if_absent: bool,
 ) -> Result<Written, S3Error> {
     let crc = crate::checksum::crc32c(&body);
+    // Shared by every attempt, not copied: a manifest of 100,000 files is ~25 MiB.
+    let body = bytes::Bytes::from(body);
     let written = with_retries("writing a manifest", S3Error::is_retryable, |attempt| {
         let mut request = store
             .client()
@@ -480,6 +716,38 @@ pub fn parse_crc64(value: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn folding_a_manifest_sees_every_file_and_the_fields_a_full_parse_sees() {
+        let (mut full, generation) = manifest(&["a/x.bin", "a/y.bin", "z.bin"]);
+        full.step = Some(1200);
+        full.world_size = Some(4);
+        full.notice = Some(serde_json::json!({"kind": "spot", "files": [1, 2]}));
+        let body = serde_json::to_vec_pretty(&full).expect("json");
+        let mut seen: Vec<String> = Vec::new();
+        let fold = Fold {
+            acc: &mut seen,
+            each: |seen: &mut Vec<String>, file: ManifestFile| seen.push(file.key),
+        };
+        let mut de = serde_json::Deserializer::from_slice(&body);
+        let head = serde::de::DeserializeSeed::deserialize(fold, &mut de).expect("fold");
+        assert_eq!(
+            head,
+            ManifestHead {
+                version: MANIFEST_VERSION,
+                kind: None,
+                generation: generation.to_string(),
+                created_at: full.created_at.clone(),
+                step: Some(1200),
+                world_size: Some(4),
+            }
+        );
+        let keys: Vec<String> = full.files.into_iter().map(|f| f.key).collect();
+        assert_eq!(
+            seen, keys,
+            "every entry, in order, and none from the notice"
+        );
+    }
 
     fn manifest(paths: &[&str]) -> (Manifest, Generation) {
         let generation = Generation::parse("20261124T021116123Z-00000001").expect("valid");

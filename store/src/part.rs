@@ -151,9 +151,11 @@ pub async fn fetch_generation(
         key: key.clone(),
         source,
     };
-    let value: serde_json::Value = serde_json::from_slice(&body).map_err(parse_error)?;
-    if value.get("kind").and_then(serde_json::Value::as_str) == Some(JOB_MANIFEST_KIND) {
-        let job: JobManifest = serde_json::from_value(value).map_err(parse_error)?;
+    // Only the `kind` field: a manifest of 100,000 files as a `serde_json::Value` takes several
+    // times its own size, and its body is parsed once more below anyway.
+    let kind: ManifestKind = serde_json::from_slice(&body).map_err(parse_error)?;
+    if kind.kind.as_deref() == Some(JOB_MANIFEST_KIND) {
+        let job: JobManifest = serde_json::from_slice(&body).map_err(parse_error)?;
         job.validate(generation, store)
             .map_err(|source| ManifestReadError::Invalid {
                 bucket: store.bucket().to_owned(),
@@ -162,10 +164,15 @@ pub async fn fetch_generation(
             })?;
         return Ok(GenerationManifest::Job(job));
     }
-    // A single pod's manifest: the reader that validates it is fetch_manifest's.
-    crate::manifest::fetch_manifest(store, generation)
-        .await
-        .map(GenerationManifest::Single)
+    // A single pod's manifest, validated as `fetch_manifest` does.
+    crate::manifest::parse_manifest(store, &key, generation, &body).map(GenerationManifest::Single)
+}
+
+/// The one field that tells a job manifest from a single pod's.
+#[derive(serde::Deserialize)]
+struct ManifestKind {
+    #[serde(default)]
+    kind: Option<String>,
 }
 
 /// The parts of `job`, each fetched and validated, in rank order.

@@ -20,8 +20,8 @@ use aws_sdk_s3::types::{Delete, ObjectIdentifier};
 
 use crate::generation::Generation;
 use crate::list::{in_step_order, list_generation_level};
-use crate::manifest::{ManifestReadError, fetch_manifest_at};
-use crate::part::{GenerationManifest, fetch_generation, fetch_parts};
+use crate::manifest::{ManifestFile, ManifestReadError, fold_manifest};
+use crate::part::{GenerationManifest, JOB_MANIFEST_KIND, fetch_generation};
 use crate::s3::{Operation, S3Error, Store, with_retries};
 
 /// S3's limit on keys per DeleteObjects request.
@@ -240,25 +240,50 @@ async fn newest_object_age(store: &Store, generation: &Generation) -> Result<Dur
 }
 
 /// Every key a committed generation needs: its manifest, its parts' manifests, their files.
+/// Each manifest is read entry by entry; only the keys are kept.
 async fn references(store: &Store, generation: &Generation) -> Result<Vec<String>, PruneError> {
     let error = |source| PruneError::Manifest {
         generation: generation.clone(),
         source,
     };
-    let mut keys = vec![store.manifest_key(generation)];
-    match fetch_generation(store, generation).await.map_err(error)? {
-        GenerationManifest::Single(manifest) => {
-            keys.extend(manifest.files.into_iter().map(|f| f.key));
-        }
-        GenerationManifest::Job(job) => {
-            for part in fetch_parts(store, generation, &job).await.map_err(error)? {
-                keys.extend(part.files.into_iter().map(|f| f.key));
-            }
-            keys.extend(job.parts.into_iter().map(|p| p.manifest));
+    let key = store.manifest_key(generation);
+    let (head, mut keys) = fold_manifest(store, &key, generation, Vec::new, add_key)
+        .await
+        .map_err(error)?;
+    keys.push(key);
+    if head.kind.as_deref() == Some(JOB_MANIFEST_KIND) {
+        let GenerationManifest::Job(job) =
+            fetch_generation(store, generation).await.map_err(error)?
+        else {
+            return Ok(keys);
+        };
+        for part in job.parts {
+            keys.extend(part_keys(store, &part.manifest, generation).await?);
+            keys.push(part.manifest);
         }
     }
-    keys.retain(|k| !k.is_empty());
     Ok(keys)
+}
+
+/// The keys of the files a part manifest at `key` names.
+async fn part_keys(
+    store: &Store,
+    key: &str,
+    generation: &Generation,
+) -> Result<Vec<String>, PruneError> {
+    let (_, keys) = fold_manifest(store, key, generation, Vec::new, add_key)
+        .await
+        .map_err(|source| PruneError::Manifest {
+            generation: generation.clone(),
+            source,
+        })?;
+    Ok(keys)
+}
+
+fn add_key(keys: &mut Vec<String>, file: ManifestFile) {
+    if !file.key.is_empty() {
+        keys.push(file.key);
+    }
 }
 
 /// The keys the committed parts of an in-progress multi-pod generation name (their files may
@@ -273,18 +298,7 @@ async fn part_references(
         .map_err(PruneError::List)?;
     for rank in ranks {
         let key = store.part_manifest_key(generation, rank);
-        let part = fetch_manifest_at(store, &key, generation)
-            .await
-            .map_err(|source| PruneError::Manifest {
-                generation: generation.clone(),
-                source,
-            })?;
-        keys.extend(
-            part.files
-                .into_iter()
-                .map(|f| f.key)
-                .filter(|k| !k.is_empty()),
-        );
+        keys.extend(part_keys(store, &key, generation).await?);
         keys.push(key);
     }
     Ok(keys)

@@ -18,8 +18,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures::{StreamExt, TryStreamExt};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 pub use staging::Staging;
 
@@ -34,7 +34,7 @@ use crate::progress::{Progress, format_bytes, mib_per_second};
 use crate::s3::{S3Error, Store};
 use crate::step::{Step, StepPattern, checkpoint_step_complete, newest_step_in_paths};
 use crate::{DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE};
-use download::{Download, download_file, ranges_per_file};
+use download::{Download, download_file};
 
 /// Runtime worker threads for `nerve-sidecar restore`: one per core, but no more than the
 /// requests in flight, since each range is a task and more workers than ranges only wake up to
@@ -356,36 +356,12 @@ async fn restore(
         let _ = tokio::task::spawn_blocking(move || staging.discard()).await;
         return Err(err);
     }
-    let download = Arc::new(Download {
-        store: store.clone(),
-        requests: Arc::new(Semaphore::new(options.concurrency.max(1))),
-        concurrency: options.concurrency.max(1),
-        ranges_per_file: ranges_per_file(
-            options.concurrency.max(1),
-            manifest
-                .files
-                .iter()
-                .filter(|file| file.size > options.range_size.max(1))
-                .count(),
-        ),
-        range_size: options.range_size.max(1),
-        progress: progress.clone(),
-        owner: options.owner,
-    });
-    let fetches: Vec<_> = manifest
-        .files
-        .iter()
-        .filter(|file| file.link.is_none())
-        .map(|file| download_file(&download, file, staging.file_path(&file.path)))
-        .collect();
-    let work = futures::stream::iter(fetches)
-        .buffer_unordered(download.concurrency)
-        .try_collect::<Vec<()>>();
+    let manifest = Arc::new(manifest);
     let result = tokio::select! {
-        result = work => result,
+        result = download_files(store, &staging, &manifest, options, progress) => result,
         () = cancel.cancelled() => Err(RestoreError::Cancelled(dir.display().to_string())),
     };
-    let result = result.and_then(|_| {
+    let result = result.and_then(|()| {
         if cancel.is_cancelled() {
             Err(RestoreError::Cancelled(dir.display().to_string()))
         } else {
@@ -434,6 +410,73 @@ async fn restore(
         bytes: manifest.total_bytes(),
         seconds,
     }))
+}
+
+/// Creates every directory of the generation in staging, then downloads every file into it.
+///
+/// Each file is a task (so every runtime worker fetches, checks and writes), spawned when a
+/// slot frees up rather than all up front, and aborted when dropped (another file failed).
+async fn download_files(
+    store: &Store,
+    staging: &Staging,
+    manifest: &Arc<Manifest>,
+    options: &RestoreOptions,
+    progress: &Progress,
+) -> Result<(), RestoreError> {
+    let (root, dirs_of) = (staging.path.clone(), manifest.clone());
+    tokio::task::spawn_blocking(move || create_directories(&root, &dirs_of))
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|created| created)
+        .map_err(|source| RestoreError::Write {
+            path: staging.path.clone(),
+            source,
+        })?;
+    let download = Arc::new(Download::new(store, manifest, options, progress));
+    futures::stream::iter(0..manifest.files.len())
+        .filter(|&at| std::future::ready(manifest.files[at].link.is_none()))
+        .map(|at| {
+            let (download, manifest) = (download.clone(), manifest.clone());
+            let dest = staging.file_path(&manifest.files[at].path);
+            AbortOnDropHandle::new(tokio::spawn(async move {
+                download_file(&download, &manifest.files[at], dest).await
+            }))
+        })
+        .buffer_unordered(download.files_in_flight)
+        .map(|joined| {
+            joined.map_err(|e| RestoreError::Staging {
+                dir: staging.path.clone(),
+                source: std::io::Error::other(e),
+            })?
+        })
+        .try_collect()
+        .await
+}
+
+/// Creates the directory of every file and link of `manifest` under `root`, each once,
+/// parents first (sorted, `a` before `a/b`) (blocking).
+fn create_directories(root: &Path, manifest: &Manifest) -> std::io::Result<()> {
+    let dirs: std::collections::BTreeSet<&str> = manifest
+        .files
+        .iter()
+        .filter_map(|file| file.path.rsplit_once('/').map(|(dir, _)| dir))
+        .collect();
+    let mut created: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    for dir in dirs {
+        // Every ancestor too: a directory holding only directories has no file of its own.
+        let ends = dir.match_indices('/').map(|(at, _)| at).chain([dir.len()]);
+        for end in ends {
+            let path = &dir[..end];
+            if !created.insert(path) {
+                continue;
+            }
+            match std::fs::create_dir(root.join(path)) {
+                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+                _ => {}
+            }
+        }
+    }
+    Ok(())
 }
 
 /// What restoring `generation` brings into `--dir`: a single pod's manifest, or the parts of a

@@ -3,7 +3,8 @@
 //! Every file goes to `<prefix>/<job>/gen/<generation>/<path>` unless the newest committed
 //! generation already holds the same content (same size, CRC32C and CRC-64/NVME), in which case
 //! the manifest points at that object. Files and parts move in parallel under one bound on
-//! requests in flight. The manifest is written last; any failure or cancellation aborts the
+//! requests in flight, and small files (up to [`crate::SMALL_FILE`], read whole and sent from
+//! memory) under one of their own. The manifest is written last; any failure or cancellation aborts the
 //! run's multipart uploads and writes no manifest, so readers never see a partial generation.
 //!
 //! The directory is live: a trainer keeps writing logs and rotates old checkpoints while the
@@ -17,12 +18,14 @@
 
 mod multipart;
 mod scan;
+mod small;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
 use futures::{StreamExt, TryStreamExt};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -30,19 +33,22 @@ use tokio_util::sync::CancellationToken;
 pub use multipart::{MAX_PARTS, PartPlan, checksum_range, combine_part_crcs};
 pub use scan::{FileStamp, LocalFile, inside_link_target, scan_directory};
 
+use crate::checksum::Checksums;
 use crate::exclude::Excludes;
 use crate::generation::Generation;
 use crate::list::newest_generation;
 use crate::manifest::{
     MANIFEST_VERSION, MANIFEST_VERSION_LINKS, Manifest, ManifestFile, ManifestReadError,
-    fetch_manifest, fetch_manifest_at, format_crc32c, format_crc64, put_manifest_at,
+    fetch_manifest_at, fold_manifest, format_crc32c, format_crc64, key_inside, manifest_body,
+    put_json,
 };
 use crate::part::{JobCommit, PartError, Rank, commit_job, committed_ranks, previous_part};
 use crate::progress::{Progress, format_bytes, mib_per_second};
 use crate::s3::{S3Error, Store};
 use crate::step::{StepPattern, newer_step_entries};
-use crate::{DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE};
+use crate::{DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE, SMALL_FILE, small_requests};
 use multipart::{OpenUploads, Transfer, checksum_parts, send_file};
+use small::send_small;
 
 /// Longest we spend aborting multipart uploads after a failure: the abort is housekeeping
 /// (the bucket's lifecycle rule is the backstop), the process should exit promptly.
@@ -70,7 +76,8 @@ pub struct ManifestContext {
 /// How to upload; [`UploadOptions::default`] uses the command-line defaults.
 #[derive(Debug, Clone)]
 pub struct UploadOptions {
-    /// Requests in flight across all files and parts (a background sync may use fewer).
+    /// Requests in flight across all parts and large files (a background sync may use fewer);
+    /// small files get [`crate::small_requests`] of their own.
     pub concurrency: usize,
     /// Preferred part size; grows for files that would need more than 10,000 parts.
     pub part_size: u64,
@@ -303,61 +310,91 @@ impl Target {
     }
 }
 
-/// The earlier files an upload may reuse, by path and by size.
-struct ReuseIndex<'a> {
-    by_path: HashMap<&'a str, &'a ManifestFile>,
-    by_size: HashMap<u64, Vec<&'a ManifestFile>>,
+/// What an upload may reuse from the previous generation: the sizes of its files (a file of
+/// any other size cannot match, so it is sent without being checksummed first) and, by size and
+/// both checksums, the key that holds each content. Looked up by content, not by a list of
+/// same-size candidates per file: among many files of one size (zarr chunks, per-rank shards)
+/// such lists made every file compare against every other.
+#[derive(Debug, Default)]
+struct ReuseIndex {
+    /// Keys outside this prefix (the job's) are never reused.
+    prefix: String,
+    sizes: HashSet<u64>,
+    by_content: HashMap<(u64, Checksums), String>,
 }
 
-impl<'a> ReuseIndex<'a> {
-    fn of(previous: Option<&'a Manifest>) -> ReuseIndex<'a> {
-        let files = previous.iter().flat_map(|m| m.files.iter());
-        let mut by_size: HashMap<u64, Vec<&ManifestFile>> = HashMap::new();
-        for file in files.clone().filter(|f| f.link.is_none()) {
-            by_size.entry(file.size).or_default().push(file);
-        }
+impl ReuseIndex {
+    /// An empty index for the job whose keys start with `prefix`.
+    fn new(prefix: &str) -> ReuseIndex {
         ReuseIndex {
-            by_path: files.map(|f| (f.path.as_str(), f)).collect(),
-            by_size,
+            prefix: prefix.to_owned(),
+            ..ReuseIndex::default()
         }
     }
 
-    /// The earlier files `file` may be: the same path at the same size, else any file of its
-    /// size (content that moved: a trainer writes each checkpoint into a new `checkpoint-N/`,
-    /// and files that did not change, such as frozen weights, are found by their checksums).
-    fn candidates(&self, file: &LocalFile) -> Vec<&'a ManifestFile> {
-        match self.by_path.get(file.path.as_str()) {
-            Some(same_path) if same_path.size == file.stamp.size => vec![*same_path],
-            _ => self
-                .by_size
-                .get(&file.stamp.size)
-                .cloned()
-                .unwrap_or_default(),
+    /// The index of `previous`, whose entries it takes.
+    fn of(prefix: &str, previous: Option<Manifest>) -> ReuseIndex {
+        let mut index = ReuseIndex::new(prefix);
+        for file in previous.into_iter().flat_map(|m| m.files) {
+            index.add(file);
         }
+        index
+    }
+
+    /// Adds an earlier file; links, files without both checksums and keys outside the job are
+    /// never reused.
+    fn add(&mut self, file: ManifestFile) {
+        let Some(crc) = file.checksums() else { return };
+        if file.link.is_some() || !key_inside(&file.key, &self.prefix) {
+            return;
+        }
+        self.sizes.insert(file.size);
+        self.by_content.entry((file.size, crc)).or_insert(file.key);
+    }
+
+    /// Whether a file of `size` may be reused, i.e. is worth checksumming before it is sent.
+    fn has_size(&self, size: u64) -> bool {
+        self.sizes.contains(&size)
+    }
+
+    /// The key of an earlier object with these bytes.
+    fn key_of(&self, size: u64, crc: Checksums) -> Option<&str> {
+        self.by_content.get(&(size, crc)).map(String::as_str)
     }
 }
 
-/// The manifest the reuse check compares against: the newest generation's (a single pod), or
-/// this rank's previous part (a multi-pod job: ranks hold different files).
-async fn previous_manifest(
+/// What the reuse check compares against, and the generation it comes from: the newest
+/// generation's manifest (a single pod), read entry by entry into the index; or this rank's
+/// previous part (a multi-pod job: ranks hold different files).
+async fn previous_files(
     store: &Store,
     target: &Target,
-) -> Result<Option<Manifest>, UploadError> {
+) -> Result<(Option<String>, ReuseIndex), UploadError> {
+    let prefix = store.generations_prefix();
     if let Some(rank) = target.rank {
-        return previous_part(store, rank.rank, &target.generation)
+        let part = previous_part(store, rank.rank, &target.generation)
             .await
-            .map_err(UploadError::PreviousManifest);
+            .map_err(UploadError::PreviousManifest)?;
+        let generation = part.as_ref().map(|p| p.generation.clone());
+        return Ok((generation, ReuseIndex::of(prefix, part)));
     }
-    match newest_generation(store)
+    let Some(previous) = newest_generation(store)
         .await
         .map_err(UploadError::Previous)?
-    {
-        Some(previous) => fetch_manifest(store, &previous)
-            .await
-            .map(Some)
-            .map_err(UploadError::PreviousManifest),
-        None => Ok(None),
-    }
+    else {
+        return Ok((None, ReuseIndex::new(prefix)));
+    };
+    let key = store.manifest_key(&previous);
+    let (_, index) = fold_manifest(
+        store,
+        &key,
+        &previous,
+        || ReuseIndex::new(prefix),
+        ReuseIndex::add,
+    )
+    .await
+    .map_err(UploadError::PreviousManifest)?;
+    Ok((Some(previous.to_string()), index))
 }
 
 #[tracing::instrument(skip_all, fields(dir = %dir.display(), bucket = store.bucket(), prefix = store.generations_prefix()), err(Display))]
@@ -373,10 +410,14 @@ async fn upload(
     if let Some(summary) = part_already_committed(store, &target, started).await? {
         return Ok(summary);
     }
+    let concurrency = options.concurrency.max(1);
     let transfer = Transfer {
         store,
-        requests: Arc::new(Semaphore::new(options.concurrency.max(1))),
-        concurrency: options.concurrency.max(1),
+        requests: Arc::new(Semaphore::new(concurrency)),
+        small_requests: Semaphore::new(small_requests(concurrency)),
+        large_files: Semaphore::new(concurrency),
+        files_in_flight: small_requests(concurrency),
+        concurrency,
         progress: progress.clone(),
         open_uploads: OpenUploads::default(),
         objects_prefix: target.objects_prefix.clone(),
@@ -458,6 +499,10 @@ fn is_within(path: &str, dir: &str) -> bool {
 
 /// Scans `dir` and sends (or reuses) every file it takes; returns what became of each, and the
 /// step checkpoints left out.
+///
+/// Each file's future is made when a slot frees up, not all up front: an unpolled upload
+/// future is a few KiB (it holds the SDK's request futures), which at 40,000 files had been
+/// most of the upload's memory. Files finish in any order; the entries are sorted by path.
 async fn send_files(
     transfer: &Transfer<'_>,
     target: &Target,
@@ -472,37 +517,33 @@ async fn send_files(
                 path: dir.to_path_buf(),
                 source: std::io::Error::other(e),
             })??;
-    let previous = previous_manifest(transfer.store, target).await?;
-    let reuse = ReuseIndex::of(previous.as_ref());
-    transfer
-        .progress
-        .add_total(files.len() as u64, files.iter().map(|f| f.stamp.size).sum());
+    let (previous, reuse) = previous_files(transfer.store, target).await?;
     tracing::info!(
         generation = %target.generation,
         rank = target.rank.map(|r| r.rank),
         files = files.len(),
-        previous = previous.as_ref().map(|m| m.generation.as_str()),
+        previous,
         "uploading"
     );
+    transfer
+        .progress
+        .add_total(files.len() as u64, files.iter().map(|f| f.stamp.size).sum());
     let checksum_readers = Semaphore::new(CHECKSUM_READERS);
-    // Futures built up front rather than in a `.map` closure: a closure returning a
-    // borrowing future makes the whole upload future not provably `Send` (rust#102211).
-    let uploads: Vec<_> = files
-        .iter()
-        .map(|file| {
-            upload_file(
-                transfer,
-                file,
-                reuse.candidates(file),
-                options.part_size,
-                &checksum_readers,
-            )
+    let (reuse, readers, part_size) = (&reuse, &checksum_readers, options.part_size);
+    // Boxed with an explicit `Send`: a closure returning the bare borrowing future makes the
+    // whole upload future not provably `Send` (rust#102211).
+    // Sized up front: grown by doubling, the outcomes of 100,000 files held up to twice
+    // their size (and three times while one growth copied them).
+    let mut outcomes: Vec<FileOutcome> = Vec::with_capacity(files.len());
+    let mut uploads = futures::stream::iter(files)
+        .map(|file| -> BoxFuture<'_, Result<FileOutcome, UploadError>> {
+            Box::pin(upload_file(transfer, file, reuse, part_size, readers))
         })
-        .collect();
-    let outcomes = futures::stream::iter(uploads)
-        .buffered(transfer.concurrency)
-        .try_collect()
-        .await?;
+        .buffer_unordered(transfer.files_in_flight);
+    while let Some(outcome) = uploads.try_next().await? {
+        outcomes.push(outcome);
+    }
+    outcomes.sort_by(|a, b| a.path().cmp(b.path()));
     Ok((outcomes, left_out))
 }
 
@@ -544,9 +585,18 @@ async fn commit(
         world_size: target.rank.map(|r| r.world_size),
         files: entries.into_iter().map(|(entry, _)| entry).collect(),
     };
-    put_manifest_at(store, &target.manifest_key, &manifest)
-        .await
-        .map_err(UploadError::Commit)?;
+    let (body, files) = (manifest_body(&manifest), manifest.files.len());
+    // The entries are in the body now; only the body is held while it is sent.
+    drop(manifest);
+    put_json(
+        store,
+        &target.manifest_key,
+        body,
+        options.context.step,
+        false,
+    )
+    .await
+    .map_err(UploadError::Commit)?;
     let job = commit_job_of(store, target).await?;
     let seconds = started.elapsed().as_secs_f64();
     ::metrics::counter!(crate::metrics::UPLOADS, "outcome" => "committed").increment(1);
@@ -557,8 +607,8 @@ async fn commit(
     Ok(UploadSummary {
         generation: target.generation.clone(),
         rank: target.rank,
-        step: manifest.step,
-        files: manifest.files.len(),
+        step: options.context.step,
+        files,
         bytes_uploaded,
         bytes_reused,
         seconds,
@@ -621,6 +671,15 @@ enum FileOutcome {
     Vanished(String),
 }
 
+impl FileOutcome {
+    fn path(&self) -> &str {
+        match self {
+            FileOutcome::Stored(entry, _) => &entry.path,
+            FileOutcome::Vanished(path) => path,
+        }
+    }
+}
+
 /// The manifest entries of `outcomes`, without the files that vanished and without every file
 /// of a step checkpoint (`checkpoint-N/`) one of whose files vanished.
 fn without_vanished(
@@ -676,27 +735,34 @@ enum OpenFailure {
     Io(std::io::Error),
 }
 
-impl OpenedFile {
-    fn open(file: &LocalFile, stamp: &FileStamp) -> Result<OpenedFile, OpenFailure> {
-        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-        use std::os::unix::io::AsRawFd;
-        let opened = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
-            .open(&file.abs_path);
-        let opened = match opened {
-            Ok(opened) => opened,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(OpenFailure::Gone),
-            // O_NOFOLLOW on a link.
-            Err(e) if e.raw_os_error() == Some(nix::libc::ELOOP) => {
-                return Err(OpenFailure::Replaced);
-            }
-            Err(e) => return Err(OpenFailure::Io(e)),
-        };
-        let meta = opened.metadata().map_err(OpenFailure::Io)?;
-        if meta.dev() != stamp.device || meta.ino() != stamp.inode || !meta.is_file() {
+/// Opens `path` without following a link and checks it is the regular file `stamp` describes
+/// (same device and inode).
+fn open_checked(path: &Path, stamp: &FileStamp) -> Result<std::fs::File, OpenFailure> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+        .open(path);
+    let opened = match opened {
+        Ok(opened) => opened,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(OpenFailure::Gone),
+        // O_NOFOLLOW on a link.
+        Err(e) if e.raw_os_error() == Some(nix::libc::ELOOP) => {
             return Err(OpenFailure::Replaced);
         }
+        Err(e) => return Err(OpenFailure::Io(e)),
+    };
+    let meta = opened.metadata().map_err(OpenFailure::Io)?;
+    if meta.dev() != stamp.device || meta.ino() != stamp.inode || !meta.is_file() {
+        return Err(OpenFailure::Replaced);
+    }
+    Ok(opened)
+}
+
+impl OpenedFile {
+    fn open(file: &LocalFile) -> Result<OpenedFile, OpenFailure> {
+        use std::os::unix::io::AsRawFd;
+        let opened = open_checked(&file.abs_path, &file.stamp)?;
         let by_fd = PathBuf::from(format!("/proc/self/fd/{}", opened.as_raw_fd()));
         // Without /proc (not Linux, or not mounted) the path itself, checked again after.
         let read_path = if by_fd.exists() {
@@ -711,158 +777,109 @@ impl OpenedFile {
     }
 }
 
+/// What became of one attempt at sending a file.
+enum Attempt {
+    /// Its manifest entry, and whether an earlier object holds its bytes.
+    Sent(ManifestFile, bool),
+    /// Deleted since it was found.
+    Gone,
+    /// Replaced, or a different size, since it was stamped: stamp it again and send that.
+    Changed,
+}
+
+impl OpenFailure {
+    /// The attempt at sending `path` that this failure to open it ends.
+    fn ends_attempt(self, path: &Path) -> Result<Attempt, UploadError> {
+        match self {
+            OpenFailure::Gone => Ok(Attempt::Gone),
+            OpenFailure::Replaced => Ok(Attempt::Changed),
+            OpenFailure::Io(source) => Err(UploadError::ReadFile {
+                path: path.to_path_buf(),
+                source,
+            }),
+        }
+    }
+}
+
 /// Uploads (or reuses) one file, or records one link; sends it again when it changed while
 /// being sent, and reports it gone when it was deleted.
 async fn upload_file(
     transfer: &Transfer<'_>,
-    file: &LocalFile,
-    previous: Vec<&ManifestFile>,
+    mut file: LocalFile,
+    reuse: &ReuseIndex,
     part_size: u64,
     checksum_readers: &Semaphore,
 ) -> Result<FileOutcome, UploadError> {
     if let Some(target) = &file.link {
         transfer.progress.file_done();
-        return Ok(FileOutcome::Stored(
-            ManifestFile {
-                path: file.path.clone(),
-                size: 0,
-                mode: file.stamp.permissions(),
-                crc32c: format_crc32c(0),
-                crc64nvme: None,
-                key: String::new(),
-                link: Some(target.clone()),
-            },
-            false,
-        ));
+        return Ok(FileOutcome::Stored(link_entry(&file, target), false));
     }
-    let mut stamp = file.stamp;
     for attempt in 1..=FILE_ATTEMPTS {
         if attempt > 1 {
-            stamp = match FileStamp::of(&file.abs_path) {
-                Ok(now) => now,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    return Ok(FileOutcome::Vanished(file.path.clone()));
-                }
-                Err(source) => {
-                    return Err(UploadError::ReadFile {
-                        path: file.abs_path.clone(),
-                        source,
-                    });
-                }
-            };
-            // Now a link, a directory or a device: not the file that was being uploaded.
-            if stamp.mode & nix::libc::S_IFMT != nix::libc::S_IFREG {
-                return Ok(FileOutcome::Vanished(file.path.clone()));
+            match stamp_again(&file)? {
+                Some(now) => file.stamp = now,
+                None => return Ok(FileOutcome::Vanished(file.path)),
             }
         }
-        let opened = match OpenedFile::open(file, &stamp) {
-            Ok(opened) => opened,
-            Err(OpenFailure::Gone) => return Ok(FileOutcome::Vanished(file.path.clone())),
-            Err(OpenFailure::Replaced) => {
-                tracing::info!(path = %file.path, attempt, "replaced since it was found; sending the new file");
+        let sent = if file.stamp.size <= SMALL_FILE {
+            send_small(transfer, &file, reuse).await
+        } else {
+            send_large(transfer, &file, reuse, part_size, checksum_readers).await
+        };
+        let (entry, reused) = match sent? {
+            Attempt::Sent(entry, reused) => (entry, reused),
+            Attempt::Gone => return Ok(FileOutcome::Vanished(file.path)),
+            Attempt::Changed => {
+                tracing::info!(path = %file.path, attempt, "replaced or resized since it was found; sending it again");
                 continue;
             }
-            Err(OpenFailure::Io(source)) => {
-                return Err(UploadError::ReadFile {
-                    path: file.abs_path.clone(),
-                    source,
-                });
-            }
         };
-        let sized = LocalFile {
-            stamp,
-            ..file.clone()
-        };
-        let (entry, reused) = send_or_reuse(
-            transfer,
-            &sized,
-            &opened,
-            &previous,
-            part_size,
-            checksum_readers,
-        )
-        .await?;
         // The bytes read and sent must be the bytes of one version of the file.
-        match FileStamp::of(&file.abs_path) {
-            Ok(after) if after == stamp => {
+        match stamp_again(&file)? {
+            Some(after) if after == file.stamp => {
                 transfer.progress.file_done();
                 return Ok(FileOutcome::Stored(entry, reused));
             }
-            Ok(_) => {
+            Some(_) => {
                 tracing::info!(path = %file.path, attempt, "changed while it was being sent; sending it again");
                 ::metrics::counter!(crate::metrics::RETRIES).increment(1);
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(FileOutcome::Vanished(file.path.clone()));
-            }
-            Err(source) => {
-                return Err(UploadError::ReadFile {
-                    path: file.abs_path.clone(),
-                    source,
-                });
-            }
+            None => return Ok(FileOutcome::Vanished(file.path)),
         }
     }
-    Err(UploadError::FileChanged {
-        path: file.path.clone(),
-    })
+    Err(UploadError::FileChanged { path: file.path })
 }
 
-/// Sends `file` (read through `opened`) unless one of `previous` holds the same content;
-/// returns its manifest entry and whether it was reused.
-async fn send_or_reuse(
-    transfer: &Transfer<'_>,
-    file: &LocalFile,
-    opened: &OpenedFile,
-    previous: &[&ManifestFile],
-    part_size: u64,
-    checksum_readers: &Semaphore,
-) -> Result<(ManifestFile, bool), UploadError> {
-    let plan =
-        PartPlan::for_file(file.stamp.size, part_size).ok_or_else(|| UploadError::TooLarge {
-            path: file.path.clone(),
-            size: file.stamp.size,
-        })?;
-    let mut known_crcs = None;
-    let mut reuse = None;
-    if !previous.is_empty() {
-        let _reader = checksum_readers
-            .acquire()
-            .await
-            .map_err(|_| UploadError::Cancelled)?;
-        let path = opened.read_path.clone();
-        let crcs = tokio::task::spawn_blocking(move || checksum_parts(&path, &plan))
-            .await
-            .map_err(|e| UploadError::ReadFile {
-                path: file.abs_path.clone(),
-                source: std::io::Error::other(e),
-            })?
-            .map_err(|source| UploadError::ReadFile {
-                path: file.abs_path.clone(),
-                source,
-            })?;
-        let crc = combine_part_crcs(&plan, &crcs);
-        if let Some(same) = previous
-            .iter()
-            .find(|p| p.size == file.stamp.size && p.checksums() == Some(crc))
-        {
-            reuse = Some((same.key.clone(), crc));
-        } else {
-            known_crcs = Some(crcs);
-        }
+/// The stamp of `file` now; `None` when it is gone or no longer a regular file (a link, a
+/// directory or a device now: not the file that was being uploaded).
+fn stamp_again(file: &LocalFile) -> Result<Option<FileStamp>, UploadError> {
+    match FileStamp::of(&file.abs_path) {
+        Ok(now) if now.mode & nix::libc::S_IFMT == nix::libc::S_IFREG => Ok(Some(now)),
+        Ok(_) => Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(UploadError::ReadFile {
+            path: file.abs_path.clone(),
+            source,
+        }),
     }
-    let (key, crc, reused) = match reuse {
-        Some((key, crc)) => {
-            transfer.progress.add_reused(file.stamp.size);
-            (key, crc, true)
-        }
-        None => {
-            let key = format!("{}{}", transfer.objects_prefix, file.path);
-            let crc = send_file(transfer, file, &opened.read_path, &key, plan, known_crcs).await?;
-            (key, crc, false)
-        }
-    };
-    let entry = ManifestFile {
+}
+
+/// The manifest entry of a link.
+fn link_entry(file: &LocalFile, target: &str) -> ManifestFile {
+    ManifestFile {
+        path: file.path.clone(),
+        size: 0,
+        mode: file.stamp.permissions(),
+        crc32c: format_crc32c(0),
+        crc64nvme: None,
+        key: String::new(),
+        link: Some(target.to_owned()),
+    }
+}
+
+/// The manifest entry of a file whose bytes (with checksums `crc`) are at `key`.
+fn stored_entry(file: &LocalFile, key: String, crc: Checksums) -> ManifestFile {
+    ManifestFile {
         path: file.path.clone(),
         size: file.stamp.size,
         mode: file.stamp.permissions(),
@@ -870,8 +887,68 @@ async fn send_or_reuse(
         crc64nvme: Some(format_crc64(crc.crc64nvme)),
         key,
         link: None,
+    }
+}
+
+/// Sends a file larger than [`SMALL_FILE`] (streamed from disk, in parts when it is larger
+/// than a part) unless an earlier object holds the same content.
+async fn send_large(
+    transfer: &Transfer<'_>,
+    file: &LocalFile,
+    reuse: &ReuseIndex,
+    part_size: u64,
+    checksum_readers: &Semaphore,
+) -> Result<Attempt, UploadError> {
+    let _slot = transfer
+        .large_files
+        .acquire()
+        .await
+        .map_err(|_| UploadError::Cancelled)?;
+    let opened = match OpenedFile::open(file) {
+        Ok(opened) => opened,
+        Err(failure) => return failure.ends_attempt(&file.abs_path),
     };
-    Ok((entry, reused))
+    let size = file.stamp.size;
+    let plan = PartPlan::for_file(size, part_size).ok_or_else(|| UploadError::TooLarge {
+        path: file.path.clone(),
+        size,
+    })?;
+    let mut known_crcs = None;
+    if reuse.has_size(size) {
+        let crcs = checksum_first(file, &opened, plan, checksum_readers).await?;
+        let crc = combine_part_crcs(&plan, &crcs);
+        if let Some(key) = reuse.key_of(size, crc) {
+            transfer.progress.add_reused(size);
+            return Ok(Attempt::Sent(stored_entry(file, key.to_owned(), crc), true));
+        }
+        known_crcs = Some(crcs);
+    }
+    let key = format!("{}{}", transfer.objects_prefix, file.path);
+    let crc = send_file(transfer, file, &opened.read_path, &key, plan, known_crcs).await?;
+    Ok(Attempt::Sent(stored_entry(file, key, crc), false))
+}
+
+/// The part checksums of a file that may be reused, read before it is sent (at most
+/// [`CHECKSUM_READERS`] files at a time).
+async fn checksum_first(
+    file: &LocalFile,
+    opened: &OpenedFile,
+    plan: PartPlan,
+    checksum_readers: &Semaphore,
+) -> Result<Vec<Checksums>, UploadError> {
+    let _reader = checksum_readers
+        .acquire()
+        .await
+        .map_err(|_| UploadError::Cancelled)?;
+    let path = opened.read_path.clone();
+    tokio::task::spawn_blocking(move || checksum_parts(&path, &plan))
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|read| read)
+        .map_err(|source| UploadError::ReadFile {
+            path: file.abs_path.clone(),
+            source,
+        })
 }
 
 /// Aborts every multipart upload this run opened, plus any the store lists under this

@@ -661,6 +661,81 @@ fn prune_keeps_every_object_the_kept_generations_need() {
     assert_same_tree(&source, &restored);
 }
 
+/// `count` small files of 0 to 2,000 bytes in nested directories (one holding only
+/// directories); returns their total size.
+fn write_many_small_files(dir: &Path, count: usize) -> u64 {
+    let mut total = 0;
+    for i in 0..count {
+        let size = (i * 7919) % 2001;
+        let path = dir.join(format!("layer-{:02}/shard/{i:05}.chunk", i % 37));
+        write(&path, &pseudo_random(size, i as u64));
+        total += size as u64;
+    }
+    total
+}
+
+#[test]
+fn ten_thousand_small_files_round_trip_byte_for_byte_and_list_counts_them() {
+    const FILES: usize = 10_000;
+    let h = Harness::new();
+    let source = h.path("source");
+    let bytes = write_many_small_files(&source, FILES);
+    let generation = committed_generation(&h.upload("many", &source, &[]));
+
+    let restored = h.path("restored");
+    assert_success(&h.restore("many", &restored, &[]));
+    assert_same_tree(&source, &restored);
+
+    let listed = h.sidecar(&h.server.endpoint(), "many", "list", &["--json"]);
+    assert_success(&listed);
+    let line: serde_json::Value =
+        serde_json::from_str(stdout(&listed).trim()).expect("one JSON line");
+    assert_eq!(line["generation"], generation.as_str());
+    assert_eq!(line["files"], FILES);
+    assert_eq!(line["bytes"], bytes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_moved_into_a_new_checkpoint_directory_are_reused_by_content_among_many_of_one_size()
+{
+    let h = Harness::new();
+    let source = h.path("source");
+    // Many files of one size, each with its own bytes: only the checksums tell them apart.
+    for i in 0..300 {
+        write(
+            &source.join(format!("checkpoint-1/shard-{i:03}.bin")),
+            &pseudo_random(4096, 1000 + i),
+        );
+    }
+    let store = h.store(&h.server.endpoint(), "moved").await;
+    let upload = |options: UploadOptions| {
+        let (store, source) = (store.clone(), source.clone());
+        async move {
+            nerve_store::upload_generation(&store, &source, &options, &CancellationToken::new())
+                .await
+                .expect("upload commits")
+        }
+    };
+    upload(UploadOptions::default()).await;
+    // The trainer's next checkpoint: the same shards under a new name, one of them changed.
+    std::fs::rename(source.join("checkpoint-1"), source.join("checkpoint-2")).expect("rename");
+    write(
+        &source.join("checkpoint-2/shard-150.bin"),
+        &pseudo_random(4096, 7),
+    );
+    let second = upload(UploadOptions::default()).await;
+    assert_eq!(second.files, 300);
+    assert_eq!(
+        second.bytes_uploaded, 4096,
+        "only the changed shard is sent"
+    );
+    assert_eq!(second.bytes_reused, 299 * 4096);
+
+    let restored = h.path("restored");
+    assert_success(&h.restore("moved", &restored, &[]));
+    assert_same_tree(&source, &restored);
+}
+
 #[test]
 fn restoring_a_job_with_nothing_committed_exits_zero_and_says_so() {
     let h = Harness::new();
@@ -681,6 +756,7 @@ fn restoring_a_job_with_nothing_committed_exits_zero_and_says_so() {
 async fn upload_while_a_file_grows(
     h: &Harness,
     stalls: usize,
+    size: usize,
 ) -> (Result<nerve_store::UploadSummary, UploadError>, Vec<u8>) {
     let proxy = FaultProxy::start(h.server.addr()).expect("proxy");
     proxy.add_rule(
@@ -690,7 +766,7 @@ async fn upload_while_a_file_grows(
             .times(stalls),
     );
     let source = h.path("source");
-    let mut grows = pseudo_random(MIB, 20);
+    let mut grows = pseudo_random(size, 20);
     write(&source.join("grows.bin"), &grows);
     write(&source.join("other.bin"), &pseudo_random(MIB, 21));
     let store = h.store(&proxy.endpoint(), "job").await;
@@ -737,7 +813,7 @@ async fn upload_while_a_file_grows(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_rewritten_during_upload_is_sent_again_and_committed_with_its_new_bytes() {
     let h = Harness::new();
-    let (result, grows) = upload_while_a_file_grows(&h, 1).await;
+    let (result, grows) = upload_while_a_file_grows(&h, 1, MIB).await;
     let summary = result.expect("the upload retries the file and commits");
     assert_eq!(summary.files, 2);
     let restored = h.path("restored");
@@ -756,10 +832,31 @@ async fn a_file_rewritten_during_upload_is_sent_again_and_committed_with_its_new
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_file_rewritten_during_its_upload_is_sent_again_with_its_new_bytes() {
+    let h = Harness::new();
+    // Small enough to be read whole and sent from memory.
+    let (result, grows) = upload_while_a_file_grows(&h, 1, 1000).await;
+    result.expect("the upload retries the file and commits");
+    let restored = h.path("restored");
+    let output = h.sidecar(
+        &h.server.endpoint(),
+        "job",
+        "restore",
+        &["--dir", restored.to_str().expect("utf-8")],
+    );
+    assert!(output.status.success(), "restore: {}", stderr(&output));
+    assert_eq!(
+        std::fs::read(restored.join("grows.bin")).expect("read"),
+        grows,
+        "the generation holds the file as it was after the rewrite, not the bytes read first"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_that_keeps_changing_fails_the_generation_and_commits_nothing() {
     let h = Harness::new();
     let (result, _) =
-        upload_while_a_file_grows(&h, nerve_store::upload::FILE_ATTEMPTS as usize).await;
+        upload_while_a_file_grows(&h, nerve_store::upload::FILE_ATTEMPTS as usize, MIB).await;
     match result {
         Err(UploadError::FileChanged { path }) => assert_eq!(path, "grows.bin"),
         other => panic!("expected FileChanged, got {other:?}"),

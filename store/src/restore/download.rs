@@ -12,12 +12,12 @@ use futures::{StreamExt, TryStreamExt};
 use tokio::sync::Semaphore;
 use tokio_util::task::AbortOnDropHandle;
 
-use super::Owner;
-use super::RestoreError;
+use super::{Owner, RestoreError, RestoreOptions};
 use crate::checksum::Checksums;
-use crate::manifest::{ManifestFile, format_crc32c, format_crc64, parse_crc32c};
+use crate::manifest::{Manifest, ManifestFile, format_crc32c, format_crc64, parse_crc32c};
 use crate::progress::Progress;
 use crate::s3::{Operation, Store, with_retries};
+use crate::{SMALL_FILE, small_requests};
 
 /// Bytes gathered from the socket before one positioned write: few syscalls, and with 16 ranges
 /// in flight only a few MiB held.
@@ -32,15 +32,50 @@ const WRITE_BATCH: usize = 256 * 1024;
 /// What every range download of one restore shares.
 pub struct Download {
     pub store: Store,
+    /// One permit per ranged GET in flight, across all files larger than [`SMALL_FILE`].
     pub requests: Arc<Semaphore>,
-    /// Files in flight at most.
-    pub concurrency: usize,
+    /// One permit per small file being fetched and written ([`crate::small_requests`]).
+    pub small_requests: Semaphore,
+    /// One permit per large file being restored: as many as requests, so that small files going
+    /// wider leave large ones as they were.
+    pub large_files: Semaphore,
+    /// Files in flight at most: as many as small files may be.
+    pub files_in_flight: usize,
     /// Ranges of one file in flight at most, see [`ranges_per_file`].
     pub ranges_per_file: usize,
     pub range_size: u64,
     pub progress: Progress,
     /// Who owns each restored file, when restore runs with more privilege than the trainer.
     pub owner: Option<Owner>,
+}
+
+impl Download {
+    /// What the downloads of `manifest` share, sized by `options`.
+    pub fn new(
+        store: &Store,
+        manifest: &Manifest,
+        options: &RestoreOptions,
+        progress: &Progress,
+    ) -> Download {
+        let concurrency = options.concurrency.max(1);
+        let range_size = options.range_size.max(1);
+        let ranged = manifest
+            .files
+            .iter()
+            .filter(|f| f.size > range_size)
+            .count();
+        Download {
+            store: store.clone(),
+            requests: Arc::new(Semaphore::new(concurrency)),
+            small_requests: Semaphore::new(small_requests(concurrency)),
+            large_files: Semaphore::new(concurrency),
+            files_in_flight: small_requests(concurrency),
+            ranges_per_file: ranges_per_file(concurrency, ranged),
+            range_size,
+            progress: progress.clone(),
+            owner: options.owner,
+        }
+    }
 }
 
 /// Large files fetched side by side, at most: the request budget is shared among this many.
@@ -58,9 +93,25 @@ pub fn ranges_per_file(concurrency: usize, large_files: usize) -> usize {
     concurrency.div_ceil(sharing).max(1)
 }
 
-/// Downloads `file` to `dest`, verifies its size and checksums, sets its permissions (never
-/// setuid, setgid or sticky) and owner.
+/// Downloads `file` to `dest` (whose directory exists), verifies its size and checksums, sets
+/// its permissions (never setuid, setgid or sticky) and owner.
 pub async fn download_file(
+    download: &Arc<Download>,
+    file: &ManifestFile,
+    dest: PathBuf,
+) -> Result<(), RestoreError> {
+    if file.size <= SMALL_FILE {
+        download_small(download, file, &dest).await?;
+    } else {
+        download_large(download, file, dest).await?;
+    }
+    download.progress.file_done();
+    Ok(())
+}
+
+/// A file larger than [`SMALL_FILE`]: created at its final size, fetched in ranges (each its
+/// own task), each written at its offset as it arrives.
+async fn download_large(
     download: &Arc<Download>,
     file: &ManifestFile,
     dest: PathBuf,
@@ -69,22 +120,19 @@ pub async fn download_file(
         path: dest.clone(),
         source,
     };
-    if let Some(parent) = dest.parent() {
-        tokio::fs::create_dir_all(parent).await.map_err(io_error)?;
-    }
+    let _slot = download
+        .large_files
+        .acquire()
+        .await
+        .map_err(|_| RestoreError::Cancelled("--dir".into()))?;
     let handle = {
-        let dest = dest.clone();
-        let size = file.size;
+        let (dest, size) = (dest.clone(), file.size);
         tokio::task::spawn_blocking(move || create_sized(&dest, size))
             .await
             .map_err(|e| io_error(std::io::Error::other(e)))?
             .map_err(io_error)?
     };
-    let ranges = if file.size == 0 {
-        0
-    } else {
-        file.size.div_ceil(download.range_size)
-    };
+    let ranges = file.size.div_ceil(download.range_size);
     let file_ref = Arc::new(FileRef {
         path: file.path.clone(),
         key: file.key.clone(),
@@ -109,7 +157,89 @@ pub async fn download_file(
         .map(|joined| joined.map_err(|e| io_error(std::io::Error::other(e)))?)
         .try_collect()
         .await?;
-    let crc = Checksums::concat(crcs);
+    verify(file, Checksums::concat(crcs))?;
+    finish_file(&file_ref.handle, file.mode, download.owner).map_err(io_error)
+}
+
+/// A file of at most [`SMALL_FILE`] bytes: one GET into memory, verified before it touches the
+/// disk, then created and written in one go on the task itself (a few microseconds, like a
+/// range's write batch; see [`WRITE_BATCH`]). No preallocation: a single write of a fresh file
+/// is one extent anyway.
+async fn download_small(
+    download: &Download,
+    file: &ManifestFile,
+    dest: &Path,
+) -> Result<(), RestoreError> {
+    let _permit = download
+        .small_requests
+        .acquire()
+        .await
+        .map_err(|_| RestoreError::Cancelled("--dir".into()))?;
+    // An empty file has nothing to fetch.
+    let bytes = if file.size == 0 {
+        Bytes::new()
+    } else {
+        with_retries("downloading", RestoreError::is_retryable, |_| {
+            fetch_whole(&download.store, file)
+        })
+        .await?
+    };
+    verify(file, Checksums::of(&bytes))?;
+    let io_error = |source| RestoreError::Write {
+        path: dest.to_path_buf(),
+        source,
+    };
+    let mut handle = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dest)
+        .map_err(io_error)?;
+    std::io::Write::write_all(&mut handle, &bytes).map_err(io_error)?;
+    finish_file(&handle, file.mode, download.owner).map_err(io_error)?;
+    download.progress.add_done(file.size);
+    Ok(())
+}
+
+/// The whole object of a small `file`, refused when it is not the manifest's size.
+async fn fetch_whole(store: &Store, file: &ManifestFile) -> Result<Bytes, RestoreError> {
+    let response = store
+        .client()
+        .get_object()
+        .bucket(store.bucket())
+        .key(&file.key)
+        .send()
+        .await
+        .map_err(|e| RestoreError::Download {
+            path: file.path.clone(),
+            source: store.error(Operation::GetObject, &file.key, e),
+        })?;
+    let size_mismatch = || RestoreError::SizeMismatch {
+        path: file.path.clone(),
+        key: file.key.clone(),
+        expected: file.size,
+    };
+    let expected = usize::try_from(file.size).map_err(|_| size_mismatch())?;
+    let mut body = response.body;
+    let mut bytes = bytes::BytesMut::with_capacity(expected);
+    while let Some(chunk) = body.try_next().await.map_err(|source| RestoreError::Body {
+        path: file.path.clone(),
+        key: file.key.clone(),
+        source,
+    })? {
+        if bytes.len() + chunk.len() > expected {
+            return Err(size_mismatch());
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    if bytes.len() != expected {
+        return Err(size_mismatch());
+    }
+    Ok(bytes.freeze())
+}
+
+/// Refuses `crc` unless it is what the manifest records for `file` (CRC32C, and CRC-64/NVME
+/// where recorded).
+fn verify(file: &ManifestFile, crc: Checksums) -> Result<(), RestoreError> {
     let mismatch = |expected: &str, actual: String| RestoreError::ChecksumMismatch {
         path: file.path.clone(),
         key: file.key.clone(),
@@ -124,15 +254,15 @@ pub async fn download_file(
     {
         return Err(mismatch(expected, format_crc64(crc.crc64nvme)));
     }
-    let mode = file.mode & 0o777;
-    tokio::fs::set_permissions(&dest, std::fs::Permissions::from_mode(mode))
-        .await
-        .map_err(io_error)?;
-    if let Some(owner) = download.owner {
-        std::os::unix::fs::fchown(&file_ref.handle, Some(owner.uid), Some(owner.gid))
-            .map_err(io_error)?;
+    Ok(())
+}
+
+/// Gives a restored file its permission bits (never setuid, setgid or sticky) and owner.
+fn finish_file(handle: &std::fs::File, mode: u32, owner: Option<Owner>) -> std::io::Result<()> {
+    handle.set_permissions(std::fs::Permissions::from_mode(mode & 0o777))?;
+    if let Some(owner) = owner {
+        std::os::unix::fs::fchown(handle, Some(owner.uid), Some(owner.gid))?;
     }
-    download.progress.file_done();
     Ok(())
 }
 

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
+use futures::future::BoxFuture;
 use futures::{StreamExt, TryStreamExt};
 use tokio::sync::Semaphore;
 
@@ -149,8 +150,16 @@ impl OpenUploads {
 /// What every file of one upload shares.
 pub struct Transfer<'a> {
     pub store: &'a Store,
-    /// One permit per request in flight, across all files and parts.
+    /// One permit per request in flight, across all parts and files larger than
+    /// [`crate::SMALL_FILE`].
     pub requests: Arc<Semaphore>,
+    /// One permit per small file being read and sent ([`crate::small_requests`]).
+    pub small_requests: Semaphore,
+    /// One permit per large file being sent: as many as requests, so that small files going
+    /// wider leave large ones as they were (a few files at a time, each with its parts).
+    pub large_files: Semaphore,
+    /// Files being uploaded at once: as many as small files may be in flight.
+    pub files_in_flight: usize,
     pub concurrency: usize,
     pub progress: Progress,
     pub open_uploads: OpenUploads,
@@ -326,14 +335,17 @@ async fn send_multipart(
 
     let upload_id = upload_id.as_str();
     let known_crcs = known_crcs.as_deref();
-    // Built up front, not in a `.map` closure, so the future stays `Send` (rust#102211).
-    let sends: Vec<_> = (0..plan.parts)
-        .map(|index| {
-            let known = known_crcs.and_then(|c| c.get(usize::try_from(index).ok()?).copied());
-            send_part(transfer, source, key, upload_id, plan, index, known)
-        })
-        .collect();
-    let parts: Vec<(CompletedPart, Checksums)> = futures::stream::iter(sends)
+    // Made as slots free up (a file may have 10,000 parts), boxed with an explicit `Send`: a
+    // closure returning the bare borrowing future is not provably `Send` (rust#102211).
+    let parts: Vec<(CompletedPart, Checksums)> = futures::stream::iter(0..plan.parts)
+        .map(
+            |index| -> BoxFuture<'_, Result<(CompletedPart, Checksums), UploadError>> {
+                let known = known_crcs.and_then(|c| c.get(usize::try_from(index).ok()?).copied());
+                Box::pin(send_part(
+                    transfer, source, key, upload_id, plan, index, known,
+                ))
+            },
+        )
         .buffered(transfer.concurrency)
         .try_collect()
         .await?;
