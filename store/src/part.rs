@@ -227,6 +227,25 @@ pub enum JobCommit {
     Waiting { committed: u32, world_size: u32 },
 }
 
+impl JobCommit {
+    /// For logs and metrics: `written`, `already-committed` or `waiting`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            JobCommit::Written => "written",
+            JobCommit::AlreadyCommitted => "already-committed",
+            JobCommit::Waiting { .. } => "waiting",
+        }
+    }
+
+    /// Parts committed so far, when some are still missing.
+    pub fn parts_committed(&self) -> Option<u32> {
+        match self {
+            JobCommit::Waiting { committed, .. } => Some(*committed),
+            JobCommit::Written | JobCommit::AlreadyCommitted => None,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PartError {
     #[error("listing the committed parts of generation {generation}")]

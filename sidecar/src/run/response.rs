@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nerve_store::job_notice::{JobNotice, publish_notice};
-use nerve_store::part::Rank;
+use nerve_store::part::{JobCommit, Rank};
 use nerve_store::step::MarkerContent;
 use nerve_store::{ManifestContext, Store, UploadOptions, UploadSummary, upload_generation};
 use nix::sys::signal::Signal;
@@ -645,7 +645,8 @@ fn report_committed(
         generation = %summary.generation,
         step = summary.step,
         rank = summary.rank.map(|r| r.rank),
-        job = %summary.job.map_or_else(String::new, |j| format!("{j:?}")),
+        job_manifest = summary.job.as_ref().map(JobCommit::as_str),
+        parts_committed = summary.job.as_ref().and_then(JobCommit::parts_committed),
         notice_to_signal_ms,
         completion = completion.as_str(),
         upload_seconds = summary.seconds,
