@@ -48,8 +48,8 @@ fn main() -> ExitCode {
             Command::Run(args) => nerve_sidecar::run::command(*args, shutdown).await,
             Command::Upload(args) => transfer::upload_command(args, shutdown).await,
             Command::Restore(args) => transfer::restore_command(args, shutdown).await,
-            Command::List(args) => transfer::list_command(args).await,
-            Command::Prune(args) => transfer::prune_command(args).await,
+            Command::List(args) => transfer::list_command(args, shutdown).await,
+            Command::Prune(args) => transfer::prune_command(args, shutdown).await,
             Command::Inject(args) => nerve_sidecar::inject::inject_command(&args),
             Command::Webhook(args) => nerve_sidecar::inject::serve_webhook(args, shutdown).await,
         }

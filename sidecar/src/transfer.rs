@@ -219,9 +219,12 @@ pub async fn restore_command(args: RestoreArgs, shutdown: CancellationToken) -> 
 
 /// `nerve-sidecar list`: one line (or JSON object) per generation, oldest step first (the order
 /// restore and prune use); a multi-pod generation shows its parts committed of its world size.
-pub async fn list_command(args: ListArgs) -> anyhow::Result<()> {
+pub async fn list_command(args: ListArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let store = Store::connect(&args.store.config()).await;
-    let generations = describe_generations(&store).await?;
+    let generations = tokio::select! {
+        generations = describe_generations(&store) => generations?,
+        () = shutdown.cancelled() => anyhow::bail!("list stopped by a signal before it finished"),
+    };
     if generations.is_empty() {
         eprintln!(
             "no committed generations for job {} under {}",
@@ -274,7 +277,7 @@ pub async fn list_command(args: ListArgs) -> anyhow::Result<()> {
 }
 
 /// `nerve-sidecar prune --keep N`.
-pub async fn prune_command(args: PruneArgs) -> anyhow::Result<()> {
+pub async fn prune_command(args: PruneArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let store = Store::connect(&args.store.config()).await;
     let keep = usize::try_from(args.keep).unwrap_or(usize::MAX);
     let options = PruneOptions {
@@ -282,7 +285,15 @@ pub async fn prune_command(args: PruneArgs) -> anyhow::Result<()> {
         dry_run: args.dry_run,
         incomplete_grace: args.incomplete_grace,
     };
-    let summary = prune_generations(&store, &options).await?;
+    // Stopping midway is safe: old manifests go before the objects they name, so what is left
+    // is unreferenced objects the next prune deletes.
+    let summary = tokio::select! {
+        summary = prune_generations(&store, &options) => summary?,
+        () = shutdown.cancelled() => anyhow::bail!(
+            "prune stopped by a signal before it finished; every kept generation is whole, and \
+             the next prune deletes what this one did not reach"
+        ),
+    };
     let verb = if args.dry_run {
         "would delete"
     } else {

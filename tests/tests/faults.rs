@@ -1155,3 +1155,50 @@ fn notice_lines_with_unknown_fields_are_accepted_and_wrong_types_are_refused() {
         );
     }
 }
+
+#[test]
+fn prune_and_list_stop_on_sigterm_while_the_store_never_answers() {
+    let world = World::new("stalled-prune");
+    let dir = world.dir("checkpoint");
+    write_checkpoint(&dir, 1, MIB);
+    let output = world.upload(&world.s3().endpoint(), &dir);
+    assert!(output.status.success(), "upload: {}", stderr(&output));
+    for subcommand in [&["prune", "--keep", "1"][..], &["list"][..]] {
+        let proxy = FaultProxy::start(world.addr).expect("proxy");
+        // Every listing hangs far longer than the test: only the signal ends the command.
+        proxy.add_rule(Rule::new(Fault::Stall(Duration::from_secs(3600))).method("GET"));
+        let mut command = world.sidecar(&proxy.endpoint(), subcommand[0]);
+        command
+            .args(&subcommand[1..])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = command.spawn().expect("spawn");
+        let started = Instant::now();
+        while proxy.injected().is_empty() && started.elapsed() < COMMAND_TIMEOUT {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(
+            !proxy.injected().is_empty(),
+            "{subcommand:?} never reached the store"
+        );
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        let signalled = Instant::now();
+        let output = wait_bounded(child, "a command stopped by SIGTERM");
+        // One signal is enough; the second-signal escape hatch is for a stuck process.
+        assert!(
+            signalled.elapsed() < Duration::from_secs(5),
+            "{subcommand:?} took {:?} to stop after SIGTERM",
+            signalled.elapsed()
+        );
+        assert!(
+            !output.status.success(),
+            "{subcommand:?} stopped midway must not exit 0"
+        );
+        assert!(
+            stderr(&output).contains("stopped by a signal"),
+            "{subcommand:?}: {}",
+            stderr(&output)
+        );
+    }
+}
