@@ -552,3 +552,13 @@ pub fn closed_port_url() -> String {
 pub fn in_seconds(seconds: i64) -> OffsetDateTime {
     OffsetDateTime::now_utc() + time::Duration::seconds(seconds)
 }
+
+/// The relative paths a manifest (a single pod's or a rank's part) lists.
+pub fn manifest_paths(manifest: &Value) -> Vec<String> {
+    manifest["files"]
+        .as_array()
+        .expect("a manifest lists its files")
+        .iter()
+        .map(|f| f["path"].as_str().expect("path").to_owned())
+        .collect()
+}

@@ -271,12 +271,7 @@ fn a_ranks_part_of_a_marked_step_leaves_out_the_newer_checkpoint_it_began() {
             .expect("rank 0's part"),
     )
     .expect("json");
-    let paths: Vec<&str> = part["files"]
-        .as_array()
-        .expect("files")
-        .iter()
-        .filter_map(|f| f["path"].as_str())
-        .collect();
+    let paths = nerve_tests::pod::manifest_paths(&part);
     assert!(
         paths.iter().all(|p| !p.starts_with("checkpoint-6/")),
         "{paths:?}"

@@ -11,23 +11,13 @@ use std::time::{Duration, Instant};
 use nerve_tests::fault_proxy::{Fault, FaultProxy, Rule};
 use nerve_tests::pod::{
     CHECKPOINT_TIMEOUT, EXIT_TIMEOUT, Rig, STARTUP_TIMEOUT, closed_port_url, in_seconds,
+    manifest_paths,
 };
 use nerve_tests::trainer::{self, StateShape, WriteOptions};
 use nix::sys::signal::Signal;
-use serde_json::Value;
 
 /// Where the Hugging Face Trainer's TensorBoard logger writes, under `output_dir`.
 const TENSORBOARD_FILE: &str = "runs/Nov30_03-29-15_trainer-0/events.out.tfevents.1764473355.0";
-
-/// Paths a committed manifest lists.
-fn paths(manifest: &Value) -> Vec<String> {
-    manifest["files"]
-        .as_array()
-        .expect("files")
-        .iter()
-        .map(|f| f["path"].as_str().expect("path").to_owned())
-        .collect()
-}
 
 /// Every object the store holds for the rig's job, as bytes.
 fn stored_objects(rig: &Rig) -> Vec<Vec<u8>> {
@@ -87,9 +77,11 @@ fn an_open_tensorboard_file_under_the_directory_does_not_block_the_notice_checkp
     let notice = manifests.last().expect("the notice's generation");
     assert_eq!(notice["step"], saved["step"]);
     assert!(
-        paths(notice).iter().all(|p| !p.starts_with("runs/")),
+        manifest_paths(notice)
+            .iter()
+            .all(|p| !p.starts_with("runs/")),
         "the log is not checkpoint content: {:?}",
-        paths(notice)
+        manifest_paths(notice)
     );
     assert!(rig.dir.join(TENSORBOARD_FILE).exists());
 }
@@ -150,7 +142,7 @@ fn a_link_to_a_file_outside_the_directory_never_reaches_the_store() {
     let sidecar = rig.sidecar(&closed_port_url(), &["--done-marker", "DONE"]);
     rig.imds.set_spot_interruption("terminate", in_seconds(120));
     let manifests = rig.wait_manifests(1, CHECKPOINT_TIMEOUT, &sidecar);
-    assert!(!paths(&manifests[0]).contains(&"x".to_owned()));
+    assert!(!manifest_paths(&manifests[0]).contains(&"x".to_owned()));
     assert!(
         stored_objects(&rig)
             .iter()
@@ -247,7 +239,7 @@ fn rotating_an_older_checkpoint_during_the_notice_upload_still_commits_the_new_o
         !proxy.injected().is_empty(),
         "the old checkpoint was being uploaded"
     );
-    let listed = paths(&manifests[0]);
+    let listed = manifest_paths(&manifests[0]);
     let new_dir = format!("checkpoint-{}", saved["step"]);
     assert!(listed.iter().any(|p| p.starts_with(&format!("{new_dir}/"))));
     assert!(

@@ -350,12 +350,7 @@ fn a_newer_checkpoint_begun_after_the_done_marker_is_not_committed_with_the_mark
     trainer.event("saved", CHECKPOINT_TIMEOUT);
     let manifests = rig.wait_manifests(1, CHECKPOINT_TIMEOUT, &sidecar);
     assert_eq!(manifests[0]["step"], 5);
-    let paths: Vec<&str> = manifests[0]["files"]
-        .as_array()
-        .expect("files")
-        .iter()
-        .filter_map(|f| f["path"].as_str())
-        .collect();
+    let paths = nerve_tests::pod::manifest_paths(&manifests[0]);
     assert!(
         paths.iter().all(|p| !p.starts_with("checkpoint-6/")),
         "the generation of step 5 holds a piece of checkpoint-6, which restore then puts \

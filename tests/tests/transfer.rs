@@ -816,16 +816,8 @@ async fn a_file_rewritten_during_upload_is_sent_again_and_committed_with_its_new
     let (result, grows) = upload_while_a_file_grows(&h, 1, MIB).await;
     let summary = result.expect("the upload retries the file and commits");
     assert_eq!(summary.files, 2);
-    let restored = h.path("restored");
-    let output = h.sidecar(
-        &h.server.endpoint(),
-        "job",
-        "restore",
-        &["--dir", restored.to_str().expect("utf-8")],
-    );
-    assert!(output.status.success(), "restore: {}", stderr(&output));
     assert_eq!(
-        std::fs::read(restored.join("grows.bin")).expect("read"),
+        restored_grows(&h),
         grows,
         "the generation holds the file as it was after the rewrite"
     );
@@ -837,6 +829,15 @@ async fn a_small_file_rewritten_during_its_upload_is_sent_again_with_its_new_byt
     // Small enough to be read whole and sent from memory.
     let (result, grows) = upload_while_a_file_grows(&h, 1, 1000).await;
     result.expect("the upload retries the file and commits");
+    assert_eq!(
+        restored_grows(&h),
+        grows,
+        "the generation holds the file as it was after the rewrite, not the bytes read first"
+    );
+}
+
+/// Restores the job's newest generation and returns the bytes of `grows.bin` in it.
+fn restored_grows(h: &Harness) -> Vec<u8> {
     let restored = h.path("restored");
     let output = h.sidecar(
         &h.server.endpoint(),
@@ -845,11 +846,7 @@ async fn a_small_file_rewritten_during_its_upload_is_sent_again_with_its_new_byt
         &["--dir", restored.to_str().expect("utf-8")],
     );
     assert!(output.status.success(), "restore: {}", stderr(&output));
-    assert_eq!(
-        std::fs::read(restored.join("grows.bin")).expect("read"),
-        grows,
-        "the generation holds the file as it was after the rewrite, not the bytes read first"
-    );
+    std::fs::read(restored.join("grows.bin")).expect("read")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
