@@ -554,13 +554,18 @@ async fn newer_local(
         )
     })?;
     let (owned_dir, options) = (dir.to_path_buf(), options.clone());
+    // The newer of what the marker says and what the directory holds: a marker left from an
+    // older save (the trainer saved on without writing it again) must not make a newer local
+    // checkpoint look old enough to replace.
     let local = tokio::task::spawn_blocking(move || {
-        checkpoint_step_complete(
-            &owned_dir,
-            options.marker.as_deref(),
-            &options.step_pattern,
-            &options.excludes,
-        )
+        let (pattern, excludes) = (&options.step_pattern, &options.excludes);
+        let marked =
+            checkpoint_step_complete(&owned_dir, options.marker.as_deref(), pattern, excludes);
+        let held = checkpoint_step_complete(&owned_dir, None, pattern, excludes);
+        marked
+            .into_iter()
+            .chain(held)
+            .max_by_key(|local| local.step)
     })
     .await
     .ok()??;

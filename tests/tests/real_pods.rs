@@ -130,6 +130,30 @@ fn restore_keeps_a_newer_local_checkpoint_and_replaces_an_older_one() {
 }
 
 #[test]
+fn restore_keeps_a_newer_local_checkpoint_whose_done_marker_is_left_from_an_older_save() {
+    let rig = Rig::new("stale-marker-local");
+    let source = rig.work.path().join("source");
+    trainer::write_checkpoint(&source, &shape(), 55, WriteOptions::default()).expect("write");
+    let output = rig.sidecar_command("upload", &source, &[]);
+    assert!(output.status.success(), "{output:?}");
+
+    // The marker of a notice save at step 5; the trainer went on saving, up to 1055, without
+    // writing it again (a trainer that marks only its notice saves).
+    let volume = rig.work.path().join("volume");
+    trainer::write_checkpoint(&volume, &shape(), 1055, WriteOptions::default()).expect("write");
+    std::fs::write(volume.join(".nerve-done"), "step=5\nreason=notice\n").expect("marker");
+    let output = rig.sidecar_command("restore", &volume, &[]);
+    let said = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{output:?}");
+    assert!(said.contains("kept") && said.contains("1055"), "{said}");
+    assert_eq!(
+        trainer::list_checkpoints(&volume).expect("ls"),
+        vec![(1055, volume.join("checkpoint-1055"))],
+        "restore replaced checkpoint-1055 with the older generation of step 55"
+    );
+}
+
+#[test]
 fn a_link_to_a_file_outside_the_directory_never_reaches_the_store() {
     let rig = Rig::new("link-out");
     let secret_dir = tempfile::tempdir().expect("tempdir");
