@@ -270,6 +270,22 @@ async fn webhook_answers_a_real_admission_review_with_a_patch_that_injects_the_s
     let again = webhook.review(&admission_review("d4e5f6", pod)).await;
     assert_eq!(again["response"]["allowed"], true);
     assert!(again["response"].get("patch").is_none(), "{again}");
+
+    // A checkpoint of more files than the default limit holds: the pod raises it.
+    let mut many_files = training_pod();
+    many_files["metadata"]["annotations"]["nerve.io/sidecar-memory"] = json!("1Gi");
+    let answer = webhook
+        .review(&admission_review("g7h8i9", many_files.clone()))
+        .await;
+    let patch = base64::engine::general_purpose::STANDARD
+        .decode(answer["response"]["patch"].as_str().expect("patch"))
+        .expect("base64");
+    let patch: json_patch::Patch = serde_json::from_slice(&patch).expect("a JSON Patch");
+    json_patch::patch(&mut many_files, &patch).expect("the patch applies");
+    assert_eq!(
+        many_files["spec"]["initContainers"][1]["resources"]["limits"]["memory"], "1Gi",
+        "the sidecar's memory limit as annotated"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

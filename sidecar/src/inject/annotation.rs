@@ -6,6 +6,8 @@ use serde_json::{Map, Value};
 
 use nerve_store::Destination;
 
+use super::pod::SIDECAR_MEMORY_LIMIT;
+
 /// `s3://bucket/prefix` the checkpoints go to (required).
 pub const ANNOTATION_DEST: &str = "nerve.io/dest";
 /// Stable name of the training job across pods (required unless the pod belongs to a Job).
@@ -28,10 +30,18 @@ pub const ANNOTATION_EXCLUDE: &str = "nerve.io/exclude";
 /// How many pods the training job has, each committing one part of a generation; overrides what
 /// the injector derives from the workload (an Indexed Job's completions, a launcher's variables).
 pub const ANNOTATION_WORLD_SIZE: &str = "nerve.io/world-size";
+/// Memory limit of the injected containers, a Kubernetes quantity (`512Mi`, `1Gi`); for
+/// checkpoints of more files than the default limit holds.
+pub const ANNOTATION_SIDECAR_MEMORY: &str = "nerve.io/sidecar-memory";
 
 /// Largest `nerve.io/world-size` accepted: far beyond any training job's pod count (the largest
 /// runs use tens of thousands of GPUs, at eight per pod), and small enough to be a typo's bound.
 const MAX_WORLD_SIZE: u32 = 65_536;
+
+/// Smallest `nerve.io/sidecar-memory` accepted, in bytes: an upload at the default concurrency
+/// needs ~40-60 MiB before any per-file state, so a lower limit risks the OOM killer during the
+/// notice upload.
+const MIN_SIDECAR_MEMORY: u64 = 128 * 1024 * 1024;
 
 /// Labels whose value names the training job a pod belongs to, most specific first: JobSet puts
 /// its name on every pod of every Job it runs (each of which has its own Job name), the Kubeflow
@@ -88,6 +98,9 @@ pub struct CheckpointRequest {
     pub exclude: Vec<String>,
     /// `nerve.io/world-size`: the number of pods in the job, when the pod says.
     pub world_size: Option<u32>,
+    /// `nerve.io/sidecar-memory` as given, a quantity of at least `MIN_SIDECAR_MEMORY`: the
+    /// memory limit of the injected containers, when the pod says.
+    pub sidecar_memory: Option<String>,
 }
 
 /// One annotation that is missing or wrong.
@@ -168,6 +181,19 @@ pub fn read_annotations(
                     problem: format!(
                         "`{value}` is not a number of pods; use a whole number from 1 to {MAX_WORLD_SIZE}"
                     ),
+                });
+                None
+            }
+        }
+    });
+
+    let sidecar_memory = get(ANNOTATION_SIDECAR_MEMORY, &mut errors).and_then(|value| {
+        match check_sidecar_memory(&value) {
+            Ok(()) => Some(value),
+            Err(problem) => {
+                errors.push(AnnotationError::Invalid {
+                    key: ANNOTATION_SIDECAR_MEMORY,
+                    problem,
                 });
                 None
             }
@@ -325,6 +351,7 @@ pub fn read_annotations(
                 done_marker,
                 exclude,
                 world_size,
+                sidecar_memory,
             })
         }
         _ => Err(errors),
@@ -423,6 +450,58 @@ fn parse_exclude(value: &str) -> Result<Vec<String>, String> {
     }
 }
 
+/// A memory limit the sidecar can upload within: a quantity of at least [`MIN_SIDECAR_MEMORY`].
+fn check_sidecar_memory(value: &str) -> Result<(), String> {
+    let floor_mib = MIN_SIDECAR_MEMORY >> 20;
+    match parse_memory_quantity(value) {
+        None => Err(format!(
+            "`{value}` is not a memory quantity; use a number of bytes with an optional suffix \
+             Ki, Mi, Gi, Ti, k, M, G or T, e.g. 512Mi or 1Gi"
+        )),
+        Some(bytes) if bytes < MIN_SIDECAR_MEMORY => Err(format!(
+            "`{value}` is below the minimum of {floor_mib}Mi (an upload needs 40-60 MiB before \
+             any per-file state); use at least {floor_mib}Mi, or remove it for the default \
+             {SIDECAR_MEMORY_LIMIT}"
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
+/// Bytes in a Kubernetes memory quantity, rounded up: a whole or decimal number with an optional
+/// binary (`Ki`, `Mi`, `Gi`, `Ti`) or decimal (`k`, `M`, `G`, `T`) suffix. `None` for anything
+/// else, including the quantity forms no memory limit needs (exponents, `m`, `P`, `E`, `-`).
+fn parse_memory_quantity(value: &str) -> Option<u64> {
+    let value = value.strip_prefix('+').unwrap_or(value);
+    let (number, suffix) = value.split_at(
+        value
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(value.len()),
+    );
+    let multiplier: u128 = match suffix {
+        "" => 1,
+        "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        _ => return None,
+    };
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    // `1.` and `.5` are quantities too; `.` alone is not.
+    if !digits(whole) || !digits(fraction) || whole.len() + fraction.len() == 0 {
+        return None;
+    }
+    // The number as an integer of units of 10^-(fraction digits).
+    let scaled: u128 = format!("{whole}{fraction}").parse().ok()?;
+    let scale = 10u128.checked_pow(u32::try_from(fraction.len()).ok()?)?;
+    let bytes = scaled.checked_mul(multiplier)?.div_ceil(scale);
+    u64::try_from(bytes).ok()
+}
+
 /// The signal as `nerve-sidecar run --signal` reads it, in canonical form (`usr1` → `SIGUSR1`).
 fn parse_signal(value: &str) -> Result<String, String> {
     crate::run::signal::parse_signal(value).map(|signal| signal.as_str().to_owned())
@@ -467,6 +546,7 @@ mod tests {
                 done_marker: None,
                 exclude: Vec::new(),
                 world_size: None,
+                sidecar_memory: None,
             }
         );
     }
@@ -488,6 +568,100 @@ mod tests {
                 "{bad}: {errors:?}"
             );
         }
+    }
+
+    fn with_sidecar_memory(value: &str) -> Map<String, Value> {
+        metadata(json!({"annotations": {
+            "nerve.io/dest": "s3://bucket", "nerve.io/job": "j",
+            "nerve.io/checkpoint-dir": "/c", "nerve.io/sidecar-memory": value}}))
+    }
+
+    #[test]
+    fn a_sidecar_memory_annotation_is_read_as_given() {
+        for good in [
+            "1Gi",
+            "512Mi",
+            "1G",
+            "300M",
+            "134217728",
+            "1.5Gi",
+            "0.5Ti",
+            "128Mi",
+            "1.Gi",
+            ".5Gi",
+            "+1Gi",
+        ] {
+            let request = read_annotations(Some(&with_sidecar_memory(good)), Owner::None)
+                .unwrap_or_else(|e| panic!("{good}: {e:?}"));
+            assert_eq!(request.sidecar_memory.as_deref(), Some(good));
+        }
+        let request =
+            read_annotations(Some(&with_sidecar_memory(" 1Gi ")), Owner::None).expect("valid");
+        assert_eq!(request.sidecar_memory.as_deref(), Some("1Gi"), "trimmed");
+    }
+
+    #[test]
+    fn a_sidecar_memory_below_the_floor_is_refused_with_the_fix() {
+        for low in ["64Mi", "100M", "134217727", "0.1Gi", "0"] {
+            let errors =
+                read_annotations(Some(&with_sidecar_memory(low)), Owner::None).expect_err(low);
+            assert_eq!(errors.len(), 1, "{low}: {errors:?}");
+            let text = errors[0].to_string();
+            assert!(
+                text.starts_with("annotation nerve.io/sidecar-memory: ")
+                    && text.contains(&format!("`{low}`"))
+                    && text.contains("use at least 128Mi")
+                    && text.contains("default 256Mi"),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_sidecar_memory_that_is_not_a_quantity_is_refused() {
+        for bad in [
+            "lots",
+            "1GB",
+            "1gi",
+            "1K",
+            "-1Gi",
+            "1e9",
+            "1Pi",
+            "128974848000m",
+            "1..5Gi",
+            ".Gi",
+            "Gi",
+            "++1Gi",
+            "99999999999999999999999999999999999999999Ti",
+        ] {
+            let errors =
+                read_annotations(Some(&with_sidecar_memory(bad)), Owner::None).expect_err(bad);
+            assert_eq!(errors.len(), 1, "{bad}: {errors:?}");
+            let text = errors[0].to_string();
+            assert!(
+                text.starts_with("annotation nerve.io/sidecar-memory: ")
+                    && text.contains(&format!("`{bad}` is not a memory quantity"))
+                    && text.contains("e.g. 512Mi or 1Gi"),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn memory_quantities_are_counted_in_bytes_rounded_up() {
+        assert_eq!(parse_memory_quantity("1Gi"), Some(1 << 30));
+        assert_eq!(parse_memory_quantity("1G"), Some(1_000_000_000));
+        assert_eq!(parse_memory_quantity("1k"), Some(1_000));
+        assert_eq!(parse_memory_quantity("2Ti"), Some(2 << 40));
+        assert_eq!(parse_memory_quantity("1.5Mi"), Some(3 << 19));
+        assert_eq!(parse_memory_quantity("0.001k"), Some(1));
+        assert_eq!(
+            parse_memory_quantity("0.0001k"),
+            Some(1),
+            "a fraction of a byte"
+        );
+        assert_eq!(parse_memory_quantity("42"), Some(42));
+        assert_eq!(parse_memory_quantity(""), None);
     }
 
     #[test]

@@ -29,13 +29,16 @@ const DONE_MARKER_ENV: &str = "NERVE_DONE_MARKER";
 const SIDECAR_PORT: u16 = 9740;
 
 /// Requests of the injected containers. The sidecar idles between notices; an upload streams
-/// parts from disk through small read buffers (256 KiB per request in flight), so memory does
-/// not grow with the checkpoint and the limit can be fixed.
+/// parts from disk through small read buffers (256 KiB per request in flight), so its bytes in
+/// flight do not grow with the checkpoint's size.
 const SIDECAR_REQUESTS: (&str, &str) = ("10m", "32Mi");
-/// Memory limit: 256 requests in flight (the `--concurrency` maximum) with their buffers and
-/// TLS state fit in well under this. The OOM killer must never end an upload racing a
-/// deadline. No CPU limit: throttling that upload only loses the checkpoint.
-const SIDECAR_MEMORY_LIMIT: &str = "256Mi";
+/// Memory limit of the injected containers unless `nerve.io/sidecar-memory` says otherwise.
+/// An upload holds ~40 MiB plus ~0.6-0.75 KiB per file of the checkpoint (measured at 200,000
+/// files: 129-187 MiB), so this is enough for checkpoints of up to 150,000 files (the promise
+/// in docs/transfer.md); more files need ~1 MiB per 1,000 beyond that, set with the annotation. The OOM killer must
+/// never end an upload racing a deadline. No CPU limit: throttling that upload only loses the
+/// checkpoint.
+pub(super) const SIDECAR_MEMORY_LIMIT: &str = "256Mi";
 
 /// What [`inject_spec`] did.
 #[derive(Debug)]
@@ -156,6 +159,11 @@ pub(crate) fn inject_spec(
     }
     env.extend(inherited_env);
 
+    // The restore holds the same manifest of every file as the upload, so it gets the same limit.
+    let memory_limit = request
+        .sidecar_memory
+        .as_deref()
+        .unwrap_or(SIDECAR_MEMORY_LIMIT);
     let restore = json!({
         "name": RESTORE_CONTAINER,
         "image": settings.image,
@@ -164,7 +172,7 @@ pub(crate) fn inject_spec(
         "args": ["restore"],
         "env": env,
         "volumeMounts": [mount],
-        "resources": resources(),
+        "resources": resources(memory_limit),
         "securityContext": identity.security_context(Role::Restore),
     });
 
@@ -215,7 +223,7 @@ pub(crate) fn inject_spec(
             "failureThreshold": 6,
         },
         "volumeMounts": [mount],
-        "resources": resources(),
+        "resources": resources(memory_limit),
         "securityContext": identity.security_context(Role::Run),
     });
 
@@ -454,10 +462,10 @@ fn aws_env(trainer: &Value) -> Vec<Value> {
         .unwrap_or_default()
 }
 
-fn resources() -> Value {
+fn resources(memory_limit: &str) -> Value {
     json!({
         "requests": {"cpu": SIDECAR_REQUESTS.0, "memory": SIDECAR_REQUESTS.1},
-        "limits": {"memory": SIDECAR_MEMORY_LIMIT},
+        "limits": {"memory": memory_limit},
     })
 }
 

@@ -407,6 +407,49 @@ fn leaves_a_pod_with_bad_or_missing_annotations_unchanged_and_says_what_is_wrong
 }
 
 #[test]
+fn a_sidecar_memory_annotation_sets_the_injected_limit() {
+    let mut p = pod(json!({"containers": [{"name": "trainer", "image": "t:1"}]}));
+    inject_pod_template(&mut p, Owner::None, &Workload::Pod, &settings());
+    for name in ["nerve-restore", "nerve-sidecar"] {
+        assert_eq!(
+            init(&p, name)["resources"],
+            json!({"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"memory": "256Mi"}}),
+            "{name} without the annotation"
+        );
+    }
+
+    let mut p = pod(json!({"containers": [{"name": "trainer", "image": "t:1"}]}));
+    p["metadata"]["annotations"]["nerve.io/sidecar-memory"] = json!("1Gi");
+    let injection = inject_pod_template(&mut p, Owner::None, &Workload::Pod, &settings());
+    assert_eq!(injection.outcome, Outcome::Injected);
+    for name in ["nerve-restore", "nerve-sidecar"] {
+        assert_eq!(
+            init(&p, name)["resources"],
+            json!({"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"memory": "1Gi"}}),
+            "{name}: the limit as annotated, the requests unchanged"
+        );
+    }
+
+    let mut p = pod(json!({"containers": [{"name": "trainer", "image": "t:1"}]}));
+    p["metadata"]["annotations"]["nerve.io/sidecar-memory"] = json!("64Mi");
+    let before = p.clone();
+    let injection = inject_pod_template(&mut p, Owner::None, &Workload::Pod, &settings());
+    assert_eq!(injection.outcome, Outcome::NotInjected);
+    assert_eq!(p, before);
+    let warning = &injection.warnings[0];
+    assert!(
+        warning.starts_with("nerve: sidecar not injected: annotation nerve.io/sidecar-memory:")
+            && warning.contains("`64Mi`")
+            && warning.contains("use at least 128Mi"),
+        "{warning}"
+    );
+    assert!(
+        warning.len() <= 256,
+        "the API server cuts admission warnings at 256 characters: {warning}"
+    );
+}
+
+#[test]
 fn leaves_the_pod_unchanged_when_the_named_container_does_not_exist() {
     let mut p = pod(json!({"containers": [{"name": "trainer", "image": "t:1"}]}));
     p["metadata"]["annotations"]["nerve.io/container"] = json!("learner");
