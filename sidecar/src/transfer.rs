@@ -14,7 +14,7 @@ use nerve_store::part::PartsChoice;
 use nerve_store::progress::{Progress, format_bytes, report_progress};
 use nerve_store::prune::PruneOptions;
 use nerve_store::restore::Owner;
-use nerve_store::step::checkpoint_step;
+use nerve_store::step::{Overrides, settled_step};
 use nerve_store::{
     ManifestContext, RestoreOptions, RestoreOutcome, Store, UploadOptions, prune_generations,
     restore_generation_with, upload_generation_with_progress,
@@ -114,12 +114,16 @@ pub async fn upload_command(args: UploadArgs, shutdown: CancellationToken) -> an
     let store = Store::connect(&args.checkpoint.store.config()).await;
     let content = &args.checkpoint.content;
     let excludes = content.excludes();
+    // Without --step: a marker left from an older save must not pin the step below the whole
+    // checkpoints written since (the upload would leave them out as newer), while a save the
+    // trainer began after marking (not shown whole) must not lift it.
     let step = args.step.or_else(|| {
-        checkpoint_step(
+        settled_step(
             dir,
             Some(&content.marker_path(dir)),
             &content.step_from,
             &excludes,
+            Overrides::Whole,
         )
         .map(|s| s.step)
     });

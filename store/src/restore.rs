@@ -32,7 +32,7 @@ use crate::part::{
 };
 use crate::progress::{Progress, format_bytes, mib_per_second};
 use crate::s3::{S3Error, Store};
-use crate::step::{Step, StepPattern, checkpoint_step_complete, newest_step_in_paths};
+use crate::step::{Overrides, Step, StepPattern, newest_step_in_paths, settled_step};
 use crate::{DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE};
 use download::{Download, download_file};
 
@@ -554,18 +554,14 @@ async fn newer_local(
         )
     })?;
     let (owned_dir, options) = (dir.to_path_buf(), options.clone());
-    // The newer of what the marker says and what the directory holds: a marker left from an
-    // older save (the trainer saved on without writing it again) must not make a newer local
-    // checkpoint look old enough to replace.
     let local = tokio::task::spawn_blocking(move || {
-        let (pattern, excludes) = (&options.step_pattern, &options.excludes);
-        let marked =
-            checkpoint_step_complete(&owned_dir, options.marker.as_deref(), pattern, excludes);
-        let held = checkpoint_step_complete(&owned_dir, None, pattern, excludes);
-        marked
-            .into_iter()
-            .chain(held)
-            .max_by_key(|local| local.step)
+        settled_step(
+            &owned_dir,
+            options.marker.as_deref(),
+            &options.step_pattern,
+            &options.excludes,
+            Overrides::NotTorn,
+        )
     })
     .await
     .ok()??;

@@ -287,6 +287,43 @@ pub fn checkpoint_step_complete(
     })
 }
 
+/// How sure a step checkpoint newer than the done marker's step must be to override it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overrides {
+    /// Any checkpoint whose layout does not show it torn. For decisions where erring towards
+    /// "newer" is safe: restore keeps the local directory, which is always recoverable.
+    NotTorn,
+    /// Only a checkpoint whose layout shows it whole. For an upload, where erring towards
+    /// "newer" would commit a save the trainer began after marking (its layout unknown).
+    Whole,
+}
+
+/// The step a directory left behind holds, for a decision made without the trainer's word on
+/// *this* save (restore's "is the local checkpoint newer?", a one-shot upload): the marker's
+/// step, unless a newer step checkpoint is there that `overrides` accepts. A marker left from an
+/// older save (a trainer that marks only its notice saves, then saved on) must not make the
+/// checkpoints written since look old.
+pub fn settled_step(
+    dir: &Path,
+    marker: Option<&Path>,
+    pattern: &StepPattern,
+    excludes: &Excludes,
+    overrides: Overrides,
+) -> Option<Step> {
+    let marked = checkpoint_step_complete(dir, marker, pattern, excludes);
+    let held = step_from(dir, None, pattern, excludes, |entry| {
+        let evidence = crate::layout::judge_checkpoint(&entry.abs_path);
+        match overrides {
+            Overrides::NotTorn => !matches!(evidence, crate::layout::Evidence::Incomplete { .. }),
+            Overrides::Whole => evidence.is_complete(),
+        }
+    });
+    marked
+        .into_iter()
+        .chain(held)
+        .max_by_key(|found| found.step)
+}
+
 /// The three sources in order, step-named entries only where `counts` accepts them.
 fn step_from(
     dir: &Path,
@@ -383,6 +420,35 @@ mod tests {
             MarkerContent::default()
         );
         assert_eq!(MarkerContent::parse(""), MarkerContent::default());
+    }
+
+    #[test]
+    fn a_marker_is_overridden_only_by_a_newer_checkpoint_the_decision_can_trust() {
+        let dir = tempfile::tempdir().unwrap();
+        let (pattern, excludes) = (StepPattern::default(), Excludes::default());
+        let marker = dir.path().join(".nerve-done");
+        fs::write(&marker, "step=5\n").unwrap();
+        fs::create_dir_all(dir.path().join("checkpoint-5")).unwrap();
+        fs::write(dir.path().join("checkpoint-5/trainer_state.json"), "{}").unwrap();
+        let settled = |overrides| {
+            settled_step(dir.path(), Some(&marker), &pattern, &excludes, overrides).map(|s| s.step)
+        };
+        // A save begun after the marker, shown torn (weights, no trainer_state.json): neither.
+        fs::create_dir_all(dir.path().join("checkpoint-6")).unwrap();
+        fs::write(dir.path().join("checkpoint-6/model.bin"), "half").unwrap();
+        assert_eq!(settled(Overrides::Whole), Some(5));
+        assert_eq!(settled(Overrides::NotTorn), Some(5));
+        // One of a layout nothing recognises: lifts restore's "local is newer" (keeping local
+        // work is safe), never an upload's step.
+        fs::create_dir_all(dir.path().join("step-7")).unwrap();
+        fs::write(dir.path().join("step-7/weights.dat"), "?").unwrap();
+        assert_eq!(settled(Overrides::Whole), Some(5));
+        assert_eq!(settled(Overrides::NotTorn), Some(7));
+        // Saves written since the marker, shown whole: they override it either way.
+        fs::create_dir_all(dir.path().join("checkpoint-1055")).unwrap();
+        fs::write(dir.path().join("checkpoint-1055/trainer_state.json"), "{}").unwrap();
+        assert_eq!(settled(Overrides::Whole), Some(1055));
+        assert_eq!(settled(Overrides::NotTorn), Some(1055));
     }
 
     #[test]

@@ -977,6 +977,36 @@ fn an_upload_of_a_given_step_leaves_out_the_newer_step_checkpoint_being_written(
     assert_same_tree(&source, &restored);
 }
 
+#[test]
+fn an_upload_without_a_step_is_not_held_back_by_a_done_marker_left_from_an_older_save() {
+    let h = Harness::new();
+    let source = h.path("source");
+    for step in [5u64, 1055] {
+        write(
+            &source.join(format!("checkpoint-{step}/model.safetensors")),
+            format!("weights of step {step}").as_bytes(),
+        );
+        write(
+            &source.join(format!("checkpoint-{step}/trainer_state.json")),
+            format!(r#"{{"global_step": {step}}}"#).as_bytes(),
+        );
+    }
+    // Written for a notice save at step 5; the trainer saved on to 1055 without marking again.
+    write(&source.join(".nerve-done"), b"step=5\nreason=notice\n");
+    let output = h.upload("job", &source, &[]);
+    let generation = committed_generation(&output);
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(h.manifest_path("job", &generation)).expect("manifest"),
+    )
+    .expect("json");
+    assert_eq!(manifest["step"], 1055, "{}", stderr(&output));
+    assert!(
+        nerve_tests::pod::manifest_paths(&manifest)
+            .contains(&"checkpoint-1055/model.safetensors".to_owned()),
+        "the newest checkpoint was left out as newer than the stale marker's step: {manifest}"
+    );
+}
+
 /// `data` with its last four bytes changed so that its CRC32C is `target`. A CRC is affine in
 /// the data over GF(2), and four free bytes reach every 32-bit value: solve for them.
 fn forge_crc32c(mut data: Vec<u8>, target: u32) -> Vec<u8> {
