@@ -89,10 +89,7 @@ fn an_open_tensorboard_file_under_the_directory_does_not_block_the_notice_checkp
 #[test]
 fn restore_keeps_a_newer_local_checkpoint_and_replaces_an_older_one() {
     let rig = Rig::new("newer-local");
-    let source = rig.work.path().join("source");
-    trainer::write_checkpoint(&source, &shape(), 55, WriteOptions::default()).expect("write");
-    let output = rig.sidecar_command("upload", &source, &[]);
-    assert!(output.status.success(), "{output:?}");
+    upload_step_55(&rig);
     assert_eq!(
         rig.manifests()[0]["step"],
         55,
@@ -102,14 +99,7 @@ fn restore_keeps_a_newer_local_checkpoint_and_replaces_an_older_one() {
     // A volume that survived the pod holds a newer checkpoint: it is left alone.
     let volume = rig.work.path().join("volume");
     trainer::write_checkpoint(&volume, &shape(), 1055, WriteOptions::default()).expect("write");
-    let output = rig.sidecar_command("restore", &volume, &[]);
-    let said = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{output:?}");
-    assert!(said.contains("kept") && said.contains("1055"), "{said}");
-    assert_eq!(
-        trainer::list_checkpoints(&volume).expect("ls"),
-        vec![(1055, volume.join("checkpoint-1055"))]
-    );
+    assert_restore_keeps_1055(&rig, &volume);
     trainer::load_checkpoint(&volume.join("checkpoint-1055")).expect("intact");
 
     // An older one is replaced, and the local logs stay.
@@ -132,22 +122,32 @@ fn restore_keeps_a_newer_local_checkpoint_and_replaces_an_older_one() {
 #[test]
 fn restore_keeps_a_newer_local_checkpoint_whose_done_marker_is_left_from_an_older_save() {
     let rig = Rig::new("stale-marker-local");
-    let source = rig.work.path().join("source");
-    trainer::write_checkpoint(&source, &shape(), 55, WriteOptions::default()).expect("write");
-    let output = rig.sidecar_command("upload", &source, &[]);
-    assert!(output.status.success(), "{output:?}");
+    upload_step_55(&rig);
 
     // The marker of a notice save at step 5; the trainer went on saving, up to 1055, without
     // writing it again (a trainer that marks only its notice saves).
     let volume = rig.work.path().join("volume");
     trainer::write_checkpoint(&volume, &shape(), 1055, WriteOptions::default()).expect("write");
     std::fs::write(volume.join(".nerve-done"), "step=5\nreason=notice\n").expect("marker");
-    let output = rig.sidecar_command("restore", &volume, &[]);
+    assert_restore_keeps_1055(&rig, &volume);
+}
+
+/// Commits a generation of `checkpoint-55/` for the rig's job.
+fn upload_step_55(rig: &Rig) {
+    let source = rig.work.path().join("source");
+    trainer::write_checkpoint(&source, &shape(), 55, WriteOptions::default()).expect("write");
+    let output = rig.sidecar_command("upload", &source, &[]);
+    assert!(output.status.success(), "{output:?}");
+}
+
+/// Restores over `volume`, which holds `checkpoint-1055/`, and asserts it was left alone.
+fn assert_restore_keeps_1055(rig: &Rig, volume: &std::path::Path) {
+    let output = rig.sidecar_command("restore", volume, &[]);
     let said = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{output:?}");
     assert!(said.contains("kept") && said.contains("1055"), "{said}");
     assert_eq!(
-        trainer::list_checkpoints(&volume).expect("ls"),
+        trainer::list_checkpoints(volume).expect("ls"),
         vec![(1055, volume.join("checkpoint-1055"))],
         "restore replaced checkpoint-1055 with the older generation of step 55"
     );
