@@ -7,8 +7,8 @@
 //! process said (for the benchmarks, which report and exit), the plain one panics with it
 //! (test support: a failed step is a failed test).
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,9 @@ const EXIT_DRAIN: Duration = Duration::from_secs(1);
 const QUOTED_LINES: usize = 20;
 /// Clock ticks per second of /proc/PID/stat times: USER_HZ is 100 on every Linux ABI.
 const USER_HZ: f64 = 100.0;
+/// Bound on one command a test runs to completion ([`run_bounded`]); generous for a loaded
+/// 2-core machine, never a speed claim.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// One line a process printed, with the moment it was read.
 type Line = (Instant, String);
@@ -258,6 +261,55 @@ pub fn wait_for<T>(
             return None;
         }
         std::thread::sleep(RECHECK);
+    }
+}
+
+/// Runs a command to completion within [`COMMAND_TIMEOUT`], killing it if it overruns.
+pub fn run_bounded(command: &mut Command) -> Output {
+    let child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    wait_bounded(child, &format!("{command:?}"))
+}
+
+/// Waits for a child started with piped output, at most [`COMMAND_TIMEOUT`]; a child that
+/// overruns is killed and fails the test (a wait without a bound is the bug).
+pub fn wait_bounded(mut child: Child, what: &str) -> Output {
+    let (mut out, mut err) = (child.stdout.take(), child.stderr.take());
+    let readers = std::thread::spawn(move || {
+        let (mut o, mut e) = (Vec::new(), Vec::new());
+        if let Some(out) = out.as_mut() {
+            let _ = out.read_to_end(&mut o);
+        }
+        if let Some(err) = err.as_mut() {
+            let _ = err.read_to_end(&mut e);
+        }
+        (o, e)
+    });
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if started.elapsed() > COMMAND_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            let (_, e) = readers.join().unwrap_or_default();
+            panic!(
+                "{what} did not finish within {COMMAND_TIMEOUT:?} (a wait without a bound); \
+                 stderr:\n{}",
+                String::from_utf8_lossy(&e)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (stdout, stderr) = readers.join().unwrap_or_default();
+    Output {
+        status,
+        stdout,
+        stderr,
     }
 }
 

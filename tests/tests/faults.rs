@@ -9,21 +9,19 @@
 //! `docs/faults.md`; the longer soak is `bench/soak`.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use nerve_tests::fault_proxy::{Fault, FaultProxy, Rule};
+use nerve_tests::process::{COMMAND_TIMEOUT, run_bounded, wait_bounded};
 use nerve_tests::s3::S3Server;
 use rand::{Rng, RngCore, SeedableRng};
 use serde_json::{Value, json};
 
 const BUCKET: &str = "faults";
 const PREFIX: &str = "ckpt";
-/// Bound on one sidecar command; generous for a loaded 2-core machine, never a speed claim.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 /// SIGKILL trials in CI; `bench/soak` runs many more (`NERVE_CRASH_TRIALS`).
 const CRASH_TRIALS: usize = 50;
 /// Seed of the crash trials unless `NERVE_CRASH_SEED` says otherwise (printed on failure).
@@ -195,55 +193,6 @@ impl World {
             stderr(&output)
         );
         read_tree(into)
-    }
-}
-
-/// Runs a command to completion within [`COMMAND_TIMEOUT`], killing it if it overruns.
-fn run_bounded(command: &mut Command) -> Output {
-    let child = command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    wait_bounded(child, &format!("{command:?}"))
-}
-
-/// Waits for a child started with piped output, at most [`COMMAND_TIMEOUT`]; a child that
-/// overruns is killed and fails the test (a wait without a bound is the bug).
-fn wait_bounded(mut child: std::process::Child, what: &str) -> Output {
-    let (mut out, mut err) = (child.stdout.take(), child.stderr.take());
-    let readers = std::thread::spawn(move || {
-        let (mut o, mut e) = (Vec::new(), Vec::new());
-        if let Some(out) = out.as_mut() {
-            let _ = out.read_to_end(&mut o);
-        }
-        if let Some(err) = err.as_mut() {
-            let _ = err.read_to_end(&mut e);
-        }
-        (o, e)
-    });
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        if started.elapsed() > COMMAND_TIMEOUT {
-            let _ = child.kill();
-            let _ = child.wait();
-            let (_, e) = readers.join().unwrap_or_default();
-            panic!(
-                "{what} did not finish within {COMMAND_TIMEOUT:?} (a wait without a bound); \
-                 stderr:\n{}",
-                String::from_utf8_lossy(&e)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let (stdout, stderr) = readers.join().unwrap_or_default();
-    Output {
-        status,
-        stdout,
-        stderr,
     }
 }
 
@@ -967,191 +916,6 @@ fn links_inside_the_checkpoint_stay_links_and_links_out_of_it_never_reach_the_st
         assert!(
             std::fs::symlink_metadata(restored.join(skipped)).is_err(),
             "{skipped} was restored"
-        );
-    }
-}
-
-#[test]
-fn invalid_flag_values_exit_64_and_name_the_flag_on_both_binaries() {
-    let sidecar = nerve_tests::binary_path("nerve-sidecar");
-    let agent = nerve_tests::binary_path("nerve-agent");
-    let store = ["--dest", "s3://bucket/p", "--job", "j", "--dir", "/tmp"];
-    let cases: Vec<(&Path, Vec<&str>, &str)> = vec![
-        (
-            &sidecar,
-            [&["upload"][..], &store, &["--concurrency", "0"]].concat(),
-            "--concurrency",
-        ),
-        (
-            &sidecar,
-            [&["upload"][..], &store, &["--concurrency", "many"]].concat(),
-            "--concurrency",
-        ),
-        (
-            &sidecar,
-            [&["upload"][..], &store, &["--part-size", "1KiB"]].concat(),
-            "--part-size",
-        ),
-        (
-            &sidecar,
-            [&["upload"][..], &store, &["--checksum", "md5"]].concat(),
-            "--checksum",
-        ),
-        (
-            &sidecar,
-            vec![
-                "restore", "--dest", "bucket/p", "--job", "j", "--dir", "/tmp",
-            ],
-            "--dest",
-        ),
-        (
-            &sidecar,
-            vec![
-                "restore",
-                "--dest",
-                "s3://Bad_Bucket",
-                "--job",
-                "j",
-                "--dir",
-                "/tmp",
-            ],
-            "--dest",
-        ),
-        (
-            &sidecar,
-            vec![
-                "restore",
-                "--dest",
-                "s3://bucket/a/../b",
-                "--job",
-                "j",
-                "--dir",
-                "/tmp",
-            ],
-            "--dest",
-        ),
-        (
-            &sidecar,
-            [
-                &["restore"][..],
-                &store,
-                &["--generation", "latest; rm -rf /"],
-            ]
-            .concat(),
-            "--generation",
-        ),
-        (
-            &sidecar,
-            vec![
-                "prune",
-                "--dest",
-                "s3://bucket/p",
-                "--job",
-                "j",
-                "--keep",
-                "-1",
-            ],
-            "--keep",
-        ),
-        (
-            &sidecar,
-            [&["run"][..], &store, &["--signal", "SIGNOPE"]].concat(),
-            "--signal",
-        ),
-        (
-            &sidecar,
-            [&["run"][..], &store, &["--target", "(unclosed"]].concat(),
-            "--target",
-        ),
-        (
-            &sidecar,
-            [&["run"][..], &store, &["--listen", "not-an-address"]].concat(),
-            "--listen",
-        ),
-        (
-            &sidecar,
-            vec![
-                "--log-format",
-                "xml",
-                "list",
-                "--dest",
-                "s3://bucket/p",
-                "--job",
-                "j",
-            ],
-            "--log-format",
-        ),
-        (&agent, vec!["--poll-interval", "1ms"], "--poll-interval"),
-        (&agent, vec!["--poll-interval", "soon"], "--poll-interval"),
-        (&agent, vec!["--cloud", "mars"], "--cloud"),
-        (
-            &agent,
-            vec!["--metadata-url", "not a url"],
-            "--metadata-url",
-        ),
-        (&agent, vec!["--listen", "localhost"], "--listen"),
-        (
-            &agent,
-            vec!["--cordon-on", "spot-interruption,meteor"],
-            "--cordon-on",
-        ),
-        (&agent, vec!["--kubernetes", "maybe"], "--kubernetes"),
-    ];
-    for (binary, args, flag) in cases {
-        let output = run_bounded(
-            Command::new(binary)
-                .args(&args)
-                .env_remove("KUBECONFIG")
-                .env_remove("KUBERNETES_SERVICE_HOST")
-                .env("AWS_EC2_METADATA_DISABLED", "true"),
-        );
-        let errors = stderr(&output);
-        assert_eq!(
-            output.status.code(),
-            Some(64),
-            "{} {args:?} must exit 64: {errors}",
-            binary.display()
-        );
-        assert!(
-            errors.contains(flag),
-            "{args:?}: the message names {flag}: {errors}"
-        );
-    }
-}
-
-#[test]
-fn notice_lines_with_unknown_fields_are_accepted_and_wrong_types_are_refused() {
-    use nerve_notice::StreamEvent;
-    let good = r#"{"type":"notice","notice":{"id":"spot-interruption/2026-11-22T09:30:36Z","kind":"spot-interruption","action":"terminate","deadline":"2026-11-22T09:30:36Z","detected_at":"2026-11-22T09:28:37.120Z","source":"aws"}}"#;
-    assert!(serde_json::from_str::<StreamEvent>(good).is_ok());
-    // A newer agent may add fields: an older sidecar still hears the notice.
-    let extra = good.replace(
-        r#""source":"aws""#,
-        r#""source":"aws","region":"eu-west-1","v":2"#,
-    );
-    assert!(
-        serde_json::from_str::<StreamEvent>(&extra).is_ok(),
-        "{extra}"
-    );
-    for bad in [
-        good.replace(r#""terminate""#, "42"),
-        good.replace(
-            r#""2026-11-22T09:30:36Z","detected_at""#,
-            r#""tomorrow","detected_at""#,
-        ),
-        good.replace(
-            r#""spot-interruption","action""#,
-            r#""meteor-strike","action""#,
-        ),
-        good.replace(r#""aws"}"#, r#"null}"#),
-        good.replace(r#""type":"notice""#, r#""type":"surprise""#),
-        r#"{"type":"snapshot","notices":{"not":"a list"}}"#.to_owned(),
-        "[1,2,3]".to_owned(),
-        "\u{0}\u{1}garbage".to_owned(),
-    ] {
-        assert!(
-            serde_json::from_str::<StreamEvent>(&bad).is_err(),
-            "accepted {bad}"
         );
     }
 }
