@@ -899,11 +899,7 @@ async fn send_large(
     part_size: u64,
     checksum_readers: &Semaphore,
 ) -> Result<Attempt, UploadError> {
-    let _slot = transfer
-        .large_files
-        .acquire()
-        .await
-        .map_err(|_| UploadError::Cancelled)?;
+    let _slot = take_slot(&transfer.large_files).await?;
     let opened = match OpenedFile::open(file) {
         Ok(opened) => opened,
         Err(failure) => return failure.ends_attempt(&file.abs_path),
@@ -936,10 +932,7 @@ async fn checksum_first(
     plan: PartPlan,
     checksum_readers: &Semaphore,
 ) -> Result<Vec<Checksums>, UploadError> {
-    let _reader = checksum_readers
-        .acquire()
-        .await
-        .map_err(|_| UploadError::Cancelled)?;
+    let _reader = take_slot(checksum_readers).await?;
     let path = opened.read_path.clone();
     tokio::task::spawn_blocking(move || checksum_parts(&path, &plan))
         .await
@@ -949,6 +942,12 @@ async fn checksum_first(
             path: file.abs_path.clone(),
             source,
         })
+}
+
+/// A slot of one of the upload's bounds. The semaphores are never closed while a transfer
+/// runs; a closed one would mean the upload is being torn down.
+async fn take_slot(bound: &Semaphore) -> Result<tokio::sync::SemaphorePermit<'_>, UploadError> {
+    bound.acquire().await.map_err(|_| UploadError::Cancelled)
 }
 
 /// Aborts every multipart upload this run opened, plus any the store lists under this

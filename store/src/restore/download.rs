@@ -120,11 +120,7 @@ async fn download_large(
         path: dest.clone(),
         source,
     };
-    let _slot = download
-        .large_files
-        .acquire()
-        .await
-        .map_err(|_| RestoreError::Cancelled("--dir".into()))?;
+    let _slot = take_slot(&download.large_files).await?;
     let handle = {
         let (dest, size) = (dest.clone(), file.size);
         tokio::task::spawn_blocking(move || create_sized(&dest, size))
@@ -170,11 +166,7 @@ async fn download_small(
     file: &ManifestFile,
     dest: &Path,
 ) -> Result<(), RestoreError> {
-    let _permit = download
-        .small_requests
-        .acquire()
-        .await
-        .map_err(|_| RestoreError::Cancelled("--dir".into()))?;
+    let _permit = take_slot(&download.small_requests).await?;
     // An empty file has nothing to fetch.
     let bytes = if file.size == 0 {
         Bytes::new()
@@ -320,11 +312,7 @@ async fn fetch_range(
     len: u64,
     ranged: bool,
 ) -> Result<(Checksums, u64), RestoreError> {
-    let _permit = download
-        .requests
-        .acquire()
-        .await
-        .map_err(|_| RestoreError::Cancelled("--dir".into()))?;
+    let _permit = take_slot(&download.requests).await?;
     let store = &download.store;
     let progress = &download.progress;
     let (handle, dest) = (&file.handle, file.dest.as_path());
@@ -409,6 +397,14 @@ async fn fetch_range(
         }
     })
     .await
+}
+
+/// A slot of one of the restore's bounds (never closed while a restore runs).
+async fn take_slot(bound: &Semaphore) -> Result<tokio::sync::SemaphorePermit<'_>, RestoreError> {
+    bound
+        .acquire()
+        .await
+        .map_err(|_| RestoreError::Cancelled("--dir".into()))
 }
 
 #[cfg(test)]

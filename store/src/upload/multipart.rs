@@ -250,11 +250,7 @@ async fn send_single(
     let store = transfer.store;
     let (file, read_path) = (source.file, source.read_path);
     let len = file.stamp.size;
-    let _permit = transfer
-        .requests
-        .acquire()
-        .await
-        .map_err(|_| UploadError::Cancelled)?;
+    let _permit = super::take_slot(&transfer.requests).await?;
     let crc = with_retries("uploading an object", is_retryable, |attempt| async move {
         let crc = part_checksum(read_path, 0, len, known_crc, attempt).await?;
         let mut request = store
@@ -295,11 +291,7 @@ async fn send_multipart(
     let file = source.file;
     let with_checksums = store.checksum_mode() == ChecksumMode::Crc32c;
     let upload_id = {
-        let _permit = transfer
-            .requests
-            .acquire()
-            .await
-            .map_err(|_| UploadError::Cancelled)?;
+        let _permit = super::take_slot(&transfer.requests).await?;
         with_retries(
             "starting a multipart upload",
             S3Error::is_retryable,
@@ -352,11 +344,7 @@ async fn send_multipart(
     let crcs: Vec<Checksums> = parts.iter().map(|(_, crc)| *crc).collect();
     let completed: Vec<CompletedPart> = parts.into_iter().map(|(part, _)| part).collect();
 
-    let _permit = transfer
-        .requests
-        .acquire()
-        .await
-        .map_err(|_| UploadError::Cancelled)?;
+    let _permit = super::take_slot(&transfer.requests).await?;
     with_retries(
         "completing a multipart upload",
         S3Error::is_retryable,
@@ -426,11 +414,7 @@ async fn send_part(
     let read_path = source.read_path;
     let (offset, len) = plan.range(index);
     let part_number = i32::try_from(index + 1).unwrap_or(i32::MAX);
-    let _permit = transfer
-        .requests
-        .acquire()
-        .await
-        .map_err(|_| UploadError::Cancelled)?;
+    let _permit = super::take_slot(&transfer.requests).await?;
     let result = with_retries("uploading a part", is_retryable, |attempt| async move {
         let crc = part_checksum(read_path, offset, len, known_crc, attempt).await?;
         let mut request = store

@@ -26,11 +26,7 @@ pub(super) async fn send_small(
     file: &LocalFile,
     reuse: &ReuseIndex,
 ) -> Result<Attempt, UploadError> {
-    let _permit = transfer
-        .small_requests
-        .acquire()
-        .await
-        .map_err(|_| UploadError::Cancelled)?;
+    let _permit = super::take_slot(&transfer.small_requests).await?;
     let (path, stamp) = (file.abs_path.clone(), file.stamp);
     let read = tokio::task::spawn_blocking(move || read_whole(&path, &stamp))
         .await
