@@ -562,3 +562,14 @@ pub fn manifest_paths(manifest: &Value) -> Vec<String> {
         .map(|f| f["path"].as_str().expect("path").to_owned())
         .collect()
 }
+
+/// Sidecar flags of a pod whose trainer marks its saves with `DONE` and whose sidecar syncs
+/// them in the background every 300 ms (fast enough for a test to see a periodic generation).
+pub const MARKED_AND_SYNCING: [&str; 6] = [
+    "--done-marker",
+    "DONE",
+    "--background-sync",
+    "true",
+    "--sync-interval",
+    "300ms",
+];

@@ -207,18 +207,7 @@ fn a_rank_whose_trainer_never_finishes_leaves_the_generation_incomplete_and_neve
         })
         .collect();
     let first_step = first[0]["step"].as_u64().expect("step");
-    let sidecars = sidecars(
-        &job,
-        &nodes,
-        &[
-            "--done-marker",
-            "DONE",
-            "--background-sync",
-            "true",
-            "--sync-interval",
-            "300ms",
-        ],
-    );
+    let sidecars = sidecars(&job, &nodes, &nerve_tests::pod::MARKED_AND_SYNCING);
     wait_for("the first generation", CHECKPOINT_TIMEOUT, || {
         job.job_manifest(first_step)
     })

@@ -12,6 +12,20 @@ use serde_json::Value;
 
 /// The checkpoint a trainer took for `reason`: `periodic`, or `notice` (asked by its own
 /// signal, or by a peer's through the all-reduce).
+/// Sets a Spot notice on the job's node and returns every trainer's notice checkpoint event
+/// and the step of the first.
+fn notice_saves(job: &Job, trainers: &[Proc]) -> (Vec<Value>, u64) {
+    job.rig
+        .imds
+        .set_spot_interruption("terminate", in_seconds(120));
+    let saved: Vec<Value> = trainers
+        .iter()
+        .map(|t| checkpoint_event(t, "notice"))
+        .collect();
+    let step = saved[0]["step"].as_u64().expect("step");
+    (saved, step)
+}
+
 fn checkpoint_event(trainer: &Proc, reason: &str) -> Value {
     trainer.wait_json("the agreed checkpoint", CHECKPOINT_TIMEOUT, |v| {
         let taken = v["reason"].as_str().unwrap_or_default();
@@ -35,14 +49,7 @@ fn three_pods_checkpoint_the_same_step_and_the_last_part_commits_the_generation(
     let sidecars: Vec<Proc> = (0..3)
         .map(|rank| job.sidecar(rank, &["--done-marker", "DONE"], &[]))
         .collect();
-    job.rig
-        .imds
-        .set_spot_interruption("terminate", in_seconds(120));
-    let saved: Vec<Value> = trainers
-        .iter()
-        .map(|t| checkpoint_event(t, "notice"))
-        .collect();
-    let step = saved[0]["step"].as_u64().expect("step");
+    let (saved, step) = notice_saves(&job, &trainers);
     assert!(
         saved.iter().all(|s| s["step"] == saved[0]["step"]),
         "every rank saves the same step: {saved:?}"
@@ -95,14 +102,7 @@ fn a_rank_killed_mid_upload_leaves_its_generation_incomplete_and_restore_takes_t
     // uploading its part when it is killed.
     let proxy = FaultProxy::start(job.rig.s3.addr()).expect("proxy");
     let endpoint = proxy.endpoint();
-    let sync = [
-        "--done-marker",
-        "DONE",
-        "--background-sync",
-        "true",
-        "--sync-interval",
-        "300ms",
-    ];
+    let sync = nerve_tests::pod::MARKED_AND_SYNCING;
     let mut sidecars: Vec<Proc> = (0..2).map(|rank| job.sidecar(rank, &sync, &[])).collect();
     sidecars.push(job.sidecar(2, &sync, &[("AWS_ENDPOINT_URL", endpoint.as_str())]));
     let first_step = first[0]["step"].as_u64().expect("step");
@@ -116,14 +116,7 @@ fn a_rank_killed_mid_upload_leaves_its_generation_incomplete_and_restore_takes_t
             .method("PUT")
             .path_contains("/rank-2/checkpoint-"),
     );
-    job.rig
-        .imds
-        .set_spot_interruption("terminate", in_seconds(120));
-    let saved: Vec<Value> = trainers
-        .iter()
-        .map(|t| checkpoint_event(t, "notice"))
-        .collect();
-    let step = saved[0]["step"].as_u64().expect("step");
+    let (_, step) = notice_saves(&job, &trainers);
     nerve_tests::pod::wait_for("rank 2 uploading", CHECKPOINT_TIMEOUT, || {
         (!proxy.injected().is_empty()).then_some(())
     })

@@ -197,17 +197,7 @@ fn with_background_sync_the_notice_uploads_only_the_new_files_bytes() {
         ],
     );
     let first = trainer.event("checkpoint", STARTUP_TIMEOUT);
-    let sidecar = rig.sidecar(
-        &agent_url,
-        &[
-            "--done-marker",
-            "DONE",
-            "--background-sync",
-            "true",
-            "--sync-interval",
-            "300ms",
-        ],
-    );
+    let sidecar = rig.sidecar(&agent_url, &nerve_tests::pod::MARKED_AND_SYNCING);
     let synced = rig.wait_manifests(1, CHECKPOINT_TIMEOUT, &sidecar);
     assert_eq!(synced[0]["step"], first["step"]);
     assert!(synced[0]["notice"].is_null());
