@@ -18,9 +18,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     // Transparent huge pages off for this process (what MIMALLOC_ALLOW_THP=0 does): mimalloc
     // asks for them for its arenas, and on a node with THP enabled each touched 2 MiB then
-    // counts in full against the container's memory. Measured on a 10,000-file upload: 82 MiB
-    // peak RSS with them, 44 MiB without (docs/deploy.md, "Allocator"). Best effort: a kernel
-    // without the flag has no THP to turn off.
+    // counts in full against the container's memory. Measured on the 2-3 GiB uploads of
+    // bench/transfer: 96-118 MiB peak RSS with them, 54-80 MiB without (docs/deploy.md,
+    // "Allocator"). Best effort: a kernel without the flag has no THP to turn off.
     let _ = nix::sys::prctl::set_thp_disable(true);
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

@@ -34,7 +34,7 @@ const SIDECAR_PORT: u16 = 9740;
 const SIDECAR_REQUESTS: (&str, &str) = ("10m", "32Mi");
 /// Memory limit of the injected containers unless `nerve.io/sidecar-memory` says otherwise.
 /// An upload holds ~40 MiB plus ~0.6-0.75 KiB per file of the checkpoint (measured at 200,000
-/// files: 129-187 MiB), so this is enough for checkpoints of up to 150,000 files (the promise
+/// files: 129-190 MiB), so this is enough for checkpoints of up to 150,000 files (the promise
 /// in docs/transfer.md); more files need ~1 MiB per 1,000 beyond that, set with the annotation. The OOM killer must
 /// never end an upload racing a deadline. No CPU limit: throttling that upload only loses the
 /// checkpoint.
